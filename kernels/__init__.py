@@ -1,0 +1,1 @@
+"""Pallas kernels (installed as ``qv_jax.kernels``), each beside its jnp reference."""
