@@ -1,0 +1,1 @@
+"""Jitted, static-shape prefill and decode steps and the generation loop."""
