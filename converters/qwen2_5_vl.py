@@ -1,0 +1,219 @@
+"""Hugging Face Qwen2.5-VL / Qwen2-VL safetensors -> NNX state of ``qv_jax.model.QwenVL`` -> orbax checkpoint.
+
+Two key namings exist in the wild and both load: the hub checkpoints (``visual.*``, ``model.layers.*``,
+``lm_head.weight``) and the layout transformers 5 writes (``model.visual.*``, ``model.language_model.*``). Names are
+first normalised to the hub naming, then mapped by the regex table :data:`KEY_MAP` to a parameter path and a
+layout transform (torch ``Linear`` weights are ``[out, in]``; ours are ``[in, ...]`` with heads split out).
+
+Tensors are streamed from memory-mapped files one at a time, cast to the target dtype and placed on the target
+device, so the host never holds a second copy of the model. Every tensor is accounted for: missing, unexpected
+and misshaped tensors are collected and reported together in one :class:`~qv_jax.errors.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qv_jax.errors import CheckpointError
+from qv_jax.model.config import ModelConfig
+from qv_jax.model.qwen2_5_vl import abstract_model
+
+from .safetensors_io import open_checkpoint
+
+# Layout transforms. For each: how a target shape maps to the expected HF shape, and how to convert.
+#   same    — identical layout
+#   linear  — torch [out, in] -> ours [in, *out_split] (output features split into heads)
+#   linear_in — torch [out, in] -> ours [*in_split, out] (input features split into heads: o_proj, attn.proj)
+#   split   — a flat bias -> ours [*split]
+#   conv    — Conv3d [E, C, t, p, p] with kernel = stride -> ours [C*t*p*p, E]
+KEY_MAP: tuple[tuple[str, str, str], ...] = (
+    (r"visual\.patch_embed\.proj\.weight", "vision.patch_embed", "conv"),
+    (r"visual\.blocks\.(\d+)\.norm([12])\.weight", r"vision.blocks.\1.norm\2.scale", "same"),
+    (r"visual\.blocks\.(\d+)\.norm([12])\.bias", r"vision.blocks.\1.norm\2.bias", "same"),
+    (r"visual\.blocks\.(\d+)\.attn\.qkv\.weight", r"vision.blocks.\1.attn.qkv", "linear"),
+    (r"visual\.blocks\.(\d+)\.attn\.qkv\.bias", r"vision.blocks.\1.attn.qkv_bias", "split"),
+    (r"visual\.blocks\.(\d+)\.attn\.proj\.weight", r"vision.blocks.\1.attn.proj", "linear_in"),
+    (r"visual\.blocks\.(\d+)\.attn\.proj\.bias", r"vision.blocks.\1.attn.proj_bias", "same"),
+    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"vision.blocks.\1.mlp.\2", "linear"),
+    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"vision.blocks.\1.mlp.\2_bias", "same"),
+    (r"visual\.blocks\.(\d+)\.mlp\.(fc[12])\.weight", r"vision.blocks.\1.mlp.\2", "linear"),
+    (r"visual\.blocks\.(\d+)\.mlp\.(fc[12])\.bias", r"vision.blocks.\1.mlp.\2_bias", "same"),
+    (r"visual\.merger\.ln_q\.weight", "vision.merger.norm.scale", "same"),
+    (r"visual\.merger\.ln_q\.bias", "vision.merger.norm.bias", "same"),
+    (r"visual\.merger\.mlp\.0\.weight", "vision.merger.fc1", "linear"),
+    (r"visual\.merger\.mlp\.0\.bias", "vision.merger.fc1_bias", "same"),
+    (r"visual\.merger\.mlp\.2\.weight", "vision.merger.fc2", "linear"),
+    (r"visual\.merger\.mlp\.2\.bias", "vision.merger.fc2_bias", "same"),
+    (r"model\.embed_tokens\.weight", "text.embed", "same"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"text.layers.\1.\2", "linear"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"text.layers.\1.\2_bias", "split"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"text.layers.\1.o", "linear_in"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"text.layers.\1.mlp.\2", "linear"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"text.layers.\1.input_norm.scale", "same"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"text.layers.\1.post_attention_norm.scale", "same"),
+    (r"model\.norm\.weight", "text.norm.scale", "same"),
+    (r"lm_head\.weight", "text.lm_head", "linear"),
+)
+_COMPILED = tuple((re.compile(pattern), target, kind) for pattern, target, kind in KEY_MAP)
+
+# Buffers some exports include that are recomputed from the config.
+_DERIVED = re.compile(r".*(rotary_emb|rotary_pos_emb)\.inv_freq")
+
+Path_ = tuple[str | int, ...]
+
+
+def normalize_key(name: str) -> str:
+    """The hub name of a tensor given in either naming."""
+    if name.startswith("model.visual."):
+        return name[len("model.") :]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    return name
+
+
+def map_key(name: str) -> tuple[Path_, str] | None:
+    """Parameter path and transform for an HF tensor name (either naming), or None if it is not a parameter."""
+    hub = normalize_key(name)
+    for pattern, target, kind in _COMPILED:
+        m = pattern.fullmatch(hub)
+        if m:
+            path = tuple(int(p) if p.isdigit() else p for p in m.expand(target).split("."))
+            return path, kind
+    return None
+
+
+def _fill_groups(pattern: str, values: Sequence[str]) -> str:
+    """``pattern`` with its capture groups replaced by ``values`` in order and ``\\.`` unescaped."""
+    pieces = re.split(r"\([^)]*\)", pattern)
+    out = [pieces[0]]
+    for value, piece in zip(values, pieces[1:], strict=True):
+        out += [value, piece]
+    return "".join(out).replace("\\.", ".")
+
+
+def hf_name(path: Path_) -> str:
+    """The hub name of the HF tensor that fills parameter ``path`` (for error messages)."""
+    dotted = ".".join(map(str, path))
+    for pattern, target, _ in KEY_MAP:
+        # the target template with each back-reference replaced by the capture group it refers to
+        group_res = re.findall(r"\([^)]*\)", pattern)
+        pieces = re.split(r"\\\\(\d)", re.escape(target))
+        reverse = "".join(group_res[int(p) - 1] if i % 2 else p for i, p in enumerate(pieces))
+        m = re.fullmatch(reverse, dotted)
+        if m:
+            return _fill_groups(pattern, m.groups())
+    return dotted
+
+
+def expected_hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape that converts to a parameter of ``shape``."""
+    if kind == "same":
+        return shape
+    if kind == "linear":
+        return (int(np.prod(shape[1:])), shape[0])
+    if kind == "linear_in":
+        return (shape[-1], int(np.prod(shape[:-1])))
+    if kind == "split":
+        return (int(np.prod(shape)),)
+    raise ValueError(kind)
+
+
+def convert_tensor(kind: str, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An HF tensor in our layout (a view where possible; the caller casts and copies)."""
+    if kind == "same":
+        return hf
+    if kind == "linear":
+        return hf.T.reshape(shape)
+    if kind == "linear_in":
+        return hf.T.reshape(shape)
+    if kind == "split":
+        return hf.reshape(shape)
+    if kind == "conv":
+        return hf.reshape(hf.shape[0], -1).T
+    raise ValueError(kind)
+
+
+def _shape_ok(kind: str, hf_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if kind == "conv":
+        return len(hf_shape) == 5 and hf_shape[0] == shape[1] and int(np.prod(hf_shape[1:])) == shape[0]
+    return hf_shape == expected_hf_shape(kind, shape)
+
+
+def load_hf_state(
+    model_dir: str | os.PathLike,
+    config: ModelConfig | None = None,
+    dtype="float32",
+    *,
+    place: Callable[[np.ndarray], jax.Array] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """Read an HF checkpoint directory into ``(config, graphdef, state)`` of :class:`QwenVL`.
+
+    ``place`` puts each converted numpy tensor where it should live (default: ``jax.device_put`` on the default
+    device). Raises :class:`CheckpointError` listing every missing, unexpected and misshaped tensor.
+    """
+    model_dir = Path(model_dir)
+    if config is None:
+        config = ModelConfig.from_hf_config(model_dir)
+    dtype = jnp.dtype(dtype)
+    place = place or jax.device_put
+    graphdef, abstract = abstract_model(config, dtype)
+    wanted: dict[Path_, jax.ShapeDtypeStruct] = {
+        tuple(path): var.get_value() for path, var in nnx.to_flat_state(abstract)
+    }
+    files = open_checkpoint(model_dir)
+    values: dict[Path_, jax.Array] = {}
+    unexpected, misshaped, duplicated = [], [], []
+    for name, f in files.items():
+        mapped = map_key(name)
+        if mapped is None or mapped[0] not in wanted:
+            if _DERIVED.fullmatch(name) or (
+                config.text.tie_word_embeddings and normalize_key(name) == "lm_head.weight"
+            ):
+                continue  # recomputed from the config / the tied embedding
+            unexpected.append(name)
+            continue
+        path, kind = mapped
+        target = wanted[path]
+        hf_shape = f.shape(name)
+        if not _shape_ok(kind, hf_shape, tuple(target.shape)):
+            want = "[E, C, t, p, p]" if kind == "conv" else list(expected_hf_shape(kind, tuple(target.shape)))
+            misshaped.append(f"{name}: {list(hf_shape)}, expected {want}")
+            continue
+        if path in values:
+            duplicated.append(name)
+            continue
+        if progress:
+            progress(name)
+        array = np.ascontiguousarray(convert_tensor(kind, f.get(name), tuple(target.shape)).astype(dtype))
+        values[path] = place(array)
+    missing = [hf_name(p) for p in wanted if p not in values]
+    if missing or unexpected or misshaped or duplicated:
+        parts = []
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("misshaped", misshaped),
+            ("duplicated (both namings)", duplicated),
+        ):
+            if items:
+                parts.append(f"{len(items)} {label}: " + ", ".join(sorted(items)))
+        raise CheckpointError(
+            f"{model_dir}: checkpoint does not match the {config.variant} config; " + "; ".join(parts)
+        )
+    pure: dict = {}
+    for path, value in values.items():
+        node = pure
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    nnx.replace_by_pure_dict(abstract, pure)
+    return config, graphdef, abstract
