@@ -1,0 +1,112 @@
+"""The dense KV cache: preallocated, fixed capacity, one ``[B, K, S, H]`` key and value array per layer.
+
+Slots are filled left to right and every row of the batch shares the write offset ``length`` (prompts of a batch
+are left-padded, so their last tokens line up and decoding appends to all rows at once). What a slot holds is
+described by ``segment_ids [B, S]``: a non-negative id for a real token, ``-1`` for padding and for slots not
+written yet, so attention never sees them. Causality is by slot index, not by rotary position (M-RoPE positions
+of vision tokens are not monotonic in the sequence).
+
+Keys are stored after RoPE; nothing here knows about positions. The cache is a pytree (a frozen dataclass of
+arrays), passed into and returned from jitted steps with its buffers donated, so a step updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qv_jax.attention import dot_product_attention
+from qv_jax.errors import InputError
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values ``[B, K, S, H]``, slot segment ids ``[B, S]`` and the shared fill ``length``."""
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    segment_ids: Array
+    length: Array
+
+    @classmethod
+    def create(
+        cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32
+    ) -> KVCache:
+        """An empty cache (every slot segment ``-1``, ``length`` 0)."""
+        if min(num_layers, batch, capacity, num_kv_heads, head_dim) <= 0:
+            raise InputError(
+                f"cache sizes must be positive: layers={num_layers} batch={batch} capacity={capacity} "
+                f"kv_heads={num_kv_heads} head_dim={head_dim}"
+            )
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            segment_ids=jnp.full((batch, capacity), -1, jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.segment_ids.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.segment_ids.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    def with_segments(self, start: Array, segment_ids_BT: Array) -> KVCache:
+        """Mark slots ``[start, start + T)`` with the segment ids of a chunk about to be written."""
+        seg = jax.lax.dynamic_update_slice(self.segment_ids, segment_ids_BT.astype(jnp.int32), (0, start))
+        return dataclasses.replace(self, segment_ids=seg)
+
+    def write(self, layer: int, start: Array, k_BKTH: Array, v_BKTH: Array) -> KVCache:
+        """Store one layer's keys / values for slots ``[start, start + T)``."""
+        k = jax.lax.dynamic_update_slice(self.k[layer], k_BKTH.astype(self.k[layer].dtype), (0, 0, start, 0))
+        v = jax.lax.dynamic_update_slice(self.v[layer], v_BKTH.astype(self.v[layer].dtype), (0, 0, start, 0))
+        return dataclasses.replace(
+            self, k=(*self.k[:layer], k, *self.k[layer + 1 :]), v=(*self.v[:layer], v, *self.v[layer + 1 :])
+        )
+
+
+class DenseCacheAttention:
+    """The :class:`~qv_jax.model.qwen2_5_vl.KVHandler` of chunked prefill and decoding over a :class:`KVCache`.
+
+    For a chunk of ``T`` tokens written at the cache's current ``length``: each layer's keys / values go into their
+    slots, then the chunk's queries attend causally (by slot) over every filled slot of their segment. After the
+    last layer, :attr:`cache` holds the updated cache with ``length`` advanced by ``T``.
+
+    The caller guarantees ``length + T <= capacity`` (checked on the host by the runtime; inside ``jit`` an
+    overflowing write would be clamped by XLA, not reported).
+    """
+
+    def __init__(self, cache: KVCache, segment_ids_BT: Array):
+        self.start = cache.length
+        self.num_tokens = segment_ids_BT.shape[1]
+        self.q_segment_ids = segment_ids_BT
+        self._cache = cache.with_segments(self.start, segment_ids_BT)
+
+    @property
+    def cache(self) -> KVCache:
+        return dataclasses.replace(self._cache, length=self.start + self.num_tokens)
+
+    def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
+        self._cache = self._cache.write(layer, self.start, k_BKTH, v_BKTH)
+        return dot_product_attention(
+            q_BNTH,
+            self._cache.k[layer],
+            self._cache.v[layer],
+            causal=True,
+            q_positions=self.start + jnp.arange(self.num_tokens),
+            kv_positions=jnp.arange(self._cache.capacity),
+            q_segment_ids=self.q_segment_ids,
+            kv_segment_ids=self._cache.segment_ids,
+        )

@@ -1,0 +1,60 @@
+"""Next-token selection: greedy, or sampling with temperature, top-k and top-p (nucleus), as transformers does.
+
+The order is the one of transformers' logits processors: divide by the temperature, keep the ``top_k`` largest
+logits, then keep the smallest set of the most likely tokens whose probability reaches ``top_p`` (always at least
+one token). ``top_k = 0`` and ``top_p = 1`` disable those filters. Every knob except ``do_sample`` is a traced
+value, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qv_jax.errors import InputError
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens. ``do_sample=False`` is greedy (argmax) and ignores the other fields."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits_BV: Array, *, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """Temperature-scaled float32 logits with everything outside the top-k / top-p set at ``-inf``."""
+    x_BV = logits_BV.astype(jnp.float32) / temperature
+    vocab = x_BV.shape[-1]
+    sorted_BV = -jnp.sort(-x_BV, axis=-1)  # descending
+    rank_V = jnp.arange(vocab)
+    in_top_k_BV = jnp.broadcast_to((top_k <= 0) | (rank_V < top_k), sorted_BV.shape)
+    sorted_BV = jnp.where(in_top_k_BV, sorted_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    keep_BV = in_top_k_BV & ((mass_before_BV < top_p) | (rank_V == 0))
+    # the smallest kept logit is the threshold; ties with it are kept too
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x_BV >= threshold_B1, x_BV, -jnp.inf)
+
+
+def sample(logits_BV: Array, key: Array, *, do_sample: bool, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """One token id per row, int32 ``[B]``."""
+    if not do_sample:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    filtered_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)

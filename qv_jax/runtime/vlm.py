@@ -1,0 +1,400 @@
+"""A loaded model with numpy in / numpy out ``forward`` and ``generate``, and :func:`load_model`.
+
+Argument meanings follow ``Qwen2_5_VLForConditionalGeneration`` in transformers: ``input_ids [B, T]`` with
+``<|image_pad|>`` / ``<|video_pad|>`` runs, processor-style ``pixel_values`` / ``pixel_values_videos`` with their
+``image_grid_thw`` / ``video_grid_thw``, ``second_per_grid_ts`` per video and an ``attention_mask`` (0 = padding).
+
+Positions follow the ORIGINAL Qwen2.5-VL rule (``qv_jax.model.rope_index``), not transformers 5's: text after a
+video continues at ``max(positions so far) + 1`` (see docs/positions.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qv_jax.cache.dense import KVCache
+from qv_jax.errors import CheckpointError, InputError
+from qv_jax.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from qv_jax.model.config import ModelConfig
+from qv_jax.model.qwen2_5_vl import QwenVL
+from qv_jax.model.rope_index import get_rope_index
+from qv_jax.model.vision_layout import check_grid, grid_tokens
+from qv_jax.runtime import steps
+from qv_jax.runtime.sampling import SamplingParams, sample
+
+_sample = jax.jit(sample, static_argnames=("do_sample",))
+
+# Default prompt chunk of `generate`: prompts up to this many tokens prefill in one call.
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (int(value),) if np.isscalar(value) else tuple(int(v) for v in value)
+
+
+class VisionLanguageModel:
+    """Qwen2.5-VL / Qwen2-VL ready to run: config, split NNX model (``graphdef``, ``state``), tokenizer.
+
+    ``forward`` and ``generate`` take and return numpy arrays; the jitted pieces they are made of
+    (``qv_jax.runtime.steps``) take ``graphdef`` / ``state`` and can be driven directly by a pipeline.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        graphdef: nnx.GraphDef,
+        state: nnx.State,
+        *,
+        tokenizer=None,
+        eos_token_ids: Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        source: str | None = None,
+    ):
+        self.config = config
+        self.graphdef = graphdef
+        self.state = state
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        fallback = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.pad_token_id = pad_token_id if pad_token_id is not None else config.pad_token_id
+        self.pad_token_id = fallback if self.pad_token_id is None else self.pad_token_id
+        self.source = source
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, dtype="float32", seed: int = 0, tokenizer=None) -> VisionLanguageModel:
+        """Random weights (transformers' init scheme) from a config alone; no torch, no checkpoint."""
+        graphdef, state = nnx.split(QwenVL(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)))
+        return cls(config, graphdef, state, tokenizer=tokenizer)
+
+    @property
+    def model(self) -> QwenVL:
+        """The NNX module (a fresh merge of ``graphdef`` and ``state``)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.state)[0].dtype
+
+    def save(
+        self, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write a qv-jax checkpoint (orbax parameters, config json, tokenizer files from ``tokenizer_dir``)."""
+        if tokenizer_dir is None and self.source is not None:
+            tokenizer_dir = self.source
+        return save_checkpoint(out_dir, self.config, self.state, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+
+    # ---- pieces -----------------------------------------------------------------------------------------------
+
+    def position_ids(
+        self,
+        input_ids,
+        *,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        attention_mask=None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions [3, B, T], rope_deltas [B, 1])`` by the original Qwen2.5-VL rule (Qwen2-VL's for Qwen2-VL)."""
+        cfg = self.config
+        if cfg.variant == "qwen2_vl":
+            second_per_grid_ts = None  # Qwen2-VL has no time scale (transformers ignores it too)
+        return get_rope_index(
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            second_per_grid_ts,
+            attention_mask,
+            spatial_merge_size=cfg.vision.spatial_merge_size,
+            image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id,
+            vision_start_token_id=cfg.vision_start_token_id,
+            tokens_per_second=cfg.rope_tokens_per_second,
+        )
+
+    def encode_pixels(self, pixel_values, grid_thw) -> jax.Array:
+        """Visual embeddings ``[tokens, D]`` of processor-style pixel values (all grids in one call)."""
+        grid = check_grid(grid_thw, self.config.vision.spatial_merge_size)
+        pixels = jnp.asarray(pixel_values)
+        return steps.encode_patches(self.graphdef, self.state, pixels, grid)
+
+    def encode_video(self, frames) -> jax.Array:
+        """Visual embeddings of one video given as uint8 frames ``[T, H, W, 3]`` (H, W multiples of 28)."""
+        return steps.encode_frames(self.graphdef, self.state, jnp.asarray(frames))
+
+    def encode_images(self, frames) -> jax.Array:
+        """Visual embeddings of ``N`` images of one size given as uint8 ``[N, H, W, 3]``, concatenated."""
+        return steps.encode_frames(self.graphdef, self.state, jnp.asarray(frames), as_images=True)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty dense KV cache for ``batch`` rows of ``capacity`` slots in the model's dtype."""
+        t = self.config.text
+        return KVCache.create(
+            num_layers=t.num_layers,
+            batch=batch,
+            capacity=capacity,
+            num_kv_heads=t.num_kv_heads,
+            head_dim=t.head_dim,
+            dtype=self.dtype,
+        )
+
+    def _prepare(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_grid_thw,
+        pixel_values_videos,
+        video_grid_thw,
+        second_per_grid_ts,
+        position_ids,
+    ) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+        """Embeddings ``[B, T, D]``, positions ``[3, B, T]`` and segment ids ``[B, T]`` of a prompt batch."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
+        if ids.size == 0:
+            raise InputError("input_ids is empty")
+        vocab = self.config.text.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InputError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask {mask.shape} does not match input_ids {ids.shape}")
+        cfg = self.config
+        embeds = {}
+        for kind, pixels, grid_thw, token in (
+            ("image", pixel_values, image_grid_thw, cfg.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id),
+        ):
+            slots = int(np.sum(ids == token))
+            if pixels is None:
+                if slots:
+                    raise InputError(f"input_ids hold {slots} {kind} pad tokens but no {kind} pixels were given")
+                continue
+            if grid_thw is None:
+                raise InputError(f"{kind} pixels given without {kind}_grid_thw")
+            grid = check_grid(grid_thw, cfg.vision.spatial_merge_size)
+            tokens = grid_tokens(grid, cfg.vision.spatial_merge_size)
+            if tokens != slots:
+                raise InputError(
+                    f"{kind} grids {grid} make {tokens} tokens but input_ids hold {slots} {kind} pad tokens"
+                )
+            embeds[kind] = self.encode_pixels(pixels, grid)
+        if position_ids is None:
+            positions, _ = self.position_ids(
+                ids,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                attention_mask=attention_mask,
+            )
+        else:
+            positions = np.asarray(position_ids)
+            if positions.shape != (3, *ids.shape):
+                raise InputError(f"position_ids must be [3, B, T] = {(3, *ids.shape)}, got {positions.shape}")
+        x = steps.embed(
+            self.graphdef, self.state, jnp.asarray(ids, jnp.int32), embeds.get("image"), embeds.get("video")
+        )
+        segment_ids = np.where(mask != 0, 0, -1).astype(np.int32)
+        return x, positions.astype(np.int32), segment_ids
+
+    # ---- the HF-style contract --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids,
+        *,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        position_ids=None,
+    ) -> np.ndarray:
+        """Float32 logits ``[B, T, V]`` of a prompt batch (one jitted forward, no cache).
+
+        ``position_ids [3, B, T]`` overrides the computed positions. Logits at padded positions are meaningless.
+        """
+        x, positions, segment_ids = self._prepare(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
+            position_ids,
+        )
+        logits = steps.forward(self.graphdef, self.state, x, jnp.asarray(positions), jnp.asarray(segment_ids))
+        return np.asarray(logits)
+
+    def generate(
+        self,
+        input_ids,
+        *,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> np.ndarray:
+        """Prompt plus generated tokens ``[B, T + n]`` (``n <= max_new_tokens``), like transformers' ``generate``.
+
+        Greedy unless ``do_sample``. A row ends at its first stop token (``eos_token_id``, default the model's; an
+        empty list disables stopping) and is filled with ``pad_token_id`` after it; generation ends when every row
+        has ended. Rows may be padded on either side: they are left-aligned internally. The prompt is prefilled in
+        chunks of at most ``prefill_chunk`` tokens, then decoding runs on device in one ``while_loop``.
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must be [B, T], got shape {ids.shape}")
+        mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask {mask.shape} does not match input_ids {ids.shape}")
+        if np.any((mask != 0).sum(axis=-1) == 0):
+            raise InputError("a row of attention_mask masks every token")
+        # left-align every row: padding first, so the last prompt tokens share one slot and decoding appends
+        order = np.argsort(mask != 0, axis=-1, kind="stable")
+        aligned_ids = np.take_along_axis(ids, order, axis=-1)
+        aligned_mask = np.take_along_axis(mask, order, axis=-1)
+        x, positions, segment_ids = self._prepare(
+            aligned_ids,
+            aligned_mask,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
+            None,
+        )
+        batch, length = aligned_ids.shape
+        next_position = np.where(aligned_mask != 0, positions.max(axis=0), -1).max(axis=-1) + 1
+
+        chunk = min(prefill_chunk, _round_up(length, 64))
+        padded = _round_up(length, chunk)
+        pad = padded - length
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
+        segment_ids = np.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+        cache = self.new_cache(batch, _round_up(padded + max_new_tokens - 1, 128))
+        last_index = np.full((batch,), (length - 1) % chunk, np.int32)
+        for start in range(0, padded, chunk):
+            logits, cache = steps.prefill(
+                self.graphdef,
+                self.state,
+                cache,
+                x[:, start : start + chunk],
+                jnp.asarray(positions[:, :, start : start + chunk]),
+                jnp.asarray(segment_ids[:, start : start + chunk]),
+                jnp.asarray(last_index),
+            )
+
+        stop = _ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
+        pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        knobs = {
+            "temperature": jnp.float32(params.temperature),
+            "top_k": jnp.int32(params.top_k),
+            "top_p": jnp.float32(params.top_p),
+        }
+        rng, key = jax.random.split(jax.random.key(seed))
+        first = _sample(logits, key, do_sample=params.do_sample, **knobs)
+        stop_ids = jnp.asarray(stop, jnp.int32)
+        done = jnp.isin(first, stop_ids)
+        new = [np.asarray(first)[:, None]]
+        if max_new_tokens > 1:
+            rest, _, cache = steps.decode_loop(
+                self.graphdef,
+                self.state,
+                cache,
+                first,
+                jnp.asarray(next_position, jnp.int32),
+                done,
+                rng,
+                stop_ids,
+                jnp.int32(pad_id),
+                num_steps=max_new_tokens - 1,
+                do_sample=params.do_sample,
+                **knobs,
+            )
+            new.append(np.asarray(rest))
+        new_tokens = np.concatenate(new, axis=1)
+        # like transformers: stop at the step where the last row ended
+        ended = np.isin(new_tokens, stop)
+        ends = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, new_tokens.shape[1])
+        return np.concatenate([ids, new_tokens[:, : int(ends.max())]], axis=1)
+
+
+def _generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int | None]:
+    """Stop and pad ids from ``generation_config.json``, when the directory has one."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    eos = _ids(gen.get("eos_token_id")) or None
+    pad = gen.get("pad_token_id")
+    return eos, None if pad is None else int(pad)
+
+
+def load_model(path: str | os.PathLike, dtype="float32", *, tokenizer: bool = True) -> VisionLanguageModel:
+    """Load a Hugging Face model directory (converted on the fly) or a qv-jax checkpoint.
+
+    ``dtype`` is the parameter and activation dtype (``"float32"``, ``"bfloat16"``, ...). The tokenizer is read
+    from ``tokenizer.json`` in the same directory when present (``tokenizer=False`` skips it).
+    """
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such model directory")
+    if is_checkpoint(model_dir):
+        config, graphdef, state = load_checkpoint(model_dir, dtype)
+    elif (model_dir / "config.json").is_file():
+        from qv_jax.converters.qwen2_5_vl import load_hf_state
+
+        config, graphdef, state = load_hf_state(model_dir, dtype=dtype)
+    else:
+        raise CheckpointError(
+            f"{model_dir}: neither a qv-jax checkpoint ({'qv_jax.json'}) nor an HF model (config.json)"
+        )
+    tok = None
+    if tokenizer and (model_dir / "tokenizer.json").is_file():
+        from qv_jax.model.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(model_dir)
+    eos, pad = _generation_defaults(model_dir)
+    if eos is not None:
+        eos = tuple(dict.fromkeys((*config.eos_token_ids, *eos)))
+    return VisionLanguageModel(
+        config, graphdef, state, tokenizer=tok, eos_token_ids=eos, pad_token_id=pad, source=str(model_dir)
+    )
