@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qv_jax.errors import CheckpointError
+from qv_jax.model.checkpoint import save_checkpoint
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
 
@@ -217,3 +218,20 @@ def load_hf_state(
         node[path[-1]] = value
     nnx.replace_by_pure_dict(abstract, pure)
     return config, graphdef, abstract
+
+
+def convert(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype="bfloat16",
+    *,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert an HF model directory into a qv-jax checkpoint (orbax parameters, config, tokenizer files).
+
+    Tensors are converted on the host CPU device one at a time; the checkpoint is written once all are in place.
+    """
+    cpu = jax.devices("cpu")[0]
+    config, _, state = load_hf_state(hf_dir, dtype=dtype, place=lambda a: jax.device_put(a, cpu), progress=progress)
+    return save_checkpoint(out_dir, config, state, tokenizer_dir=hf_dir, overwrite=overwrite)

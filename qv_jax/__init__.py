@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "VideoReader": "qv_jax.video",
+    "load_model": "qv_jax.runtime",
 }
 
 __all__ = ["__version__", *_LAZY]

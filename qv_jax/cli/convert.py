@@ -1,0 +1,43 @@
+"""``qv-jax convert HF_DIR OUT_DIR``: a Hugging Face Qwen2.5-VL / Qwen2-VL directory -> a qv-jax checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert Hugging Face safetensors weights to a qv-jax (orbax) checkpoint",
+        description=(
+            "Convert a Hugging Face Qwen2.5-VL / Qwen2-VL model directory (config.json + *.safetensors, either key "
+            "naming) into a qv-jax checkpoint: orbax parameters, config json and the tokenizer files."
+        ),
+    )
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output checkpoint directory")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype (default: bfloat16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from qv_jax.converters.qwen2_5_vl import convert
+    from qv_jax.model.checkpoint import read_config
+
+    start = time.perf_counter()
+    with tqdm(desc="converting", unit="tensor", disable=args.quiet) as bar:
+        out = convert(args.hf_dir, args.out_dir, args.dtype, overwrite=args.overwrite, progress=lambda _: bar.update())
+        tensors = bar.n
+    config, _ = read_config(out)
+    print(
+        f"{config.variant}: {tensors} tensors -> {out} ({args.dtype}, {config.text.num_layers} text layers, "
+        f"{config.vision.depth} vision blocks) in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
