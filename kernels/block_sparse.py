@@ -15,11 +15,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
 from qv_jax.kernels import block_sparse_gpu, block_sparse_reference, block_sparse_tpu
 from qv_jax.kernels.block_tables import BlockTables
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
-_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MAX = int(jnp.iinfo(jnp.int32).max)
+_INT_MIN = int(jnp.iinfo(jnp.int32).min)
 
 
 def padded_head_dim(head_dim: int, impl: str) -> int:
@@ -45,15 +47,19 @@ def _pad_axis(x, axis: int, size: int, value=0, mode: str = "constant"):
 def segment_operands(q_seg, kv_seg, tables: BlockTables):
     """Segment ids padded to the tiles, in the layouts the kernels read, plus per-block id ranges.
 
-    Padded key columns get id ``-1`` (never attended); padded query rows repeat the last real id so they do not
-    widen their block's range. ``ranges [B, 2, nq + nk]`` holds the (min, max) id of each query block then of each
+    Negative key ids (padding, empty cache slots) and padded key columns become ``INT_MIN`` and negative query ids
+    ``INT_MIN + 1``, so an equality test alone masks them; padded query rows repeat the last real id so they do
+    not widen their block's range. ``ranges [B, 2, nq + nk]`` holds the (min, max) id of each query block then of each
     key block (ignoring negative key ids); a tile whose ranges do not intersect is skipped at run time.
     """
     B = q_seg.shape[0]
     bq, bkv = tables.block_q, tables.block_kv
     nq, nk = tables.num_q_blocks, tables.num_kv_blocks
-    q_seg = _pad_axis(q_seg.astype(jnp.int32), 1, nq * bq, mode="edge")
-    kv_seg = _pad_axis(kv_seg.astype(jnp.int32), 1, nk * bkv, value=-1)
+    # the kernels only test equality: give negative ids values that can never be equal across q and kv
+    q_seg = jnp.where(q_seg < 0, _INT_MIN + 1, q_seg.astype(jnp.int32))
+    kv_seg = jnp.where(kv_seg < 0, _INT_MIN, kv_seg.astype(jnp.int32))
+    q_seg = _pad_axis(q_seg, 1, nq * bq, mode="edge")
+    kv_seg = _pad_axis(kv_seg, 1, nk * bkv, value=_INT_MIN)
     q_blocks = q_seg.reshape(B, nq, bq)
     kv_blocks = kv_seg.reshape(B, nk, bkv)
     lo = jnp.concatenate([q_blocks.min(-1), jnp.where(kv_blocks >= 0, kv_blocks, _INT_MAX).min(-1)], axis=1)

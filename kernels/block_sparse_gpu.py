@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
 from qv_jax.kernels.block_tables import BlockTables
 from qv_jax.kernels.compat import pl, triton_compiler_params
 

@@ -11,6 +11,7 @@ import functools
 
 import jax.numpy as jnp
 import numpy as np
+
 from qv_jax.kernels.block_tables import BlockTables
 
 

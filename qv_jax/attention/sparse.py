@@ -127,8 +127,10 @@ def sparse_attention(
     ``segment_ids``: ``None``, key ids ``[B, S]`` (queries take the last ``T``), or a pair ``(q ids, kv ids)``;
     a query sees only keys with its id, and negative key ids never. ``causal=False`` for vision. For ``T < S`` the
     queries are the last ``T`` positions (chunked prefill after a cache).
-    ``backend``: ``"xla"``, ``"interpret"`` or ``"pallas"`` (see the module doc); ``kernel`` picks ``"tpu"`` or
-    ``"gpu"`` for ``interpret`` (default ``"tpu"``); ``block_q``/``block_kv`` default to the kernel's production tiles.
+    ``backend``: ``"xla"``, ``"interpret"`` or ``"pallas"`` (see the module doc). ``kernel`` (``"tpu"`` or ``"gpu"``)
+    overrides the kernel choice: ``interpret`` defaults to ``"tpu"``, ``pallas`` to the current device's, and an
+    explicit one lets ``pallas`` be traced and lowered for another platform (``.lower(lowering_platforms=...)``).
+    ``block_q``/``block_kv`` default to the kernel's production tiles (``DEFAULT_BLOCKS``).
     Returns ``[B, Hq, T, D]`` in ``q.dtype`` (plus the log-sum-exp ``[B, Hq, T]`` float32 with ``return_lse``);
     a query that sees nothing gets zeros and ``lse = -inf``.
     """
@@ -158,12 +160,8 @@ def sparse_attention(
             return_lse=return_lse,
         )
 
-    if backend == "pallas":
-        if kernel is not None and kernel != default_kernel():
-            raise InputError(f"kernel={kernel!r} cannot run natively on {jax.default_backend()!r}")
-        kernel = default_kernel()
-    elif kernel is None:
-        kernel = "tpu"
+    if kernel is None:
+        kernel = default_kernel() if backend == "pallas" else "tpu"
     if kernel not in KERNELS:
         raise InputError(f"kernel={kernel!r}: expected one of {KERNELS}")
     default_q, default_kv = DEFAULT_BLOCKS[kernel]
