@@ -173,6 +173,7 @@ def load_hf_state(
     files = open_checkpoint(model_dir)
     values: dict[Path_, jax.Array] = {}
     unexpected, misshaped, duplicated = [], [], []
+    reported: set[Path_] = set()  # misshaped: listed once, not again as missing
     for name, f in files.items():
         mapped = map_key(name)
         if mapped is None or mapped[0] not in wanted:
@@ -188,6 +189,7 @@ def load_hf_state(
         if not _shape_ok(kind, hf_shape, tuple(target.shape)):
             want = "[E, C, t, p, p]" if kind == "conv" else list(expected_hf_shape(kind, tuple(target.shape)))
             misshaped.append(f"{name}: {list(hf_shape)}, expected {want}")
+            reported.add(path)
             continue
         if path in values:
             duplicated.append(name)
@@ -196,7 +198,7 @@ def load_hf_state(
             progress(name)
         array = np.ascontiguousarray(convert_tensor(kind, f.get(name), tuple(target.shape)).astype(dtype))
         values[path] = place(array)
-    missing = [hf_name(p) for p in wanted if p not in values]
+    missing = [hf_name(p) for p in wanted if p not in values and p not in reported]
     if missing or unexpected or misshaped or duplicated:
         parts = []
         for label, items in (
