@@ -1,0 +1,171 @@
+"""The worker pool: persistent, JAX-free workers; crashes, hangs and Ctrl-C fail the read cleanly, leave no shared
+memory behind, and the next read works; device prefetch."""
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from video_helpers import buffer_files, long_video, scratch, sequential_decode, video
+
+from qv_jax.errors import DecodeWorkerError
+from qv_jax.video import VideoReader, frame_number, prefetch
+from qv_jax.video.pool import default_pool
+
+POOL = default_pool()
+
+
+def _assert_next_read_exact(path: Path, workers: int = 2):
+    _, expected = sequential_decode(path)
+    with VideoReader(path, workers=workers) as r:
+        np.testing.assert_array_equal(r.read(indices=np.arange(len(expected))).frames, expected)
+
+
+def test_workers_persist_across_reads_and_readers():
+    with VideoReader(video("h264_bframes"), workers=2) as r:
+        r.read(num_frames=8)
+        r.read(num_frames=16)
+    first = set(POOL.pids(busy=False))
+    with VideoReader(video("vp9_webm"), workers=2) as r:
+        r.read(num_frames=8)
+    assert len(first) >= 2
+    assert first <= set(POOL.pids(busy=False))  # the same processes served the second reader
+    assert not POOL.pids(busy=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_workers_are_fresh_interpreters_without_jax():
+    assert "jax" in sys.modules  # conftest imports JAX: workers must not inherit it by forking
+    with VideoReader(video("h264_bframes"), workers=2) as r:
+        r.read(num_frames=8)
+    for pid in POOL.pids():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"qv_jax.video._worker" in cmdline
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "jaxlib" not in maps and "libjax" not in maps
+
+
+def _interfere_after_first_group(path: Path, action, timeout_s: float = 60.0, workers: int = 2) -> list[int]:
+    """Stream ``path``; after the first group, apply ``action(pid)`` to each worker of the read; read on."""
+    touched = []
+    with VideoReader(path, workers=workers, timeout_s=timeout_s) as r:
+        for i, _ in enumerate(r.stream(num_frames=r.info.frame_count, group_size=4)):
+            if i == 0:
+                touched = POOL.pids(busy=True)
+                for pid in touched:
+                    action(pid)
+    return touched
+
+
+def test_worker_crash_fails_the_read_and_the_pool_recovers():
+    path = long_video()
+    with pytest.raises(DecodeWorkerError, match="was killed by SIGKILL while decoding frames") as caught:
+        _interfere_after_first_group(path, lambda pid: os.kill(pid, signal.SIGKILL))
+    assert str(path) in str(caught.value)
+    assert not buffer_files()
+    assert not POOL.pids(busy=True)
+    _assert_next_read_exact(path)
+
+
+def test_worker_hang_times_out_and_the_pool_recovers():
+    path = long_video()
+    stopped: list[int] = []
+
+    def stop(pid):
+        stopped.append(pid)
+        os.kill(pid, signal.SIGSTOP)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(DecodeWorkerError, match="sent nothing for 1 s"):
+            _interfere_after_first_group(path, stop, timeout_s=1.0)
+    finally:
+        for pid in stopped:  # workers the read did not need to kill go back to work
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert time.monotonic() - started < 30
+    assert not buffer_files()
+    _assert_next_read_exact(path)
+
+
+def test_keyboard_interrupt_cleans_up():
+    path = long_video()
+
+    def interrupt_while_decoding():
+        deadline = time.monotonic() + 30
+        while not POOL.pids(busy=True) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.02)  # the warm worker is decoding by now; the whole read takes a few hundred ms
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with VideoReader(path, workers=1) as r:
+        r.read(indices=[0])  # a warm worker, so the interrupt lands while frames are being decoded
+        thread = threading.Thread(target=interrupt_while_decoding)
+        with pytest.raises(KeyboardInterrupt):
+            thread.start()
+            r.read(indices=np.arange(r.info.frame_count))
+            thread.join()
+            time.sleep(1.0)  # should the read ever win the race, the signal still lands inside this block
+        thread.join()
+    assert not buffer_files()
+    assert not POOL.pids(busy=True)
+    _assert_next_read_exact(path)
+
+
+def test_closing_a_stream_early_cancels_the_rest():
+    path = long_video()
+    with VideoReader(path, workers=2) as r:
+        stream = r.stream(num_frames=r.info.frame_count, group_size=4)
+        first = next(stream)
+        stream.close()
+        assert [frame_number(f) for f in first.frames] == [0, 1, 2, 3]
+        assert not buffer_files()
+        assert not POOL.pids(busy=True)
+        assert r.read(indices=[5]).frames.shape == (1, 48, 64, 3)
+
+
+def test_decoding_failure_in_a_worker_is_reported():
+    path = scratch("shrinking.mkv")
+    shutil.copy(video("vfr_mkv"), path)
+    with VideoReader(path, workers=2) as r:
+        with open(path, "r+b") as f:  # the file loses its second half after the probe
+            f.truncate(path.stat().st_size // 2)
+        with pytest.raises(DecodeWorkerError, match=r"decoding frames \d+-\d+ failed") as caught:
+            r.read(indices=np.arange(r.info.frame_count))
+    assert str(path) in str(caught.value)
+    assert not buffer_files()
+    _assert_next_read_exact(video("vfr_mkv"))
+
+
+def test_prefetch_puts_groups_on_device_in_order():
+    import jax
+
+    path = video("h264_open_gop")
+    _, expected = sequential_decode(path)
+    with VideoReader(path, workers=2) as r:
+        groups = list(prefetch(r.stream(indices=np.arange(len(expected)), group_size=8), depth=2))
+    assert all(isinstance(g.frames, jax.Array) for g in groups)
+    assert [g.offset for g in groups] == list(range(0, len(expected), 8))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(g.frames) for g in groups]), expected)
+
+
+def test_prefetch_stops_its_source_when_closed():
+    path = long_video()
+    with VideoReader(path, workers=2) as r:
+        stream = prefetch(r.stream(num_frames=r.info.frame_count, group_size=4), depth=3)
+        next(stream)
+        stream.close()
+        assert not POOL.pids(busy=True)
+        assert not buffer_files()
+
+
+def test_prefetch_rejects_bad_depth():
+    with pytest.raises(ValueError, match="depth"):
+        next(prefetch(iter([]), depth=0))

@@ -1,0 +1,84 @@
+"""Generated test videos and the sequential PyAV decode that parallel decoding must match bit for bit."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import av
+import numpy as np
+
+from qv_jax.video._worker import convert_frame
+from qv_jax.video.buffer import SHM_DIR, buffer_prefix
+from qv_jax.video.samples import make_sample_video
+
+os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration otherwise; keep errors only
+
+# Every input the decoder must handle exactly: file name and make_sample_video keywords. Tiny and short, so all
+# of them together encode in a few seconds on two cores.
+VIDEOS = {
+    "h264_bframes": ("h264_bframes.mp4", dict(seconds=3, bframes=2, gop=12)),
+    "h264_open_gop": ("h264_open_gop.mp4", dict(seconds=3, bframes=3, gop=12, open_gop=True)),
+    "nonzero_start": ("nonzero_start.mp4", dict(seconds=2, start_time_s=3.25, gop=10)),
+    "vfr_mkv": ("vfr.mkv", dict(seconds=3, vfr=True, gop=12)),
+    "mpegts": ("mpegts.ts", dict(seconds=3, bframes=2, gop=12)),
+    "mpegts_open_gop": ("mpegts_open_gop.ts", dict(seconds=3, bframes=3, gop=12, open_gop=True)),
+    "hevc": ("hevc.mp4", dict(codec="hevc", seconds=2, bframes=3, gop=12, open_gop=True, size=(64, 96))),
+    "vp9_webm": ("vp9.webm", dict(codec="vp9", seconds=3, gop=12, size=(48, 64))),
+    "av1": ("av1.mp4", dict(codec="av1", seconds=2, gop=12, size=(64, 96))),
+    "odd_size_h264": ("odd_h264.mp4", dict(seconds=2, gop=12, size=(53, 75), pix_fmt="yuv444p")),
+    "odd_size_vp9": ("odd_vp9.webm", dict(codec="vp9", seconds=2, gop=12, size=(47, 65))),
+    "single_frame": ("single.mp4", dict(num_frames=1)),
+    "with_audio": ("audio.mkv", dict(seconds=2, gop=12, audio=True)),
+}
+
+_ROOT = Path(tempfile.mkdtemp(prefix="qv-jax-test-videos-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+@functools.cache
+def video(name: str) -> Path:
+    """The generated video ``name`` (see VIDEOS), made once per test session."""
+    filename, options = VIDEOS[name]
+    return make_sample_video(_ROOT / filename, **options)
+
+
+@functools.cache
+def long_video(frames: int = 1500, gop: int = 24) -> Path:
+    """A longer H.264 video, for reads that must still be running when a test interferes with them."""
+    return make_sample_video(_ROOT / f"long_{frames}_{gop}.mp4", num_frames=frames, size=(48, 64), gop=gop, bframes=2)
+
+
+def scratch(name: str) -> Path:
+    """A path in the session's scratch directory, for files a test makes itself."""
+    return _ROOT / name
+
+
+def sequential_decode(
+    path: Path, size: tuple[int, int] | None = None, interpolation: str = "bicubic"
+) -> tuple[list[int], np.ndarray]:
+    """Decode the whole stream in one pass with PyAV and convert each frame as the workers do (same swscale call).
+
+    Returns the frames' pts in output order and the frames, uint8 [N, H, W, 3].
+    """
+    reformatter = av.video.reformatter.VideoReformatter()
+    pts, frames = [], []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            height, width = size or (frame.height, frame.width)
+            out = np.empty((height, width, 3), np.uint8)
+            convert_frame(reformatter, frame, height, width, interpolation, out)
+            pts.append(frame.pts)
+            frames.append(out)
+    return pts, np.stack(frames)
+
+
+def buffer_files() -> list[str]:
+    """This process's frame-buffer files still on disk, in /dev/shm or the temporary directory."""
+    pattern = buffer_prefix() + "*"
+    return glob.glob(os.path.join(SHM_DIR, pattern)) + glob.glob(os.path.join(tempfile.gettempdir(), pattern))
