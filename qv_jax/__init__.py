@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "VideoReader": "qv_jax.video",
+    "VideoInfo": "qv_jax.video",
+    "FramePlan": "qv_jax.video",
+    "Frames": "qv_jax.video",
+    "prefetch": "qv_jax.video",
     "load_model": "qv_jax.runtime",
 }
 
