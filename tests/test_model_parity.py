@@ -13,6 +13,7 @@ import torch
 from hf_tiny import IDS, build_hf_model, hf_config, hf_logits, image_block, video_prompt
 
 import qv_jax
+from qv_jax.model.preprocess import patchify
 from qv_jax.runtime import steps
 
 CONFIGS = {
@@ -79,6 +80,16 @@ def test_vision_tower_matches_hf(pair):
     got = np.asarray(m.encode_pixels(pixels, grid))
     assert got.shape == ref.shape == (sum(int(np.prod(g)) for g in grid) // 4, 64)
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_uint8_video_frames_encode_like_hf_on_the_processed_pixels(pair):
+    hf, m = pair
+    frames = np.random.default_rng(4).integers(0, 256, (5, 56, 84, 3), np.uint8)  # odd count: last frame repeated
+    pixels, grid = patchify(jnp.asarray(frames), m.config.vision)
+    with torch.no_grad():
+        ref = hf.model.visual(torch.from_numpy(np.asarray(pixels)), grid_thw=torch.tensor(grid)).pooler_output
+    assert grid == ((3, 4, 6),)
+    np.testing.assert_allclose(np.asarray(m.encode_video(frames)), ref.numpy(), atol=1e-5)
 
 
 def test_forward_matches_hf_on_padded_batch_with_images_and_videos(pair):

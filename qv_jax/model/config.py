@@ -251,7 +251,10 @@ class ModelConfig:
                 "out_hidden_size": v.out_hidden_size,
                 "window_size": v.window_size,
                 "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "tokens_per_second": v.tokens_per_second,
+                # transformers types it as int (the released models use 2)
+                "tokens_per_second": int(v.tokens_per_second)
+                if float(v.tokens_per_second).is_integer()
+                else v.tokens_per_second,
             }
         else:
             if v.intermediate_size % v.hidden_size:
