@@ -1,0 +1,168 @@
+"""Block-sparse prefill attention: work saved by streaming heads, and time against a dense kernel in the same run.
+
+For each sequence length and fraction of streaming KV heads (DuoAttention / LServe: the rest stay dense), at
+Qwen2.5-VL-7B's text shape (28 query heads, 4 KV heads, head dim 128, bf16):
+
+- always: the tiles the kernels visit (``visited_blocks``) against the dense causal triangle, i.e. the fraction of
+  dense work left and the speedup a kernel whose run time is proportional to visited tiles would reach;
+- on TPU / GPU: the ``pallas`` kernel timed against the best dense kernel measured in the same run (jax's splash
+  attention on TPU, ``jax.nn.dot_product_attention`` with cuDNN on GPU, its XLA implementation elsewhere);
+- on CPU: the ``xla`` backend (dense math under the pattern's mask, so no speedup is expected) against
+  ``jax.nn.dot_product_attention``, at the shorter lengths that fit in memory.
+
+Run ``python -m benchmarks.attention`` (``--help`` for the knobs). Prints a table and writes
+``benchmarks/results/attention.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import format_table, time_call, write_json
+from qv_jax.attention import HeadPattern, sparse_attention, visited_blocks
+from qv_jax.attention.sparse import DEFAULT_BLOCKS
+
+HQ, HKV, HEAD_DIM = 28, 4, 128
+
+
+def head_patterns(fraction: float, sink: int, local: int) -> tuple[HeadPattern, ...]:
+    """``round(fraction * HKV)`` streaming heads (the last ones), the others dense."""
+    n_streaming = round(fraction * HKV)
+    return (HeadPattern.dense(),) * (HKV - n_streaming) + (HeadPattern.streaming(sink, local),) * n_streaming
+
+
+def dense_baseline(platform: str, seq_len: int, splash_block: int):
+    """The best dense causal attention available here, taking and returning our ``[B, H, T, D]`` layout."""
+    if platform == "tpu":
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+        block = min(splash_block, seq_len)
+        kernel = splash.make_splash_mha_single_device(
+            splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * HQ),
+            block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block),
+        )
+        scale = HEAD_DIM**-0.5
+        return "splash", jax.vmap(lambda q, k, v: kernel(q * scale, k, v))
+
+    implementation = "cudnn" if platform == "gpu" else "xla"
+
+    def attend(q, k, v):
+        out = jax.nn.dot_product_attention(
+            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), is_causal=True, implementation=implementation
+        )
+        return out.swapaxes(1, 2)
+
+    return f"jax.nn.dot_product_attention[{implementation}]", attend
+
+
+def _run(fn, *args):
+    return jax.block_until_ready(fn(*args))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--cpu-lengths", type=int, nargs="+", default=[1024, 2048], help="timed lengths on CPU")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--sink", type=int, default=128)
+    parser.add_argument("--local", type=int, default=256)
+    parser.add_argument("--block-q", type=int, default=None, help="default: the kernel's production tile")
+    parser.add_argument("--block-kv", type=int, default=None)
+    parser.add_argument("--splash-block", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-timing", action="store_true", help="only count visited tiles")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    platform = jax.default_backend()
+    accelerated = platform in ("tpu", "gpu")
+    kernel = "tpu" if platform == "tpu" else "gpu"
+    block_q = args.block_q or DEFAULT_BLOCKS[kernel][0]
+    block_kv = args.block_kv or DEFAULT_BLOCKS[kernel][1]
+    timed_lengths = set(args.lengths if accelerated else args.cpu_lengths)
+    lengths = sorted(set(args.lengths) | (set() if args.no_timing else timed_lengths))
+
+    # tiles of the kernel that runs here (or the ones asked for); on CPU, the production tiles of both kernels
+    tiles = [(block_q, block_kv)]
+    if not (accelerated or args.block_q or args.block_kv):
+        tiles = list(dict.fromkeys(DEFAULT_BLOCKS[name] for name in ("tpu", "gpu")))
+    counts, timings = [], []
+    for n in lengths:
+        key = jax.random.key(n)
+        q = k = v = None
+        if n in timed_lengths and not args.no_timing:
+            kq, kk, kv = jax.random.split(key, 3)
+            q = jax.random.normal(kq, (1, HQ, n, HEAD_DIM), jnp.bfloat16)
+            k = jax.random.normal(kk, (1, HKV, n, HEAD_DIM), jnp.bfloat16)
+            v = jax.random.normal(kv, (1, HKV, n, HEAD_DIM), jnp.bfloat16)
+            base_name, base_fn = dense_baseline(platform, n, args.splash_block)
+            base_fn = jax.jit(base_fn)
+            baseline = time_call(functools.partial(_run, base_fn, q, k, v), repeats=args.repeats)
+        for fraction in args.fractions:
+            patterns = head_patterns(fraction, args.sink, args.local)
+            for tile_q, tile_kv in tiles:
+                visited = visited_blocks(patterns, n, n, num_kv_heads=HKV, block_q=tile_q, block_kv=tile_kv)
+                dense = visited_blocks(HeadPattern.dense(), n, n, num_kv_heads=HKV, block_q=tile_q, block_kv=tile_kv)
+                counts.append(
+                    {
+                        "tokens": n,
+                        "streaming_heads": f"{round(fraction * HKV)}/{HKV}",
+                        "tiles": f"{tile_q}x{tile_kv}",
+                        "visited": int(visited.sum()),
+                        "dense_visited": int(dense.sum()),
+                        "work_fraction": float(visited.sum() / dense.sum()),
+                        "ideal_speedup": float(dense.sum() / visited.sum()),
+                    }
+                )
+                print(
+                    f"{n} tokens, {counts[-1]['streaming_heads']} streaming, {counts[-1]['tiles']} tiles: "
+                    f"{counts[-1]['visited']} visited",
+                    flush=True,
+                )
+            if q is None:
+                continue
+            backend = "pallas" if accelerated else "xla"
+            fn = jax.jit(
+                functools.partial(
+                    sparse_attention,
+                    patterns=patterns,
+                    backend=backend,
+                    block_q=block_q if accelerated else None,
+                    block_kv=block_kv if accelerated else None,
+                )
+            )
+            timing = time_call(functools.partial(_run, fn, q, k, v), repeats=args.repeats)
+            timings.append(
+                {
+                    "tokens": n,
+                    "streaming_heads": f"{round(fraction * HKV)}/{HKV}",
+                    "backend": backend,
+                    "time_ms": timing["median_s"] * 1e3,
+                    "baseline": base_name,
+                    "baseline_ms": baseline["median_s"] * 1e3,
+                    "speedup": baseline["median_s"] / timing["median_s"],
+                }
+            )
+            print(
+                f"{n} tokens, {timings[-1]['streaming_heads']} streaming: {timings[-1]['time_ms']:.2f} ms "
+                f"({backend}) vs {timings[-1]['baseline_ms']:.2f} ms ({base_name})",
+                flush=True,
+            )
+
+    print()
+    print(format_table(counts, list(counts[0])))
+    if timings:
+        print()
+        print(format_table(timings, list(timings[0])))
+    shape = {"q_heads": HQ, "kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}
+    config = {**vars(args), "platform": platform, "block_q": block_q, "block_kv": block_kv, "shape": shape}
+    path = write_json("attention", {"config": config, "visited": counts, "timings": timings}, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
