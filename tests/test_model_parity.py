@@ -87,7 +87,7 @@ def test_uint8_video_frames_encode_like_hf_on_the_processed_pixels(pair):
     frames = np.random.default_rng(4).integers(0, 256, (5, 56, 84, 3), np.uint8)  # odd count: last frame repeated
     pixels, grid = patchify(jnp.asarray(frames), m.config.vision)
     with torch.no_grad():
-        ref = hf.model.visual(torch.from_numpy(np.asarray(pixels)), grid_thw=torch.tensor(grid)).pooler_output
+        ref = hf.model.visual(torch.from_numpy(np.array(pixels)), grid_thw=torch.tensor(grid)).pooler_output
     assert grid == ((3, 4, 6),)
     np.testing.assert_allclose(np.asarray(m.encode_video(frames)), ref.numpy(), atol=1e-5)
 
