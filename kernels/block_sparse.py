@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qv_jax.errors import InputError
 from qv_jax.kernels import block_sparse_gpu, block_sparse_reference, block_sparse_tpu
 from qv_jax.kernels.block_tables import BlockTables
 
@@ -31,6 +32,21 @@ def padded_head_dim(head_dim: int, impl: str) -> int:
     if impl == "gpu":
         return max(16, 1 << (head_dim - 1).bit_length())
     return head_dim
+
+
+def _check_tiles(impl: str, block_q: int, block_kv: int) -> None:
+    """Tile shapes each kernel can express: Triton wants powers of two >= 16 (``tl.dot``); Mosaic wants whole
+    sublanes for the query tile and, for key tiles wider than one vreg, whole 128-lane vregs."""
+    if impl == "gpu":
+        for name, b in (("block_q", block_q), ("block_kv", block_kv)):
+            if b < 16 or b & (b - 1):
+                raise InputError(f"GPU kernel: {name}={b} must be a power of two >= 16")
+    elif impl == "tpu":
+        if block_q % 8 or (block_kv > 128 and block_kv % 128):
+            raise InputError(
+                f"TPU kernel: block_q={block_q} must be a multiple of 8 and block_kv={block_kv} at most 128 or a "
+                "multiple of 128"
+            )
 
 
 def _pad_axis(x, axis: int, size: int, value=0, mode: str = "constant"):
@@ -147,6 +163,7 @@ def block_sparse_attention(
         raise ValueError(f"tables have {tables.num_heads} head rows for {Hkv} KV heads")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    _check_tiles(impl, tables.block_q, tables.block_kv)
     scale = D**-0.5 if scale is None else float(scale)
     Tp = tables.num_q_blocks * tables.block_q
     Sp = tables.num_kv_blocks * tables.block_kv

@@ -166,6 +166,10 @@ def test_bad_arguments_raise_input_errors():
         sparse_attention(q, k, k, HeadPattern.dense(), segment_ids=jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(InputError, match="does not cover"):
         sparse_attention(q, k, k, HeadPattern.from_block_mask(np.ones((1, 1)), block=4))
+    with pytest.raises(InputError, match="power of two"):
+        sparse_attention(q, k, k, HeadPattern.dense(), backend="interpret", kernel="gpu", block_q=24, block_kv=16)
+    with pytest.raises(InputError, match="multiple of 8"):
+        sparse_attention(q, k, k, HeadPattern.dense(), backend="interpret", kernel="tpu", block_q=12, block_kv=16)
     with pytest.raises(InputError, match="streaming"):
         HeadPattern.streaming(sink=4, local=0)
     with pytest.raises(InputError, match="strided"):
