@@ -24,7 +24,7 @@ from qv_jax.cache.dense import KVCache
 from qv_jax.errors import CheckpointError, InputError
 from qv_jax.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from qv_jax.model.config import ModelConfig
-from qv_jax.model.qwen2_5_vl import QwenVL
+from qv_jax.model.qwen2_5_vl import QwenVL, random_state
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.runtime import steps
@@ -77,7 +77,7 @@ class VisionLanguageModel:
     @classmethod
     def random(cls, config: ModelConfig, *, dtype="float32", seed: int = 0, tokenizer=None) -> VisionLanguageModel:
         """Random weights (transformers' init scheme) from a config alone; no torch, no checkpoint."""
-        graphdef, state = nnx.split(QwenVL(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)))
+        graphdef, state = random_state(config, jnp.dtype(dtype), seed)
         return cls(config, graphdef, state, tokenizer=tokenizer)
 
     @property
