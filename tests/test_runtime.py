@@ -137,6 +137,20 @@ def test_random_state_follows_the_initialisers():
     assert graphdef == random_state(CONFIG, jnp.bfloat16)[0]
 
 
+def test_bfloat16_model_tracks_float32(model):
+    """The bf16 path (params, activations and cache in bf16; norms, softmax and logits in f32) stays close."""
+    half = VisionLanguageModel.random(CONFIG, dtype="bfloat16", seed=1)
+    assert half.dtype == jnp.bfloat16 and half.new_cache(1, 8).k[0].dtype == jnp.bfloat16
+    ids = np.array([_video_prompt()])
+    frames = np.random.default_rng(3).integers(0, 256, (4, 56, 56, 3), np.uint8)
+    pixels, grid = patchify(jnp.asarray(frames), CONFIG.vision)
+    vision = {"pixel_values_videos": np.asarray(pixels), "video_grid_thw": np.array(grid)}
+    full, low = model.forward(ids, **vision), half.forward(ids, **vision)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, full, atol=0.05 * np.abs(full).max())
+    assert half.generate(ids, max_new_tokens=2, eos_token_id=[], **vision).shape == (1, ids.shape[1] + 2)
+
+
 @pytest.mark.slow
 def test_random_model_saves_and_loads_without_torch(tmp_path):
     """The demo path: config -> random weights + test tokenizer -> qv-jax checkpoint -> load_model, torch-free."""

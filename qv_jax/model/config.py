@@ -49,7 +49,8 @@ class VisionConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
-    # Qwen2.5-VL only: window side in pixels and the blocks that attend over the whole frame instead.
+    # Qwen2.5-VL only: window side in pixels and the blocks that attend over the whole frame instead (indexes past
+    # ``depth`` are ignored, as transformers does).
     window_size: int = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     hidden_act: str = "silu"
@@ -72,9 +73,6 @@ class VisionConfig:
             unit = self.patch_size * self.spatial_merge_size
             if self.window_size % unit:
                 raise ConfigError(f"vision window_size {self.window_size} is not a multiple of {unit}")
-            bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
-            if bad:
-                raise ConfigError(f"fullatt_block_indexes {bad} are outside the {self.depth} vision blocks")
 
     @property
     def head_dim(self) -> int:
