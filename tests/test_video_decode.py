@@ -6,7 +6,7 @@ swscale call the workers make; the parallel read must match it bit for bit, at n
 
 import numpy as np
 import pytest
-from video_helpers import VIDEOS, buffer_files, long_video, scratch, sequential_decode, video
+from video_helpers import VIDEOS, buffer_files, long_video, remux, scratch, sequential_decode, video
 
 from qv_jax.video import VideoReader, frame_number, make_sample_video, sampling
 from qv_jax.video import buffer as buffer_module
@@ -38,11 +38,11 @@ def test_parallel_read_is_bit_exact(name):
         got = r.read(indices=np.arange(n))
         np.testing.assert_array_equal(got.frames, expected)
         np.testing.assert_array_equal(got.indices, np.arange(n))
-        # A sparse, resized read: every fifth frame and the last one, in Qwen's size.
-        wanted = np.unique(np.append(np.arange(0, n, 5), n - 1))
-        plan = r.plan(indices=wanted, max_pixels=200_704)
-        _, resized = sequential_decode(path, size=plan.size)
-        np.testing.assert_array_equal(r.read(plan).frames, resized[wanted])
+        # Sparse, resized reads in Qwen's size: every fifth frame and the last, every third from the second
+        # (unwanted frames that nothing references are skipped, which must not change the others).
+        _, resized = sequential_decode(path, size=r.plan(num_frames=2, max_pixels=200_704).size)
+        for wanted in (np.unique(np.append(np.arange(0, n, 5), n - 1)), np.arange(min(1, n - 1), n, 3)):
+            np.testing.assert_array_equal(r.read(indices=wanted, size=resized.shape[1:3]).frames, resized[wanted])
     assert not buffer_files()
 
 
@@ -98,6 +98,15 @@ def test_video_info_from_packets():
         assert r.info.avg_fps == pytest.approx(72 / r.info.duration_s)
     with VideoReader(video("with_audio"), workers=1) as r:
         assert r.info.codec == "h264" and r.info.rotation == 0 and r.info.frame_count == 48
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_rotation_is_reported_not_applied(degrees):
+    path = remux(video("h264_bframes"), f"rotated_{degrees}.mp4", rotation=degrees)
+    _, expected = sequential_decode(video("h264_bframes"))
+    with VideoReader(path, workers=1) as r:
+        assert r.info.rotation == degrees
+        np.testing.assert_array_equal(r.read(indices=[0, 40]).frames, expected[[0, 40]])
 
 
 def test_sparse_sampling_decodes_only_needed_gops():

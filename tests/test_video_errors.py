@@ -3,7 +3,7 @@
 import av
 import numpy as np
 import pytest
-from video_helpers import scratch, video
+from video_helpers import remux, scratch, video
 
 from qv_jax.errors import VideoError
 from qv_jax.video import VideoReader
@@ -12,18 +12,6 @@ from qv_jax.video import VideoReader
 def _write(name: str, data: bytes):
     path = scratch(name)
     path.write_bytes(data)
-    return path
-
-
-def _faststart_copy(source, name: str):
-    """Remux ``source`` into an MP4 with its index before the data, as streaming sites serve them."""
-    path = scratch(name)
-    with av.open(str(source)) as inp, av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.size:
-                packet.stream = stream
-                out.mux(packet)
     return path
 
 
@@ -55,7 +43,7 @@ CASES = {
     ),
     "truncated_mp4": (lambda: _cut(video("h264_bframes"), "cut.mp4", 0.6), "cannot be opened as a video"),
     "truncated_faststart_mp4": (
-        lambda: _cut(_faststart_copy(video("h264_bframes"), "faststart.mp4"), "cut_faststart.mp4", 0.6),
+        lambda: _cut(remux(video("h264_bframes"), "faststart.mp4", faststart=True), "cut_faststart.mp4", 0.6),
         "truncated",
     ),
     "audio_only": (lambda: _audio_only("audio.m4a"), r"no video stream \(streams: audio\)"),
@@ -78,7 +66,7 @@ def test_bad_input_raises_video_error(case):
 
 def test_faststart_copy_itself_is_readable():
     # The truncated case above fails because of the cut, not because of the remux.
-    path = _faststart_copy(video("h264_bframes"), "faststart_whole.mp4")
+    path = remux(video("h264_bframes"), "faststart_whole.mp4", faststart=True)
     with VideoReader(path, workers=1) as r:
         assert r.info.frame_count == 72
         assert r.read(num_frames=4).frames.shape == (4, 120, 160, 3)

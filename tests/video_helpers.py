@@ -59,6 +59,22 @@ def scratch(name: str) -> Path:
     return _ROOT / name
 
 
+def remux(source: Path, name: str, *, rotation: int | None = None, faststart: bool = False) -> Path:
+    """Copy ``source``'s video packets into a new file, optionally with a display rotation (counter-clockwise
+    degrees) or, for MP4, its index before the data ("faststart", as streaming sites serve MP4)."""
+    path = scratch(name)
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(source)) as inp, av.open(str(path), "w", options=options) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.size:
+                packet.stream = stream
+                out.mux(packet)
+    return path
+
+
 def sequential_decode(
     path: Path, size: tuple[int, int] | None = None, interpolation: str = "bicubic"
 ) -> tuple[list[int], np.ndarray]:

@@ -14,9 +14,10 @@ its parent over the socket ``FD`` with pickled messages:
 
 A task names the file, the seek targets of its keyframe, the pts (and occurrence number, for the rare frames that
 share a pts) of every wanted frame and the buffer slot each goes to. The worker seeks once, checks that the
-demuxer landed on or before its keyframe (seeking earlier otherwise), decodes with one thread, converts and
-resizes each wanted frame with one reused swscale context, writes it into its slot of the memory-mapped buffer,
-and stops as soon as the last wanted frame is out.
+demuxer landed on or before its keyframe (seeking earlier otherwise), decodes with one thread (skipping the
+unwanted H.264 / HEVC frames that nothing references), converts and resizes each wanted frame with one reused
+swscale context, writes it into its slot of the memory-mapped buffer, and stops as soon as the last wanted frame
+is out.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from multiprocessing.connection import Connection
 import av
 import numpy as np
 
+SKIP_UNREFERENCED_CODECS = ("h264", "hevc")
 PROGRESS_INTERVAL_S = 0.02  # batch progress messages: at most ~50 per second per worker
 HEARTBEAT_S = 1.0  # a worker busy on frames it does not keep still reports this often
 
@@ -70,6 +72,10 @@ class _Source:
         self.stream = self.container.streams[stream_index]
         ctx = self.stream.codec_context
         ctx.thread_count = 1  # one decoder thread per worker: the pool is the parallelism
+        # FFmpeg's H.264 / HEVC decoders read skip_frame per slice, so it can be switched packet by packet to skip
+        # unwanted frames that no other frame references, without changing any other frame. dav1d applies it with
+        # a delay, so switching it there changes which frames come out: only these two codecs qualify.
+        self.skip_unreferenced = ctx.name in SKIP_UNREFERENCED_CODECS
 
     def close(self) -> None:
         self.container.close()
@@ -179,10 +185,17 @@ class Worker:
         try:
             packets = self._seek(task, stats)
             ctx = self.source.stream.codec_context
+            skipping = self.source.skip_unreferenced
+            wanted_pts = {p for p, _ in slot_of}
+            mode = ctx.skip_frame = "DEFAULT"
             finished = False
             for packet in packets:
                 self._check_cancel(task_id)
                 stats["packets"] += packet.size > 0
+                if skipping and packet.size:
+                    wanted_mode = "DEFAULT" if packet.pts is None or packet.pts in wanted_pts else "NONREF"
+                    if wanted_mode != mode:
+                        ctx.skip_frame = mode = wanted_mode
                 for frame in ctx.decode(packet):
                     stats["frames_decoded"] += 1
                     pts = frame.pts

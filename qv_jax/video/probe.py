@@ -40,7 +40,7 @@ class VideoInfo:
     codec: str
     start_time_s: float
     keyframe_indices: np.ndarray  # int64, presentation-order indices of the keyframes
-    rotation: int  # counter-clockwise degrees from the display matrix; frames are returned unrotated
+    rotation: int  # counter-clockwise degrees in (-180, 180] from the display matrix; frames come back unrotated
     container: str
     stream_index: int
     time_base: Fraction
@@ -236,6 +236,11 @@ def _frame_interval(table: FrameTable, last_duration: int, stream) -> int:
     return 0
 
 
+def _normalized_degrees(degrees: int) -> int:
+    degrees %= 360
+    return degrees - 360 if degrees > 180 else degrees
+
+
 def probe_uncached(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
     """Scan ``path`` and return its :class:`VideoInfo` and :class:`FrameTable`; raises VideoError on bad input."""
     path = Path(path)
@@ -263,7 +268,7 @@ def probe_uncached(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
             codec=ctx.name,
             start_time_s=float(table.pts[0] * time_base),
             keyframe_indices=table.key_index,
-            rotation=rotation,
+            rotation=_normalized_degrees(rotation),
             container=container.format.name,
             stream_index=stream.index,
             time_base=time_base,
@@ -303,3 +308,9 @@ def probe(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
     return info, table
+
+
+def clear_probe_cache() -> None:
+    """Forget every remembered probe (benchmarks use it to time cold opens)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
