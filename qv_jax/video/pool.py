@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -51,6 +52,10 @@ def _exit_reason(returncode: int | None) -> str:
     return f"exited with code {returncode}"
 
 
+class WorkerStartError(RuntimeError):
+    """A decoder process died or stayed silent while starting."""
+
+
 class WorkerProcess:
     """One decoder process and our end of its socket."""
 
@@ -81,11 +86,11 @@ class WorkerProcess:
         while not self.ready:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.conn.poll(remaining):
-                raise TimeoutError(f"decoder worker pid {self.pid} did not start within {START_TIMEOUT_S:g} s")
+                raise WorkerStartError(f"decoder worker pid {self.pid} did not start within {START_TIMEOUT_S:g} s")
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                raise RuntimeError(f"decoder worker pid {self.pid} {self.exit_reason()} while starting") from None
+                raise WorkerStartError(f"decoder worker pid {self.pid} {self.exit_reason()} while starting") from None
             self.ready = message[0] == "ready"
         self.last_heard = time.monotonic()
 
@@ -121,6 +126,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[WorkerProcess] = []
         self._busy: set[WorkerProcess] = set()
+        self.owner_pid = os.getpid()  # a forked child must not drive its parent's workers
 
     def prestart(self, count: int) -> None:
         """Start processes (without waiting for them) until ``count`` are idle or starting."""
@@ -141,10 +147,10 @@ class WorkerPool:
         try:
             for worker in taken:
                 worker.wait_ready(deadline)
-        except (TimeoutError, RuntimeError) as e:
+        except WorkerStartError:
             for worker in taken:
                 self.discard(worker)
-            raise DecodeWorkerError("<pool>", f"cannot start decoder workers: {e}") from e
+            raise
         return taken
 
     def release(self, worker: WorkerProcess) -> None:
@@ -169,7 +175,10 @@ class WorkerPool:
         return [w.pid for w in workers]
 
     def shutdown(self) -> None:
-        """Stop every idle worker (busy ones stop when their read ends and finds the pool closed)."""
+        """Stop every idle worker. A read still running returns its workers when it ends; every worker also exits by
+        itself when this process does, as its socket closes."""
+        if os.getpid() != self.owner_pid:
+            return
         with self._lock:
             idle, self._idle = self._idle, []
         for worker in idle:
@@ -184,7 +193,7 @@ def default_pool() -> WorkerPool:
     """The process-wide pool, created on first use."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL.owner_pid != os.getpid():
             _POOL = WorkerPool()
             atexit.register(_POOL.shutdown)
         return _POOL
@@ -207,7 +216,10 @@ def run_tasks(
     pending = deque(tasks)
     running: dict[Connection, WorkerProcess] = {}
     failed: list[WorkerProcess] = []
-    checked_out = pool.acquire(min(workers, len(tasks)))
+    try:
+        checked_out = pool.acquire(min(workers, len(tasks)))
+    except WorkerStartError as e:
+        raise DecodeWorkerError(path, f"cannot start decoder workers: {e}") from e
     idle = list(checked_out)
 
     def assign(worker: WorkerProcess) -> None:
