@@ -193,7 +193,10 @@ class VisionAttention(nnx.Module):
             )
             outs.append(out_FNPH.transpose(0, 2, 1, 3).reshape(frames * per_frame, *out_FNPH.shape[1:2], -1))
         out_PNH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-        return jnp.einsum("PNH,NHE->PE", out_PNH, self.proj[...]) + self.proj_bias[...]
+        P, N, H = out_PNH.shape
+        # one contraction over heads x head dim, against the weights in their stored order (no relayout)
+        out_PE = jnp.einsum("PF,FE->PE", out_PNH.reshape(P, N * H), self.proj[...].reshape(N * H, -1))
+        return out_PE + self.proj_bias[...]
 
 
 class VisionBlock(nnx.Module):
@@ -349,14 +352,19 @@ class DecoderLayer(nnx.Module):
     def project(self, x_BTD: Array, rope: Rope) -> tuple[Array, Array, Array]:
         """Queries ``[B, N, T, H]`` and keys / values ``[B, K, T, H]``; queries and keys carry the rotation."""
         h_BTD = self.input_norm(x_BTD)
-        q_BNTH = jnp.einsum("BTD,DNH->BNTH", h_BTD, self.q[...]) + self.q_bias[...][:, None]
-        k_BKTH = jnp.einsum("BTD,DKH->BKTH", h_BTD, self.k[...]) + self.k_bias[...][:, None]
-        v_BKTH = jnp.einsum("BTD,DKH->BKTH", h_BTD, self.v[...]) + self.v_bias[...][:, None]
+        # project to [B, T, heads, H] and move the heads in front afterwards: contracting against the weights in
+        # their stored order keeps XLA from relaying out (copying) every weight on each call
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, self.q[...]) + self.q_bias[...]
+        k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, self.k[...]) + self.k_bias[...]
+        v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, self.v[...]) + self.v_bias[...]
+        q_BNTH, k_BKTH, v_BKTH = (a.transpose(0, 2, 1, 3) for a in (q_BTNH, k_BTKH, v_BTKH))
         return rope.apply(q_BNTH), rope.apply(k_BKTH), v_BKTH
 
     def finish(self, x_BTD: Array, attn_BNTH: Array) -> Array:
         """Output projection and residual, then the MLP block."""
-        x_BTD = x_BTD + jnp.einsum("BNTH,NHD->BTD", attn_BNTH, self.o[...])
+        B, N, T, H = attn_BNTH.shape
+        attn_BTF = attn_BNTH.transpose(0, 2, 1, 3).reshape(B, T, N * H)
+        x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", attn_BTF, self.o[...].reshape(N * H, -1))
         return x_BTD + self.mlp(self.post_attention_norm(x_BTD))
 
     def __call__(self, x_BTD: Array, rope: Rope, kv: KVHandler, layer: int) -> Array:
