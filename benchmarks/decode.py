@@ -175,6 +175,7 @@ def main(argv=None) -> None:
     print(f"worker pool start-up ({max(workers_list)} processes, one-time): {pool_start_s:.2f} s")
 
     baselines = {"decord": decord_reader(), "torchcodec": torchcodec_reader()}
+    load_before = os.getloadavg()
     rows = []
     cases = [
         ("1fps", video, {"fps": 1.0, "size": SIZE}),
@@ -188,6 +189,8 @@ def main(argv=None) -> None:
     for label, (_, problem) in baselines.items():
         if problem:
             print(f"{label}: {problem}")
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} on {cpus} CPUs")
     out = write_json(
         "decode",
         {
@@ -195,6 +198,7 @@ def main(argv=None) -> None:
             "size": SIZE,
             "repeats": args.repeats,
             "pool_start_s": pool_start_s,
+            "load_average_before_after": [load_before, load_after],
             "rows": rows,
         },
         args.out,

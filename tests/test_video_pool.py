@@ -45,7 +45,8 @@ def test_workers_are_fresh_interpreters_without_jax():
         r.read(num_frames=8)
     for pid in POOL.pids():
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"qv_jax.video._worker" in cmdline
+        # python -m qv_jax.video._worker FD: the socket is the only argument, tasks travel over it.
+        assert cmdline[-4:-2] == [b"-m", b"qv_jax.video._worker"] and cmdline[-2].isdigit()
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "jaxlib" not in maps and "libjax" not in maps
 

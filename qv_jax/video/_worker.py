@@ -160,7 +160,7 @@ class Worker:
                 if ts is not None and ts <= key_pts:
                     return itertools.chain((packet,), packets)
                 break
-        stats["reopens"] += 1
+        stats["seeks"] += 1  # back to the start, the one position every demuxer gets right
         source.close()
         self.source = None
         source = self._open(task)
@@ -174,7 +174,7 @@ class Worker:
             (int(p), int(o)): int(s) for p, o, s in zip(task["pts"], task["occurrence"], task["slots"], strict=True)
         }
         last_pts = int(task["pts"].max())
-        stats = {"packets": 0, "frames_decoded": 0, "seeks": 0, "reopens": 0}
+        stats = {"packets": 0, "frames_decoded": 0, "seeks": 0}
         seen: dict[int, int] = {}
         written: list[int] = []
         reported = 0
@@ -226,7 +226,8 @@ class Worker:
             missing = sorted(p for p, _ in slot_of)
             raise RuntimeError(
                 f"the decoder produced no frame at pts {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                f"(time base {self.source.stream.time_base}); the stream is damaged there"
+                f"(time base {self.source.stream.time_base}): the stream is damaged there, or the file changed since "
+                "it was probed"
             )
         return np.asarray(written[reported:], np.int64), stats
 
