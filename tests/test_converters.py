@@ -1,6 +1,8 @@
 """Weight conversion: HF safetensors (both key namings, sharded, bf16) -> NNX state -> orbax -> NNX state."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import ml_dtypes
@@ -91,6 +93,11 @@ def test_convert_round_trip_gives_identical_parameters(hf_dir, tmp_path):
     )
     # an existing output is not overwritten by accident
     assert cli_main(["convert", str(hf_dir), str(out16), "--quiet"]) == 2
+    # python -m qv_jax.converters is the same command
+    module = subprocess.run(
+        [sys.executable, "-m", "qv_jax.converters", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "HF_DIR" in module.stdout and "--dtype" in module.stdout
 
 
 def test_new_naming_sharded_checkpoint_loads_the_same(hf_model, hf_dir, tmp_path):

@@ -137,6 +137,16 @@ def test_random_state_follows_the_initialisers():
     assert graphdef == random_state(CONFIG, jnp.bfloat16)[0]
 
 
+def test_parameters_name_the_model_axis_for_tensor_parallel_layouts(model):
+    specs = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.get_partition_spec(model.state))}
+    assert specs[("text", "layers", 0, "q")] == jax.sharding.PartitionSpec(None, "model", None)
+    assert specs[("text", "layers", 0, "o")] == jax.sharding.PartitionSpec("model", None, None)
+    assert specs[("text", "layers", 0, "mlp", "down")] == jax.sharding.PartitionSpec("model", None)
+    assert specs[("text", "embed")] == jax.sharding.PartitionSpec("model", None)
+    assert specs[("vision", "blocks", 0, "attn", "qkv")] == jax.sharding.PartitionSpec(None, None, "model", None)
+    assert specs[("text", "norm", "scale")] == jax.sharding.PartitionSpec(None)
+
+
 def test_bfloat16_model_tracks_float32(model):
     """The bf16 path (params, activations and cache in bf16; norms, softmax and logits in f32) stays close."""
     half = VisionLanguageModel.random(CONFIG, dtype="bfloat16", seed=1)
