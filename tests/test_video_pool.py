@@ -4,6 +4,7 @@ memory behind, and the next read works; device prefetch."""
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +37,11 @@ def test_workers_persist_across_reads_and_readers():
     assert len(first) >= 2
     assert first <= set(POOL.pids(busy=False))  # the same processes served the second reader
     assert not POOL.pids(busy=True)
+
+
+def test_video_package_and_worker_do_not_import_jax():
+    code = "import sys, qv_jax.video, qv_jax.video._worker; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
