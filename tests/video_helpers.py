@@ -41,9 +41,38 @@ _ROOT = Path(tempfile.mkdtemp(prefix="qv-jax-test-videos-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
+def _cut_mid_gop(name: str) -> Path:
+    """H.264 in MP4 cut without re-encoding at a point inside a GOP, as ``ffmpeg -ss T -c copy`` does: the packets
+    start at a keyframe, and an edit list hides the first frames, which the demuxer marks for discard."""
+    source = video("h264_bframes")  # GOP 12: keyframes at frames 0, 12, 24, ...
+    path = scratch(name)
+    with av.open(str(source)) as inp, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        period = None
+        started = False
+        for packet in inp.demux(inp.streams.video[0]):
+            if not packet.size:
+                continue
+            period = period or packet.duration
+            if not started and not (packet.is_keyframe and packet.pts == 12 * period):
+                continue
+            started = True
+            shift = 17 * period  # frames 12..16 end up before 0 and are hidden
+            packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+            packet.stream = stream
+            out.mux(packet)
+    return path
+
+
+# Inputs made from another video rather than encoded.
+DERIVED = {"mp4_cut_mid_gop": _cut_mid_gop}
+
+
 @functools.cache
 def video(name: str) -> Path:
-    """The generated video ``name`` (see VIDEOS), made once per test session."""
+    """The generated video ``name`` (see VIDEOS and DERIVED), made once per test session."""
+    if name in DERIVED:
+        return DERIVED[name](f"{name}.mp4")
     filename, options = VIDEOS[name]
     return make_sample_video(_ROOT / filename, **options)
 

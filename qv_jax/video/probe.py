@@ -51,9 +51,11 @@ class FrameTable:
     """Per-frame timing in presentation order, and the keyframes the decoder can start from.
 
     ``pts[i]`` is frame i's timestamp in ``time_base`` units; ``occurrence[i]`` numbers frames that share a pts
-    (0 for the first), so a worker can tell them apart; ``decode_pos[i]`` is frame i's packet position in decode
-    order. Keyframe k starts at presentation index ``key_index[k]`` and packet ``key_decode_pos[k]``; workers
-    seek with ``key_pts[k]`` and ``key_dts[k]``.
+    (0 for the first), so a worker can tell them apart; ``decode_pos[i]`` is the position of frame i's packet
+    among all the stream's packets in decode order. Decoding from keyframe k (packet ``key_decode_pos[k]``, found
+    by seeking with ``key_pts[k]`` or ``key_dts[k]``) yields the frames from presentation index ``key_index[k]``
+    on; GOP k is the span from ``key_index[k]`` to ``key_index[k + 1]`` (empty when the demuxer discards all of
+    it).
     """
 
     pts: np.ndarray
@@ -180,45 +182,46 @@ def _scan(path: Path, container, stream) -> tuple[dict[str, np.ndarray], int]:
 
 def _build_table(
     path: Path, cols: dict[str, np.ndarray], time_base: Fraction, st: os.stat_result
-) -> tuple[FrameTable, int]:
-    """The frame table, and the packet duration of the last frame in presentation order (0 if unknown)."""
-    keep = ~cols["discard"]
-    key = cols["key"] & keep
+) -> tuple[FrameTable, np.ndarray, int]:
+    """The frame table, the presentation indices of the frames that are keyframes, and the packet duration of the
+    last frame (0 if unknown)."""
+    ts = cols["ts"]
+    key = cols["key"].copy()
     if not key.any():
-        # Streams without keyframe flags can only be decoded from their first packet.
-        key = np.zeros_like(key)
-        key[np.argmax(keep)] = True
+        key[0] = True  # streams without keyframe flags can only be decoded from their first packet
     first_key = int(np.argmax(key))
-    keep[:first_key] = False
-    keep &= cols["ts"] >= cols["ts"][first_key]  # leading frames of the first keyframe reference nothing we have
-    decode_rows = np.flatnonzero(keep)
-    if decode_rows.size == 0:
+    # Decoding starts at a keyframe, even one the demuxer discards (an edit list that starts mid-GOP, as cutting
+    # without re-encoding makes); the frames are the packets from there on that are shown: not discarded, and not
+    # leading frames of the first keyframe, which reference pictures before the start of the file.
+    shown = ~cols["discard"]
+    shown[:first_key] = False
+    shown &= ts >= ts[first_key]
+    rows = np.flatnonzero(shown)
+    if rows.size == 0:
         raise VideoError(path, "video stream holds no decodable frames")
-    ts = cols["ts"][decode_rows]
-    order = np.argsort(ts, kind="stable")
-    pts = ts[order]
+    frame_rows = rows[np.argsort(ts[rows], kind="stable")]  # packet row of each frame, in presentation order
+    pts = ts[frame_rows]
     occurrence = np.arange(pts.size) - np.searchsorted(pts, pts, side="left")
-    presentation_of = np.empty_like(order)
-    presentation_of[order] = np.arange(order.size)
-    key_decode_pos = np.flatnonzero(key[decode_rows])
-    key_index = presentation_of[key_decode_pos]
-    # A keyframe that would be shown before an earlier-decoded keyframe cannot start an interval of its own.
-    monotonic = key_index == np.maximum.accumulate(key_index)
-    key_decode_pos, key_index = key_decode_pos[monotonic], key_index[monotonic]
-    last_duration = int(cols["duration"][decode_rows[order[-1]]])
+    key_rows = np.flatnonzero(key)
+    key_pts = ts[key_rows]
+    # A keyframe shown no later than one decoded before it cannot start an interval of its own.
+    shown_before = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], key_pts[:-1]]))
+    rising = key_pts > shown_before
+    key_rows, key_pts = key_rows[rising], key_pts[rising]
     table = FrameTable(
         pts=_readonly(pts),
         occurrence=_readonly(occurrence.astype(np.int64)),
-        decode_pos=_readonly(order.astype(np.int64)),
-        key_index=_readonly(key_index.astype(np.int64)),
-        key_decode_pos=_readonly(key_decode_pos.astype(np.int64)),
-        key_pts=_readonly(ts[key_decode_pos]),
-        key_dts=_readonly(cols["dts"][decode_rows][key_decode_pos]),
+        decode_pos=_readonly(frame_rows.astype(np.int64)),
+        key_index=_readonly(np.searchsorted(pts, key_pts, side="left").astype(np.int64)),
+        key_decode_pos=_readonly(key_rows.astype(np.int64)),
+        key_pts=_readonly(key_pts),
+        key_dts=_readonly(cols["dts"][key_rows]),
         time_base=time_base,
         file_size=st.st_size,
         file_mtime_ns=st.st_mtime_ns,
     )
-    return table, last_duration
+    keyframe_indices = np.flatnonzero(cols["key"][frame_rows]).astype(np.int64)
+    return table, keyframe_indices, int(cols["duration"][frame_rows[-1]])
 
 
 def _frame_interval(table: FrameTable, last_duration: int, stream) -> int:
@@ -252,7 +255,7 @@ def probe_uncached(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
         if not time_base:
             raise VideoError(path, "video stream has no time base")
         cols, rotation = _scan(path, container, stream)
-        table, last_packet_duration = _build_table(path, cols, time_base, st)
+        table, keyframe_indices, last_packet_duration = _build_table(path, cols, time_base, st)
         n = table.pts.size
         last_duration = _frame_interval(table, last_packet_duration, stream)
         duration_s = float((int(table.pts[-1]) - int(table.pts[0]) + last_duration) * time_base)
@@ -267,7 +270,7 @@ def probe_uncached(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
             height=ctx.height,
             codec=ctx.name,
             start_time_s=float(table.pts[0] * time_base),
-            keyframe_indices=table.key_index,
+            keyframe_indices=_readonly(keyframe_indices),
             rotation=_normalized_degrees(rotation),
             container=container.format.name,
             stream_index=stream.index,
