@@ -46,6 +46,7 @@ CASES = {
         lambda: _cut(remux(video("h264_bframes"), "faststart.mp4", faststart=True), "cut_faststart.mp4", 0.6),
         "truncated",
     ),
+    "raw_elementary_stream": (lambda: remux(video("h264_bframes"), "raw.h264"), "has no timestamp"),
     "audio_only": (lambda: _audio_only("audio.m4a"), r"no video stream \(streams: audio\)"),
     "no_video_stream": (
         lambda: _write("subtitles.srt", b"1\n00:00:01,000 --> 00:00:02,000\nhello\n"),

@@ -29,6 +29,7 @@ VIDEOS = {
     "mpegts": ("mpegts.ts", dict(seconds=3, bframes=2, gop=12)),
     "mpegts_open_gop": ("mpegts_open_gop.ts", dict(seconds=3, bframes=3, gop=12, open_gop=True)),
     "hevc": ("hevc.mp4", dict(codec="hevc", seconds=2, bframes=3, gop=12, open_gop=True, size=(64, 96))),
+    "hevc_10bit": ("hevc_10bit.mkv", dict(codec="hevc", seconds=2, gop=12, size=(64, 96), pix_fmt="yuv420p10le")),
     "vp9_webm": ("vp9.webm", dict(codec="vp9", seconds=3, gop=12, size=(48, 64))),
     "av1": ("av1.mp4", dict(codec="av1", seconds=2, gop=12, size=(64, 96))),
     "odd_size_h264": ("odd_h264.mp4", dict(seconds=2, gop=12, size=(53, 75), pix_fmt="yuv444p")),

@@ -131,7 +131,11 @@ def _scan(path: Path, container, stream) -> tuple[dict[str, np.ndarray], int]:
             pts, dts = packet.pts, packet.dts
             ts = pts if pts is not None else dts
             if ts is None:
-                raise VideoError(path, f"packet {len(ts_col)} of the video stream has no timestamp")
+                raise VideoError(
+                    path,
+                    f"packet {len(ts_col)} of the video stream has no timestamp (a raw elementary stream? remux it "
+                    "into MP4 or MKV first)",
+                )
             ts_col.append(ts)
             dts_col.append(dts if dts is not None else ts)
             key_col.append(packet.is_keyframe)
