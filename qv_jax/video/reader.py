@@ -178,11 +178,22 @@ class VideoReader:
         return plan
 
     def _start(self, plan: FramePlan, schedule: Schedule):
+        """Allocate the frame buffer and create the job that fills it (it starts when first iterated)."""
         buffer = FrameBuffer(schedule.unique.size, plan.height, plan.width)
-        table, path = self._table, os.path.abspath(self.path)
-        unique = schedule.unique
+        try:
+            tasks = self._tasks(plan, schedule, buffer)
+        except BaseException:
+            buffer.unlink()
+            raise
+        stats: dict = {}
+        job = run_tasks(default_pool(), tasks, self.workers, self.timeout_s, self.path, stats)
+        return buffer, job, stats
+
+    def _tasks(self, plan: FramePlan, schedule: Schedule, buffer: FrameBuffer) -> list[dict]:
+        """One worker task per interval: where to seek, which pts to keep, which buffer slot each goes to."""
+        table, unique = self._table, schedule.unique
         common = {
-            "path": path,
+            "path": os.path.abspath(self.path),
             "stream": self.info.stream_index,
             "file_size": table.file_size,
             "file_mtime_ns": table.file_mtime_ns,
@@ -208,13 +219,7 @@ class VideoReader:
                     "last_index": int(frames[-1]),
                 }
             )
-        stats: dict = {}
-        try:
-            job = run_tasks(default_pool(), tasks, self.workers, self.timeout_s, self.path, stats)
-        except BaseException:
-            buffer.unlink()
-            raise
-        return buffer, job, stats
+        return tasks
 
     def _record(self, plan: FramePlan, schedule: Schedule, stats: dict, start: float) -> None:
         self.last_stats = DecodeStats(
