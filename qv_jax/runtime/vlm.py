@@ -22,7 +22,7 @@ from flax import nnx
 
 from qv_jax.cache.dense import KVCache
 from qv_jax.errors import CheckpointError, InputError
-from qv_jax.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, save_checkpoint
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import QwenVL, random_state
 from qv_jax.model.rope_index import get_rope_index
@@ -384,9 +384,7 @@ def load_model(path: str | os.PathLike, dtype="float32", *, tokenizer: bool = Tr
 
         config, graphdef, state = load_hf_state(model_dir, dtype=dtype)
     else:
-        raise CheckpointError(
-            f"{model_dir}: neither a qv-jax checkpoint ({'qv_jax.json'}) nor an HF model (config.json)"
-        )
+        raise CheckpointError(f"{model_dir}: neither a qv-jax checkpoint ({MARKER}) nor an HF model (config.json)")
     tok = None
     if tokenizer and (model_dir / "tokenizer.json").is_file():
         from qv_jax.model.tokenizer import Tokenizer
