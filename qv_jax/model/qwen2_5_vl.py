@@ -23,12 +23,13 @@ Every attention goes through ``qv_jax.attention.dot_product_attention`` (q ``[B,
 masks are causal positions and segment ids, never a materialised dense mask.
 
 Parameters carry ``out_sharding`` metadata naming a ``"model"`` mesh axis (heads, MLP width, vocabulary), with
-eager sharding off, so a later tensor-parallel layout can read them with ``nnx.get_partition_spec``.
+eager sharding off; ``qv_jax.sharding`` reads them (``nnx.get_partition_spec``) to lay the model out on a mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
@@ -454,19 +455,27 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef
     return nnx.split(nnx.eval_shape(lambda: QwenVL(config, dtype=dtype, rngs=nnx.Rngs(0))))
 
 
-def random_state(config: ModelConfig, dtype=jnp.float32, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+def random_state(
+    config: ModelConfig,
+    dtype=jnp.float32,
+    seed: int = 0,
+    *,
+    place: Callable[[tuple[str | int, ...], np.ndarray], Array] | None = None,
+) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and random weights drawn on the host with numpy, with the initialisers' distributions.
 
     Much faster than constructing :class:`QwenVL` eagerly or under ``jit`` on CPU, where every parameter's random
-    draw is a separately compiled XLA computation.
+    draw is a separately compiled XLA computation. ``place(path, host_value)`` puts each tensor where it should
+    live (default: the default device), e.g. in its shards on a mesh.
     """
     graphdef, state = abstract_model(config, dtype)
     rng = np.random.default_rng(seed)
-    for _, var in nnx.to_flat_state(state):
+    for path, var in nnx.to_flat_state(state):
         spec, init = var.get_value(), var.get_metadata()["init"]
         if init == "normal":
             value = INIT_STD * rng.standard_normal(spec.shape, dtype=np.float32)
         else:
             value = np.full(spec.shape, 1.0 if init == "ones" else 0.0, np.float32)
-        var.set_value(jnp.asarray(value, spec.dtype))
+        value = value.astype(spec.dtype)
+        var.set_value(jnp.asarray(value) if place is None else place(tuple(path), value))
     return graphdef, state
