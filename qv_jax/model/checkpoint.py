@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -109,19 +110,26 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, dtype=None, *, sharding: jax.sharding.Sharding | None = None
+    path: str | os.PathLike,
+    dtype=None,
+    *,
+    sharding: jax.sharding.Sharding | Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Restore ``(config, graphdef, state)`` from a checkpoint, cast to ``dtype`` (default: as stored).
 
-    ``sharding`` places every array (default: the default device).
+    ``sharding`` places every array (default: the default device), or says per parameter where it goes:
+    ``sharding(path, shape_dtype) -> Sharding``; orbax then reads each device's slice straight into it.
     """
     path = Path(path).absolute()
     config, stored = read_config(path)
     dtype = jnp.dtype(dtype or stored)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    where = sharding if callable(sharding) else (lambda _path, _shape: sharding)
     graphdef, abstract = abstract_model(config, dtype)
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nnx.to_pure_dict(abstract)
+    target = jax.tree_util.tree_map_with_path(
+        lambda keys, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where(tuple(k.key for k in keys), s)),
+        nnx.to_pure_dict(abstract),
     )
     try:
         restored = ocp.StandardCheckpointer().restore(path / "params", target)
