@@ -18,6 +18,7 @@ _LAZY = {
     "Frames": "qv_jax.video",
     "prefetch": "qv_jax.video",
     "load_model": "qv_jax.runtime",
+    "make_mesh": "qv_jax.sharding",
 }
 
 __all__ = ["__version__", *_LAZY]
