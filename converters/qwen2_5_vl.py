@@ -16,18 +16,22 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.errors import CheckpointError
+from qv_jax.errors import CheckpointError, InputError
 from qv_jax.model.checkpoint import save_checkpoint
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
 
 from .safetensors_io import open_checkpoint
+
+if TYPE_CHECKING:
+    from qv_jax.sharding import ShardingPlan
 
 # Layout transforms. For each: how a target shape maps to the expected HF shape, and how to convert.
 #   same    — identical layout
@@ -155,15 +159,21 @@ def load_hf_state(
     *,
     place: Callable[[np.ndarray], jax.Array] | None = None,
     progress: Callable[[str], None] | None = None,
+    plan: ShardingPlan | None = None,
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Read an HF checkpoint directory into ``(config, graphdef, state)`` of :class:`QwenVL`.
 
     ``place`` puts each converted numpy tensor where it should live (default: ``jax.device_put`` on the default
-    device). Raises :class:`CheckpointError` listing every missing, unexpected and misshaped tensor.
+    device). With a ``plan`` (``qv_jax.sharding.ShardingPlan``, built for ``config``) every device instead reads
+    its own slice of each memory-mapped tensor into its shard, and the result is the plan's running layout
+    (``config`` returned is ``plan.config``). Raises :class:`CheckpointError` listing every missing, unexpected
+    and misshaped tensor.
     """
     model_dir = Path(model_dir)
     if config is None:
-        config = ModelConfig.from_hf_config(model_dir)
+        config = plan.checkpoint_config if plan is not None else ModelConfig.from_hf_config(model_dir)
+    if plan is not None and (place is not None or plan.checkpoint_config != config):
+        raise InputError("load_hf_state: a plan replaces place=, and must be built for the same config")
     dtype = jnp.dtype(dtype)
     place = place or jax.device_put
     graphdef, abstract = abstract_model(config, dtype)
@@ -196,6 +206,9 @@ def load_hf_state(
             continue
         if progress:
             progress(name)
+        if plan is not None:
+            values[path] = plan.place(path, convert_tensor(kind, f.get(name), tuple(target.shape)), dtype)
+            continue
         array = np.ascontiguousarray(convert_tensor(kind, f.get(name), tuple(target.shape)).astype(dtype))
         values[path] = place(array)
     missing = [hf_name(p) for p in wanted if p not in values and p not in reported]
@@ -212,6 +225,8 @@ def load_hf_state(
         raise CheckpointError(
             f"{model_dir}: checkpoint does not match the {config.variant} config; " + "; ".join(parts)
         )
+    if plan is not None:
+        return plan.config, *plan.build(values)
     pure: dict = {}
     for path, value in values.items():
         node = pure
@@ -229,11 +244,22 @@ def convert(
     *,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Path:
     """Convert an HF model directory into a qv-jax checkpoint (orbax parameters, config, tokenizer files).
 
-    Tensors are converted on the host CPU device one at a time; the checkpoint is written once all are in place.
+    Tensors are converted one at a time, by default onto the host CPU device; with a ``mesh`` (``qv_jax.make_mesh``)
+    each goes straight into its shards on the mesh's devices, so no host ever holds the whole model, and orbax
+    writes the checkpoint from the shards. The checkpoint is written once all tensors are in place.
     """
+    if mesh is not None:
+        from qv_jax.sharding import ShardingPlan
+
+        plan = ShardingPlan.create(ModelConfig.from_hf_config(hf_dir), mesh)
+        _, _, state = load_hf_state(hf_dir, dtype=dtype, progress=progress, plan=plan)
+        return save_checkpoint(
+            out_dir, plan.checkpoint_config, plan.checkpoint_state(state), tokenizer_dir=hf_dir, overwrite=overwrite
+        )
     cpu = jax.devices("cpu")[0]
     config, _, state = load_hf_state(hf_dir, dtype=dtype, place=lambda a: jax.device_put(a, cpu), progress=progress)
     return save_checkpoint(out_dir, config, state, tokenizer_dir=hf_dir, overwrite=overwrite)

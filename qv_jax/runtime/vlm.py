@@ -29,6 +29,7 @@ from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.runtime import steps
 from qv_jax.runtime.sampling import SamplingParams, sample
+from qv_jax.sharding import ShardingPlan, restore_checkpoint, to_host
 
 _sample = jax.jit(sample, static_argnames=("do_sample",))
 
@@ -51,6 +52,10 @@ class VisionLanguageModel:
 
     ``forward`` and ``generate`` take and return numpy arrays; the jitted pieces they are made of
     (``qv_jax.runtime.steps``) take ``graphdef`` / ``state`` and can be driven directly by a pipeline.
+
+    With a sharding ``plan`` (``load_model(..., mesh=)``, :meth:`shard`) the state lies on the plan's mesh, caches
+    are created in their shards, batches go on the ``"data"`` axis, and ``config`` is the running config (KV heads
+    replicated when the plan says so; :attr:`checkpoint_config` is the stored one).
     """
 
     def __init__(
@@ -63,10 +68,12 @@ class VisionLanguageModel:
         eos_token_ids: Sequence[int] | None = None,
         pad_token_id: int | None = None,
         source: str | None = None,
+        plan: ShardingPlan | None = None,
     ):
         self.config = config
         self.graphdef = graphdef
         self.state = state
+        self.plan = plan
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         fallback = self.eos_token_ids[0] if self.eos_token_ids else 0
@@ -75,10 +82,51 @@ class VisionLanguageModel:
         self.source = source
 
     @classmethod
-    def random(cls, config: ModelConfig, *, dtype="float32", seed: int = 0, tokenizer=None) -> VisionLanguageModel:
-        """Random weights (transformers' init scheme) from a config alone; no torch, no checkpoint."""
-        graphdef, state = random_state(config, jnp.dtype(dtype), seed)
-        return cls(config, graphdef, state, tokenizer=tokenizer)
+    def random(
+        cls,
+        config: ModelConfig,
+        *,
+        dtype="float32",
+        seed: int = 0,
+        tokenizer=None,
+        mesh: jax.sharding.Mesh | None = None,
+    ) -> VisionLanguageModel:
+        """Random weights (transformers' init scheme) from a config alone; no torch, no checkpoint.
+
+        With a ``mesh`` each tensor goes straight into its shards; the weights equal the unsharded ones of the
+        same seed.
+        """
+        if mesh is None:
+            graphdef, state = random_state(config, jnp.dtype(dtype), seed)
+            return cls(config, graphdef, state, tokenizer=tokenizer)
+        plan = ShardingPlan.create(config, mesh)
+        placed = {}
+        random_state(config, jnp.dtype(dtype), seed, place=lambda path, v: placed.setdefault(path, plan.place(path, v)))
+        return cls(plan.config, *plan.build(placed), tokenizer=tokenizer, plan=plan)
+
+    def shard(self, mesh: jax.sharding.Mesh) -> VisionLanguageModel:
+        """The same model laid out on ``mesh`` (tensor by tensor; see ``qv_jax.sharding`` for the head rule)."""
+        plan = ShardingPlan.create(self.checkpoint_config, mesh)
+        state = self.state if self.plan is None else self.plan.checkpoint_state(self.state)
+        return VisionLanguageModel(
+            plan.config,
+            *plan.place_state(state),
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            source=self.source,
+            plan=plan,
+        )
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh | None:
+        """The mesh the model lies on, or ``None`` (one device)."""
+        return None if self.plan is None else self.plan.mesh
+
+    @property
+    def checkpoint_config(self) -> ModelConfig:
+        """The config as stored (differs from :attr:`config` only by KV heads replicated for a mesh)."""
+        return self.config if self.plan is None else self.plan.checkpoint_config
 
     @property
     def model(self) -> QwenVL:
@@ -95,7 +143,8 @@ class VisionLanguageModel:
         """Write a qv-jax checkpoint (orbax parameters, config json, tokenizer files from ``tokenizer_dir``)."""
         if tokenizer_dir is None and self.source is not None:
             tokenizer_dir = self.source
-        return save_checkpoint(out_dir, self.config, self.state, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+        state = self.state if self.plan is None else self.plan.checkpoint_state(self.state)
+        return save_checkpoint(out_dir, self.checkpoint_config, state, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
 
     # ---- pieces -----------------------------------------------------------------------------------------------
 
@@ -140,7 +189,12 @@ class VisionLanguageModel:
         return steps.encode_frames(self.graphdef, self.state, jnp.asarray(frames), as_images=True)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty dense KV cache for ``batch`` rows of ``capacity`` slots in the model's dtype."""
+        """An empty dense KV cache for ``batch`` rows of ``capacity`` slots in the model's dtype.
+
+        On a mesh it is created in its shards: KV heads on ``"model"``, rows on ``"data"`` when it divides them.
+        """
+        if self.plan is not None:
+            return self.plan.new_cache(batch, capacity, self.dtype)
         t = self.config.text
         return KVCache.create(
             num_layers=t.num_layers,
@@ -150,6 +204,10 @@ class VisionLanguageModel:
             head_dim=t.head_dim,
             dtype=self.dtype,
         )
+
+    def _batch(self, value, batch_dim: int = 0) -> jax.Array:
+        """A host batch (rows on ``batch_dim``) on device; on a mesh, rows on the ``"data"`` axis."""
+        return jnp.asarray(value) if self.plan is None else self.plan.put_batch(value, batch_dim)
 
     def _prepare(
         self,
@@ -207,7 +265,7 @@ class VisionLanguageModel:
             if positions.shape != (3, *ids.shape):
                 raise InputError(f"position_ids must be [3, B, T] = {(3, *ids.shape)}, got {positions.shape}")
         x = steps.embed(
-            self.graphdef, self.state, jnp.asarray(ids, jnp.int32), embeds.get("image"), embeds.get("video")
+            self.graphdef, self.state, self._batch(ids.astype(np.int32)), embeds.get("image"), embeds.get("video")
         )
         segment_ids = np.where(mask != 0, 0, -1).astype(np.int32)
         return x, positions.astype(np.int32), segment_ids
@@ -240,8 +298,8 @@ class VisionLanguageModel:
             second_per_grid_ts,
             position_ids,
         )
-        logits = steps.forward(self.graphdef, self.state, x, jnp.asarray(positions), jnp.asarray(segment_ids))
-        return np.asarray(logits)
+        logits = steps.forward(self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids))
+        return to_host(logits)
 
     def generate(
         self,
@@ -314,9 +372,9 @@ class VisionLanguageModel:
                 self.state,
                 cache,
                 x[:, start : start + chunk],
-                jnp.asarray(positions[:, :, start : start + chunk]),
-                jnp.asarray(segment_ids[:, start : start + chunk]),
-                jnp.asarray(last_index),
+                self._batch(positions[:, :, start : start + chunk], 1),
+                self._batch(segment_ids[:, start : start + chunk]),
+                self._batch(last_index),
             )
 
         stop = _ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
@@ -330,14 +388,14 @@ class VisionLanguageModel:
         first = _sample(logits, key, do_sample=params.do_sample, **knobs)
         stop_ids = jnp.asarray(stop, jnp.int32)
         done = jnp.isin(first, stop_ids)
-        new = [np.asarray(first)[:, None]]
+        new = [to_host(first)[:, None]]
         if max_new_tokens > 1:
             rest, _, cache = steps.decode_loop(
                 self.graphdef,
                 self.state,
                 cache,
                 first,
-                jnp.asarray(next_position, jnp.int32),
+                self._batch(next_position.astype(np.int32)),
                 done,
                 rng,
                 stop_ids,
@@ -346,7 +404,7 @@ class VisionLanguageModel:
                 do_sample=params.do_sample,
                 **knobs,
             )
-            new.append(np.asarray(rest))
+            new.append(to_host(rest))
         new_tokens = np.concatenate(new, axis=1)
         # like transformers: stop at the step where the last row ended
         ended = np.isin(new_tokens, stop)
@@ -368,21 +426,32 @@ def _generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int |
     return eos, None if pad is None else int(pad)
 
 
-def load_model(path: str | os.PathLike, dtype="float32", *, tokenizer: bool = True) -> VisionLanguageModel:
+def load_model(
+    path: str | os.PathLike, dtype="float32", *, tokenizer: bool = True, mesh: jax.sharding.Mesh | None = None
+) -> VisionLanguageModel:
     """Load a Hugging Face model directory (converted on the fly) or a qv-jax checkpoint.
 
     ``dtype`` is the parameter and activation dtype (``"float32"``, ``"bfloat16"``, ...). The tokenizer is read
-    from ``tokenizer.json`` in the same directory when present (``tokenizer=False`` skips it).
+    from ``tokenizer.json`` in the same directory when present (``tokenizer=False`` skips it). With a ``mesh``
+    (``qv_jax.make_mesh``) every device reads only its slice of each tensor into its shard (see
+    ``qv_jax.sharding``); :class:`~qv_jax.errors.ShardingError` if the model cannot be laid out on it.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no such model directory")
+    plan = None
     if is_checkpoint(model_dir):
-        config, graphdef, state = load_checkpoint(model_dir, dtype)
+        if mesh is None:
+            config, graphdef, state = load_checkpoint(model_dir, dtype)
+        else:
+            plan, graphdef, state = restore_checkpoint(model_dir, mesh, dtype)
+            config = plan.config
     elif (model_dir / "config.json").is_file():
         from qv_jax.converters.qwen2_5_vl import load_hf_state
 
-        config, graphdef, state = load_hf_state(model_dir, dtype=dtype)
+        if mesh is not None:
+            plan = ShardingPlan.create(ModelConfig.from_hf_config(model_dir), mesh)
+        config, graphdef, state = load_hf_state(model_dir, dtype=dtype, plan=plan)
     else:
         raise CheckpointError(f"{model_dir}: neither a qv-jax checkpoint ({MARKER}) nor an HF model (config.json)")
     tok = None
@@ -394,5 +463,5 @@ def load_model(path: str | os.PathLike, dtype="float32", *, tokenizer: bool = Tr
     if eos is not None:
         eos = tuple(dict.fromkeys((*config.eos_token_ids, *eos)))
     return VisionLanguageModel(
-        config, graphdef, state, tokenizer=tok, eos_token_ids=eos, pad_token_id=pad, source=str(model_dir)
+        config, graphdef, state, tokenizer=tok, eos_token_ids=eos, pad_token_id=pad, source=str(model_dir), plan=plan
     )

@@ -1,0 +1,436 @@
+"""The model, its KV caches and its inputs on a ``jax.sharding`` mesh: tensor parallel over ``"model"``, data
+parallel over ``"data"``.
+
+A mesh has two axes (:func:`make_mesh`). Parameters carry their partition specs next to their definitions in
+``qv_jax.model.qwen2_5_vl`` (``nnx.get_partition_spec``): attention heads, MLP width and vocabulary on
+``"model"``. A :class:`ShardingPlan` turns those specs into ``NamedSharding`` s for one model on one mesh and
+places weights one tensor at a time, each device receiving only its slice. Everything else — activations,
+collectives, the layout of intermediate values — is left to XLA's SPMD partitioner inside the jitted steps.
+
+The head rule (Qwen2.5-VL-7B has 28 query heads and 4 KV heads, 3B has 16 and 2):
+
+1. the model axis ``M`` must divide the number of query heads ``N``; otherwise :class:`ShardingError`, listing the
+   model-axis sizes that work;
+2. if ``M`` divides the number of KV heads ``K``, KV heads are split like query heads;
+3. if ``K`` divides ``M``, each KV head is *replicated* ``M / K`` times when the weights are placed (the ``k`` /
+   ``v`` projections are repeated head by head), so every device holds exactly the KV head its query heads read,
+   and the KV cache is split by (replicated) KV head: per device it holds ``1 / K`` of the model's KV, the least
+   possible. The runtime config then says ``num_kv_heads = M`` (:attr:`ShardingPlan.config`); checkpoints are
+   always written in the original layout (:meth:`ShardingPlan.checkpoint_value`);
+4. otherwise (e.g. ``K = 4``, ``M = 6``) :class:`ShardingError`.
+
+So 7B runs on model axes of 1, 2, 4 or 28, and 3B on 1, 2, 4, 8 or 16. Any other dimension annotated ``"model"``
+that the axis does not divide (the vision MLP width 3420 of Qwen2.5-VL on 8 devices) is replicated instead:
+correct, only less memory-efficient; :meth:`ShardingPlan.replicated` names those parameters.
+
+Batches go on ``"data"`` when the data axis divides the batch size and are replicated otherwise (a single question
+on a ``data=8`` mesh still runs, on every data shard alike).
+
+Multi-host: call ``jax.distributed.initialize(...)`` first in every process, then build the mesh from
+``jax.devices()`` (all processes' devices); every process runs the same program with the same arguments
+(see docs/sharding.md). :func:`put` and :func:`to_host` move host arrays in and out of global arrays in a way
+that works with one process or many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qv_jax.cache.dense import KVCache
+from qv_jax.errors import ShardingError
+from qv_jax.model.checkpoint import load_checkpoint, read_config
+from qv_jax.model.config import ModelConfig
+from qv_jax.model.qwen2_5_vl import abstract_model
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+AXES = (DATA_AXIS, MODEL_AXIS)
+
+ParamPath = tuple[str | int, ...]
+
+# Parameters that hold one slice per KV head, and the axis of those heads (replicated by the head rule).
+_KV_HEAD_AXIS = {"k": 1, "v": 1, "k_bias": 0, "v_bias": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Meshes
+
+
+def make_mesh(
+    data: int | None = None, model: int | None = None, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ``(data, model)`` mesh over ``devices`` (default: every device of every process).
+
+    With neither size given the whole mesh is tensor parallel (``data=1``); with one given the other is what is
+    left. Axes are ``Auto`` (XLA propagates shardings through the jitted steps). With several processes, devices
+    are ordered by process, so a model axis that divides the local device count never leaves a host.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if not n:
+        raise ShardingError("make_mesh: no devices")
+    for name, size in (("data", data), ("model", model)):
+        if size is not None and (not isinstance(size, int | np.integer) or size < 1):
+            raise ShardingError(f"make_mesh: {name}={size!r} must be a positive integer")
+    if data is None and model is None:
+        data, model = 1, n
+    elif data is None or model is None:
+        given, size = ("model", model) if data is None else ("data", data)
+        if n % size:
+            raise ShardingError(f"make_mesh: {given}={size} does not divide the {n} devices")
+        data, model = (n // size, size) if data is None else (size, n // size)
+    elif data * model != n:
+        raise ShardingError(
+            f"make_mesh: data={data} x model={model} does not use the {n} devices exactly "
+            "(pass devices= to use a subset)"
+        )
+    axis_types = (jax.sharding.AxisType.Auto,) * 2
+    if len({d.process_index for d in devices}) > 1 and devices[0].platform != "tpu":
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return Mesh(np.array(ordered, dtype=object).reshape(data, model), AXES, axis_types=axis_types)
+    return jax.make_mesh((data, model), AXES, axis_types=axis_types, devices=devices)
+
+
+def check_mesh(mesh: Mesh) -> None:
+    """Raise :class:`ShardingError` unless ``mesh`` has exactly the axes ``("data", "model")``."""
+    if not isinstance(mesh, Mesh):
+        raise ShardingError(f"expected a jax.sharding.Mesh (see qv_jax.make_mesh), got {type(mesh).__name__}")
+    if tuple(mesh.axis_names) != AXES:
+        raise ShardingError(f"mesh axes {tuple(mesh.axis_names)}; qv-jax needs {AXES} (use qv_jax.make_mesh)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The head rule
+
+
+def valid_model_axes(num_heads: int, num_kv_heads: int) -> list[int]:
+    """Model-axis sizes the head rule accepts for ``num_heads`` query and ``num_kv_heads`` KV heads."""
+    return [
+        m for m in range(1, num_heads + 1) if num_heads % m == 0 and (num_kv_heads % m == 0 or m % num_kv_heads == 0)
+    ]
+
+
+def kv_head_repeat(num_heads: int, num_kv_heads: int, model: int) -> int:
+    """How many times each KV head is replicated on a model axis of size ``model`` (1: KV heads are split)."""
+    if num_heads % model == 0:
+        if num_kv_heads % model == 0:
+            return 1
+        if model % num_kv_heads == 0:
+            return model // num_kv_heads
+    raise ShardingError(
+        f"{num_heads} query heads and {num_kv_heads} KV heads cannot be laid out on a model axis of {model}: "
+        f"the model axis must divide the query heads and divide or be a multiple of the KV heads; valid sizes "
+        f"for this model: {valid_model_axes(num_heads, num_kv_heads)}"
+    )
+
+
+def _spec_entries(spec) -> tuple:
+    return tuple(spec) if spec is not None else ()
+
+
+def fit_spec(spec: P | None, shape: Sequence[int], mesh: Mesh) -> P:
+    """``spec`` with every entry whose mesh axes do not divide their dimension replaced by ``None`` (replicated)."""
+    entries = _spec_entries(spec)
+    entries += (None,) * (len(shape) - len(entries))
+    return P(*(e if dim % _axes_size(e, mesh) == 0 else None for e, dim in zip(entries, shape, strict=True)))
+
+
+def _axes_size(entry, mesh: Mesh) -> int:
+    """Devices along a spec entry (``None``, one axis name or a tuple of them)."""
+    if entry is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+
+
+def _flat_specs(state: nnx.State) -> dict[ParamPath, P]:
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(nnx.get_partition_spec(state))}
+
+
+def _nest(flat: dict[ParamPath, object]) -> dict:
+    """``{path: value}`` as the nested pure dict ``nnx.replace_by_pure_dict`` takes."""
+    pure: dict = {}
+    for path, value in flat.items():
+        node = pure
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return pure
+
+
+def _kv_head_axis(path: ParamPath) -> int | None:
+    return _KV_HEAD_AXIS.get(path[-1]) if path and path[0] == "text" and isinstance(path[-1], str) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Moving arrays in and out
+
+
+def put(value, sharding: jax.sharding.Sharding, dtype=None) -> jax.Array:
+    """A global array with ``sharding`` made from a host array that every process holds in full.
+
+    Each device receives only its slice, read from ``value`` (a numpy array or a view of one, e.g. a memory map)
+    and cast to ``dtype``; slices shared by several devices (replication) are read once.
+    """
+    host = value if isinstance(value, np.ndarray) else np.asarray(value)
+    dtype = np.dtype(host.dtype if dtype is None else jnp.dtype(dtype))
+    slices: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in slices:
+            # always a copy: a device array must never alias a read-only memory map of a checkpoint
+            slices[key] = np.array(host[index], dtype=dtype, order="C", copy=True)
+        return slices[key]
+
+    return jax.make_array_from_callback(host.shape, sharding, shard)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (global) array as one numpy array in this process; gathers across processes when needed."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def bytes_per_device(tree) -> dict[jax.Device, int]:
+    """Bytes each (local) device holds of the arrays in ``tree``."""
+    totals: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One model on one mesh
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardingPlan:
+    """How one model's weights, caches and inputs lie on ``mesh`` (see the module doc for the head rule).
+
+    ``checkpoint_config`` is the model as stored; :attr:`config` the model as it runs (KV heads replicated when
+    ``kv_repeat > 1``). Build with :meth:`create`.
+    """
+
+    mesh: Mesh
+    checkpoint_config: ModelConfig
+    kv_repeat: int
+
+    @classmethod
+    def create(cls, config: ModelConfig, mesh: Mesh) -> ShardingPlan:
+        """Check the head rule for ``config`` on ``mesh``; raises :class:`ShardingError` when it cannot hold."""
+        check_mesh(mesh)
+        text = config.text
+        return cls(mesh, config, kv_head_repeat(text.num_heads, text.num_kv_heads, mesh.shape[MODEL_AXIS]))
+
+    @property
+    def data_size(self) -> int:
+        return self.mesh.shape[DATA_AXIS]
+
+    @property
+    def model_size(self) -> int:
+        return self.mesh.shape[MODEL_AXIS]
+
+    @functools.cached_property
+    def config(self) -> ModelConfig:
+        """The config of the arrays that run (``num_kv_heads`` multiplied by :attr:`kv_repeat`)."""
+        if self.kv_repeat == 1:
+            return self.checkpoint_config
+        text = self.checkpoint_config.text
+        text = dataclasses.replace(text, num_kv_heads=text.num_kv_heads * self.kv_repeat)
+        return dataclasses.replace(self.checkpoint_config, text=text)
+
+    def sharding(self, spec: P | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, P() if spec is None else spec)
+
+    # ---- parameters ---------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _runtime(self) -> tuple[nnx.GraphDef, nnx.State]:
+        return abstract_model(self.config)
+
+    @functools.cached_property
+    def param_shardings(self) -> dict[ParamPath, NamedSharding]:
+        """Parameter path -> sharding of the running (replicated-KV) layout, from the parameters' specs."""
+        _, abstract = self._runtime
+        specs = _flat_specs(abstract)
+        return {
+            tuple(path): self.sharding(fit_spec(specs[tuple(path)], var.get_value().shape, self.mesh))
+            for path, var in nnx.to_flat_state(abstract)
+        }
+
+    def replicated(self) -> list[str]:
+        """Parameters annotated with ``"model"`` that the model axis does not divide, so are kept whole."""
+        _, abstract = self._runtime
+        specs = _flat_specs(abstract)
+        return [
+            ".".join(map(str, path))
+            for path, sharding in self.param_shardings.items()
+            if MODEL_AXIS in _spec_entries(specs[path]) and MODEL_AXIS not in _spec_entries(sharding.spec)
+        ]
+
+    def checkpoint_sharding(self, path: ParamPath, shape: Sequence[int]) -> NamedSharding:
+        """Where a parameter of the checkpoint layout is restored before :meth:`runtime_value` (same as the
+        running layout, except the KV projections of a replicated-KV plan: whole, they are small)."""
+        if self.kv_repeat > 1 and _kv_head_axis(path) is not None:
+            return self.sharding(P())
+        return self.param_shardings[tuple(path)]
+
+    def runtime_value(self, path: ParamPath, value):
+        """A checkpoint-layout parameter (numpy or jax) in the running layout: KV heads repeated when planned."""
+        axis = _kv_head_axis(path)
+        if self.kv_repeat == 1 or axis is None:
+            return value
+        if isinstance(value, jax.Array):
+            return _repeat_heads(value, self.kv_repeat, axis, self.param_shardings[tuple(path)])
+        return np.repeat(value, self.kv_repeat, axis=axis)
+
+    def checkpoint_value(self, path: ParamPath, value):
+        """A running-layout parameter in the checkpoint layout (one of each group of replicated KV heads)."""
+        axis = _kv_head_axis(path)
+        if self.kv_repeat == 1 or axis is None:
+            return value
+        return value[(slice(None),) * axis + (slice(None, None, self.kv_repeat),)]
+
+    def place(self, path: ParamPath, value, dtype=None) -> jax.Array:
+        """One checkpoint-layout host tensor (numpy or a memory-mapped view) as a sharded running-layout array."""
+        return put(self.runtime_value(path, value), self.param_shardings[tuple(path)], dtype)
+
+    def build(self, values: dict[ParamPath, jax.Array]) -> tuple[nnx.GraphDef, nnx.State]:
+        """``(graphdef, state)`` of the running model from placed arrays (one per parameter path)."""
+        graphdef, abstract = abstract_model(self.config)
+        nnx.replace_by_pure_dict(abstract, _nest(values))
+        return graphdef, abstract
+
+    def place_state(self, state: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
+        """A checkpoint-layout state (anywhere: host, one device) on the mesh, one tensor at a time."""
+        values = {}
+        for path, var in nnx.to_flat_state(state):
+            value = var.get_value()
+            values[tuple(path)] = self.place(tuple(path), value if isinstance(value, np.ndarray) else to_host(value))
+        return self.build(values)
+
+    def checkpoint_state(self, state: nnx.State) -> nnx.State:
+        """The running ``state`` in the checkpoint layout (for saving); arrays stay where they are."""
+        _, abstract = abstract_model(self.checkpoint_config)
+        nnx.replace_by_pure_dict(
+            abstract,
+            _nest(
+                {
+                    tuple(path): self.checkpoint_value(tuple(path), var.get_value())
+                    for path, var in nnx.to_flat_state(state)
+                }
+            ),
+        )
+        return abstract
+
+    # ---- batches and caches -------------------------------------------------------------------------------
+
+    def batch_axis(self, batch: int) -> str | None:
+        """``"data"`` when the data axis divides ``batch``, else ``None`` (rows replicated)."""
+        return DATA_AXIS if batch % self.data_size == 0 else None
+
+    def batch_sharding(self, shape: Sequence[int], batch_dim: int = 0) -> NamedSharding:
+        """Rows (dimension ``batch_dim``) on ``"data"`` when it divides them, the rest replicated."""
+        entries = [None] * len(shape)
+        entries[batch_dim] = self.batch_axis(shape[batch_dim])
+        return self.sharding(P(*entries))
+
+    def put_batch(self, value, batch_dim: int = 0) -> jax.Array:
+        """A host array of a batch (rows on ``batch_dim``) as a global array, rows on ``"data"``."""
+        host = np.asarray(value)
+        return put(host, self.batch_sharding(host.shape, batch_dim))
+
+    def kv_sharding(self, ndim: int, *, batch: int, batch_dim: int = 0, head_dim: int = 1) -> NamedSharding:
+        """Any KV array with KV heads on ``head_dim`` (split on ``"model"``) and rows on ``batch_dim``."""
+        entries = [None] * ndim
+        entries[batch_dim] = self.batch_axis(batch)
+        entries[head_dim] = MODEL_AXIS
+        return self.sharding(P(*entries))
+
+    def cache_shardings(self, batch: int, num_layers: int) -> KVCache:
+        """Shardings of a dense :class:`KVCache`, as a ``KVCache`` of shardings: k / v ``[B, K, S, H]`` by KV head
+        with rows on ``"data"``, slot segment ids by row, the fill length replicated."""
+        kv = self.kv_sharding(4, batch=batch)
+        return KVCache(
+            k=(kv,) * num_layers,
+            v=(kv,) * num_layers,
+            segment_ids=self.sharding(P(self.batch_axis(batch), None)),
+            length=self.sharding(),
+        )
+
+    def new_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+        """An empty dense cache created directly in its shards (no device ever holds the whole of it)."""
+        text = self.config.text
+        create = functools.partial(
+            KVCache.create,
+            num_layers=text.num_layers,
+            batch=batch,
+            capacity=capacity,
+            num_kv_heads=text.num_kv_heads,
+            head_dim=text.head_dim,
+            dtype=dtype,
+        )
+        return jax.jit(create, out_shardings=self.cache_shardings(batch, text.num_layers))()
+
+    def shard_cache(self, cache: KVCache) -> KVCache:
+        """A dense cache (e.g. built unsharded) moved onto the mesh."""
+        return jax.device_put(cache, self.cache_shardings(cache.batch, cache.num_layers))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _repeat_heads(value: jax.Array, repeat: int, axis: int, sharding: NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jnp.repeat(value, repeat, axis=axis), sharding)
+
+
+def plan_for(config: ModelConfig, mesh: Mesh | None) -> ShardingPlan | None:
+    """:meth:`ShardingPlan.create`, or ``None`` without a mesh."""
+    return None if mesh is None else ShardingPlan.create(config, mesh)
+
+
+def describe(plan: ShardingPlan, dtype=jnp.float32) -> dict:
+    """A summary of a plan for logs and benchmarks: mesh, KV replication, replicated parameters, bytes per device
+    of the parameters as placed."""
+    _, abstract = abstract_model(plan.config, jnp.dtype(dtype))
+    total = 0
+    per_device = 0
+    for path, var in nnx.to_flat_state(abstract):
+        shape = var.get_value().shape
+        nbytes = int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
+        total += nbytes
+        sharding = plan.param_shardings[tuple(path)]
+        per_device += nbytes // _shard_count(sharding)
+    return {
+        "mesh": dict(plan.mesh.shape),
+        "kv_repeat": plan.kv_repeat,
+        "replicated": plan.replicated(),
+        "param_bytes": total,
+        "param_bytes_per_device": per_device,
+    }
+
+
+def _shard_count(sharding: NamedSharding) -> int:
+    return int(np.prod([_axes_size(e, sharding.mesh) for e in _spec_entries(sharding.spec)]))
+
+
+def restore_checkpoint(path: str | os.PathLike, mesh: Mesh, dtype=None) -> tuple[ShardingPlan, nnx.GraphDef, nnx.State]:
+    """A qv-jax checkpoint restored onto ``mesh``: orbax reads each device's slice of each parameter straight
+    into its shard; KV projections of a replicated-KV plan are restored whole and then repeated per device."""
+    config, _ = read_config(path)
+    plan = ShardingPlan.create(config, mesh)
+    _, _, state = load_checkpoint(path, dtype, sharding=lambda p, s: plan.checkpoint_sharding(p, s.shape))
+    values = {tuple(p): plan.runtime_value(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(state)}
+    return plan, *plan.build(values)

@@ -1,0 +1,291 @@
+"""Sharding on 8 forced CPU devices: a tiny model laid out on (data, model) meshes (1, 8), (2, 4) and (8, 1) gives the
+single-device logits (float32, 1e-5) and greedy tokens; every parameter's per-device bytes are its size over the
+mesh axes that split it; caches are split by KV head and row; checkpoints and HF directories load straight into
+shards; the head rule's errors.
+
+The device count is fixed when JAX starts, so the 8-device part runs once, in a subprocess that executes this file
+as a script (``python tests/test_sharding.py WORKDIR``) and writes its results for the tests to check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import qv_jax
+from qv_jax.errors import ShardingError
+from qv_jax.model.config import ModelConfig
+from qv_jax.sharding import ShardingPlan, kv_head_repeat, valid_model_axes
+
+MESHES = ((1, 8), (2, 4), (8, 1))
+TOL = 1e-5
+
+
+def sharding_config() -> ModelConfig:
+    """The tiny model with 8 query heads over 2 KV heads (so model=8 replicates each KV head 4 times) and a
+    4-head vision tower (split on model=4, kept whole on model=8: the fallback for dimensions the axis does not
+    divide)."""
+    base = ModelConfig.tiny()
+    text = dataclasses.replace(base.text, hidden_size=128, num_heads=8, num_kv_heads=2)
+    vision = dataclasses.replace(base.vision, num_heads=4, out_hidden_size=128)
+    return dataclasses.replace(base, text=text, vision=vision)
+
+
+def video_batch(config: ModelConfig, batch: int = 8):
+    """``input_ids``, ``attention_mask`` and two videos of 2x4x4 patches, in rows 1 and 5; rows padded left or right."""
+    rng = np.random.default_rng(0)
+    grid = np.array([[2, 4, 4], [2, 4, 4]])
+    block = [config.vision_start_token_id, *[config.video_token_id] * 8, config.vision_end_token_id]
+    length = 24
+    ids = np.full((batch, length), config.pad_token_id, np.int64)
+    mask = np.zeros((batch, length), np.int64)
+    for row in range(batch):
+        body = list(rng.integers(0, 400, 3 + 2 * row % 9))
+        if row in (1, 5):
+            body = [*body[:2], *block, *body[2:]]
+        body = body[:length]
+        if row % 2:  # left padding
+            ids[row, length - len(body) :], mask[row, length - len(body) :] = body, 1
+        else:
+            ids[row, : len(body)], mask[row, : len(body)] = body, 1
+    patches = rng.standard_normal((64, config.vision.patch_dim)).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": patches, "video_grid_thw": grid}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The 8-device worker (runs as a script in a subprocess)
+
+
+def _param_bytes(model) -> list[dict]:
+    """Per parameter: name, whole size, bytes on each device, and how many ways its sharding splits it."""
+    from flax import nnx
+
+    rows = []
+    for path, var in nnx.to_flat_state(model.state):
+        value = var.get_value()
+        spec = value.sharding.spec
+        ways = 1
+        for entry in spec:
+            for axis in (entry,) if isinstance(entry, str) else (entry or ()):
+                ways *= value.sharding.mesh.shape[axis]
+        per_device = sorted({s.data.nbytes for s in value.addressable_shards})
+        rows.append({"path": ".".join(map(str, path)), "nbytes": value.nbytes, "per_device": per_device, "ways": ways})
+    return rows
+
+
+def _worker(workdir: Path) -> None:
+    from flax import nnx
+
+    from qv_jax.runtime import VisionLanguageModel, load_model
+    from qv_jax.sharding import bytes_per_device
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    config = sharding_config()
+    inputs = video_batch(config)
+    gen = {"max_new_tokens": 6, "eos_token_id": []}
+    out: dict = {}
+    arrays: dict = {}
+
+    ref = VisionLanguageModel.random(config, seed=3)
+    arrays["ref_logits"] = ref.forward(**inputs)
+    arrays["ref_tokens"] = ref.generate(**inputs, **gen)
+
+    for data, model in MESHES:
+        key = f"{data}x{model}"
+        mesh = qv_jax.make_mesh(data=data, model=model)
+        m = VisionLanguageModel.random(config, seed=3, mesh=mesh)
+        arrays[f"logits_{key}"] = m.forward(**inputs)
+        arrays[f"tokens_{key}"] = m.generate(**inputs, **gen)
+        cache = m.new_cache(8, 128)
+        out[key] = {
+            "params": _param_bytes(m),
+            "kv_repeat": m.plan.kv_repeat,
+            "replicated": m.plan.replicated(),
+            "cache_total": sum(x.nbytes for x in (*cache.k, *cache.v)),
+            "cache_per_device": sorted(set(bytes_per_device((cache.k, cache.v)).values())),
+            "cache_spec": str(cache.k[0].sharding.spec),
+            "ref_cache_total": sum(
+                x.nbytes for x in jax.tree.leaves((ref.new_cache(8, 128).k, ref.new_cache(8, 128).v))
+            ),
+        }
+
+    # a checkpoint restored onto a mesh, and a sharded (KV-replicated) model saved back in the stored layout
+    ref.save(workdir / "ckpt")
+    restored = load_model(workdir / "ckpt", mesh=qv_jax.make_mesh(data=1, model=8))
+    arrays["restored_logits"] = restored.forward(**inputs)
+    restored.save(workdir / "resaved")
+    again = load_model(workdir / "resaved")
+    out["resaved_equal"] = all(
+        np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+        for (_, a), (_, b) in zip(nnx.to_flat_state(again.state), nnx.to_flat_state(ref.state), strict=True)
+    )
+    out["resaved_kv_heads"] = again.config.text.num_kv_heads
+
+    # an HF directory streamed straight into shards (4 query / 2 KV heads: KV heads replicated twice on model=4)
+    hf_dir = workdir / "hf"
+    hf_ref = load_model(hf_dir)
+    hf_inputs = json.loads((workdir / "hf_inputs.json").read_text())
+    arrays["hf_ref_logits"] = hf_ref.forward(np.array(hf_inputs))
+    hf_mesh = qv_jax.make_mesh(data=2, model=4)
+    hf_sharded = load_model(hf_dir, mesh=hf_mesh)
+    arrays["hf_logits"] = hf_sharded.forward(np.array(hf_inputs))
+    out["hf_kv_repeat"] = hf_sharded.plan.kv_repeat
+    out["hf_cache_spec"] = str(hf_sharded.new_cache(2, 64).k[0].sharding.spec)
+
+    # meshes and the head rule on the real device count
+    out["default_mesh"] = dict(qv_jax.make_mesh().shape)
+    out["model2_mesh"] = dict(qv_jax.make_mesh(model=2).shape)
+    errors = {}
+    for name, call in {
+        "data3": lambda: qv_jax.make_mesh(data=3),
+        "data2_model2": lambda: qv_jax.make_mesh(data=2, model=2),
+        "7b_on_8": lambda: ShardingPlan.create(ModelConfig.qwen2_5_vl_7b(), qv_jax.make_mesh(model=8)),
+        "3b_on_8": lambda: ShardingPlan.create(ModelConfig.qwen2_5_vl_3b(), qv_jax.make_mesh(model=8)),
+    }.items():
+        try:
+            result = call()
+            errors[name] = f"ok kv_repeat={getattr(result, 'kv_repeat', None)}"
+        except Exception as e:  # the parent checks the type and message
+            errors[name] = f"{type(e).__name__}: {e}"
+    out["errors"] = errors
+    np.savez(workdir / "arrays.npz", **arrays)
+    (workdir / "results.json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tests
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """Run the worker once on 8 forced CPU devices; returns ``(json results, arrays)``."""
+    from hf_tiny import build_hf_model, hf_config
+
+    workdir = tmp_path_factory.mktemp("sharding")
+    hf = build_hf_model(hf_config())
+    hf.save_pretrained(workdir / "hf")
+    (workdir / "hf_inputs.json").write_text(json.dumps([list(range(3, 15)), list(range(40, 52))]))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, __file__, str(workdir)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = json.loads((workdir / "results.json").read_text())
+    with np.load(workdir / "arrays.npz") as f:
+        arrays = dict(f)
+    return results, arrays
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_sharded_logits_and_greedy_tokens_equal_single_device(sharded_run, mesh):
+    _, arrays = sharded_run
+    key = f"{mesh[0]}x{mesh[1]}"
+    mask = video_batch(sharding_config())["attention_mask"].astype(bool)
+    ref, got = arrays["ref_logits"], arrays[f"logits_{key}"]
+    np.testing.assert_allclose(got[mask], ref[mask], atol=TOL, rtol=TOL)
+    np.testing.assert_array_equal(arrays[f"tokens_{key}"], arrays["ref_tokens"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_each_parameter_is_split_over_its_mesh_axes(sharded_run, mesh):
+    results, _ = sharded_run
+    data, model = mesh
+    run = results[f"{data}x{model}"]
+    split = 0
+    for p in run["params"]:
+        assert p["per_device"] == [p["nbytes"] // p["ways"]], p
+        assert p["ways"] in (1, model), p  # parameters are never split over "data"
+        split += p["ways"] == model > 1
+    if model > 1:
+        # every decoder projection, MLP and the vocabulary are split; the 4-head vision tower only when 4 | model
+        names = {p["path"] for p in run["params"] if p["ways"] == model}
+        for name in ("text.embed", "text.lm_head", "text.layers.0.q", "text.layers.0.k", "text.layers.1.o"):
+            assert name in names
+        assert ("vision.blocks.0.attn.qkv" in names) == (model == 4)
+        assert ("vision.blocks.0.attn.qkv" in run["replicated"]) == (model == 8)
+        assert split > 20
+    else:
+        assert split == 0 and not run["replicated"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_kv_cache_is_split_by_kv_head_and_row(sharded_run, mesh):
+    results, _ = sharded_run
+    data, model = mesh
+    run = results[f"{data}x{model}"]
+    # 2 KV heads: split on model <= 2, replicated model / 2 times on wider model axes (one head per device)
+    assert run["kv_repeat"] == max(1, model // 2)
+    assert run["cache_total"] == run["ref_cache_total"] * run["kv_repeat"]
+    assert run["cache_per_device"] == [run["cache_total"] // (data * model)]
+    assert run["cache_spec"].startswith("P('data', 'model'")
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_into_shards_and_saves_back_in_stored_layout(sharded_run):
+    results, arrays = sharded_run
+    mask = video_batch(sharding_config())["attention_mask"].astype(bool)
+    np.testing.assert_allclose(arrays["restored_logits"][mask], arrays["ref_logits"][mask], atol=TOL, rtol=TOL)
+    assert results["resaved_equal"] and results["resaved_kv_heads"] == 2
+
+
+@pytest.mark.slow
+def test_hf_directory_streams_into_shards(sharded_run):
+    results, arrays = sharded_run
+    np.testing.assert_allclose(arrays["hf_logits"], arrays["hf_ref_logits"], atol=TOL, rtol=TOL)
+    assert results["hf_kv_repeat"] == 2
+    assert results["hf_cache_spec"].startswith("P('data', 'model'")
+
+
+@pytest.mark.slow
+def test_meshes_and_head_rule_on_eight_devices(sharded_run):
+    results, _ = sharded_run
+    assert results["default_mesh"] == {"data": 1, "model": 8}
+    assert results["model2_mesh"] == {"data": 4, "model": 2}
+    errors = results["errors"]
+    assert errors["data3"] == "ShardingError: make_mesh: data=3 does not divide the 8 devices"
+    assert errors["data2_model2"].startswith("ShardingError")
+    # Qwen2.5-VL-7B: 28 query heads do not split 8 ways; the message lists the sizes that work
+    assert errors["7b_on_8"].startswith("ShardingError") and "[1, 2, 4, 28]" in errors["7b_on_8"]
+    # Qwen2.5-VL-3B: 16 / 2 heads: each KV head replicated 4 times
+    assert errors["3b_on_8"] == "ok kv_repeat=4"
+
+
+def test_head_rule_without_devices():
+    assert valid_model_axes(28, 4) == [1, 2, 4, 28]
+    assert valid_model_axes(16, 2) == [1, 2, 4, 8, 16]
+    assert kv_head_repeat(28, 4, 4) == 1 and kv_head_repeat(28, 4, 2) == 1 and kv_head_repeat(28, 4, 28) == 7
+    assert kv_head_repeat(16, 2, 8) == 4
+    for heads, kv, model in ((28, 4, 8), (28, 4, 7), (28, 4, 14), (12, 4, 6), (4, 2, 3)):
+        with pytest.raises(ShardingError, match=f"model axis of {model}"):
+            kv_head_repeat(heads, kv, model)
+
+
+def test_mesh_errors_on_one_device():
+    with pytest.raises(ShardingError, match="does not divide the 1 devices"):
+        qv_jax.make_mesh(data=2)
+    with pytest.raises(ShardingError, match="does not use the 1 devices"):
+        qv_jax.make_mesh(data=2, model=1)
+    with pytest.raises(ShardingError, match="positive"):
+        qv_jax.make_mesh(model=0)
+    with pytest.raises(ShardingError, match="needs"):
+        ShardingPlan.create(ModelConfig.tiny(), Mesh(np.array(jax.devices()[:1]), ("x",)))
+    mesh = qv_jax.make_mesh()
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _worker(Path(sys.argv[1]))
