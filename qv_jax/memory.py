@@ -1,0 +1,256 @@
+"""VideoMemory: the pruned KV cache of one video, reusable for any number of questions, saved with orbax.
+
+With a question-independent score rule (key norms, value norms, random, none) the memory QuickPrefill leaves
+behind — the prompt prefix plus the kept tokens of every group, per layer — does not depend on the question, so
+one encode serves many questions: each question is appended behind it and answered.
+
+A memory only makes sense with the model that made it: its keys and values are that model's activations. It
+carries a :class:`ModelFingerprint` (the model config, the parameter dtype and a digest of a fixed sample of every
+weight tensor), and a model asked to use a memory made by another refuses it with
+:class:`~qv_jax.errors.MemoryMismatchError`.
+
+Directory layout of a saved memory::
+
+    qv_jax_memory.json   {"format": "qv-jax-video-memory", "version": 1, "info": ..., "fingerprint": ...}
+    kv/                  orbax (StandardCheckpointer) checkpoint of {"k": {layer: ...}, "v": ..., "token_index",
+                         "lengths"}, trimmed to the longest layer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qv_jax.errors import CheckpointError, MemoryMismatchError
+from qv_jax.model.config import ModelConfig
+from qv_jax.pipeline.cache import LayeredKV
+from qv_jax.pipeline.plan import GroupPlan, make_group_plan
+
+__all__ = ["MemoryInfo", "ModelFingerprint", "VideoMemory", "is_memory_dir"]
+
+FORMAT = "qv-jax-video-memory"
+VERSION = 1
+MARKER = "qv_jax_memory.json"
+# Values sampled from each weight tensor for the fingerprint: enough that another checkpoint of the same
+# architecture differs, cheap to gather from a sharded 7B model.
+_SAMPLES_PER_TENSOR = 32
+
+
+def is_memory_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a saved :class:`VideoMemory` directory."""
+    return (Path(path) / MARKER).is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies the model a memory belongs to: its config, parameter dtype and a weight digest.
+
+    The digest hashes, for every parameter in path order, its path, shape, dtype and ``_SAMPLES_PER_TENSOR``
+    evenly spaced values (bit-exact, so it does not depend on the device or the sharding that computes it).
+    """
+
+    config: dict
+    dtype: str
+    weights: str
+
+    @classmethod
+    def of(cls, config: ModelConfig, state) -> ModelFingerprint:
+        """Fingerprint of a model given as its config and NNX state."""
+        from flax import nnx
+
+        flat = sorted(nnx.to_flat_state(state), key=lambda item: tuple(str(p) for p in item[0]))
+        samples = []
+        for _, var in flat:
+            value = var.get_value()
+            positions = np.unique(np.linspace(0, value.size - 1, min(_SAMPLES_PER_TENSOR, value.size)).astype(int))
+            samples.append(jnp.take(value.reshape(-1), jnp.asarray(positions)))
+        digest = hashlib.sha256()
+        for (path, var), sample in zip(flat, jax.device_get(samples), strict=True):
+            value = var.get_value()
+            digest.update(f"{'/'.join(str(p) for p in path)}:{value.shape}:{value.dtype};".encode())
+            digest.update(np.asarray(sample, np.float32).tobytes())
+        dtype = str(jnp.dtype(flat[0][1].get_value().dtype)) if flat else "float32"
+        return cls(config=json.loads(json.dumps(config.to_dict())), dtype=dtype, weights=digest.hexdigest())
+
+    def check(self, model: ModelFingerprint, what: str) -> None:
+        """Raise :class:`MemoryMismatchError` naming what differs when ``model`` is not the model of ``what``."""
+        if self.config != model.config:
+            keys = _differing_keys(self.config, model.config)
+            raise MemoryMismatchError(
+                f"{what} was made by a model with another configuration (differs in {', '.join(keys)}); "
+                "encode the video again with this model"
+            )
+        if self.dtype != model.dtype:
+            raise MemoryMismatchError(
+                f"{what} holds {self.dtype} activations but this model runs in {model.dtype}; load the model in "
+                f"{self.dtype} or encode the video again"
+            )
+        if self.weights != model.weights:
+            raise MemoryMismatchError(
+                f"{what} was made by a model with the same configuration but other weights; encode the video again "
+                "with this model"
+            )
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryInfo:
+    """How a memory was made: the video, its frame plan and the QuickPrefill settings (enough to rebuild the
+    :class:`~qv_jax.pipeline.GroupPlan`)."""
+
+    video: str
+    frame_indices: tuple[int, ...]
+    height: int
+    width: int
+    sample_fps: float
+    prefix_ids: tuple[int, ...]
+    group_frames: int
+    retention: float
+    prune: str
+    layer_decay: float | None
+    seed: int
+
+    def group_plan(self, config: ModelConfig) -> GroupPlan:
+        return make_group_plan(
+            config,
+            np.asarray(self.prefix_ids, np.int32),
+            num_frames=len(self.frame_indices),
+            height=self.height,
+            width=self.width,
+            sample_fps=self.sample_fps,
+            group_frames=self.group_frames,
+            retention=self.retention,
+            prune=self.prune,
+            layer_decay=self.layer_decay,
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VideoMemory:
+    """The pruned KV memory of one video (prefix + kept tokens of every group, per layer) and how it was made.
+
+    ``cache`` holds the keys and values; ``plan`` the token layout and positions the question continues from;
+    ``info`` the video and settings; ``fingerprint`` the model it belongs to.
+    """
+
+    cache: LayeredKV
+    plan: GroupPlan
+    info: MemoryInfo
+    fingerprint: ModelFingerprint
+
+    @property
+    def tokens_per_layer(self) -> np.ndarray:
+        """``[layers]`` tokens each layer holds."""
+        return np.asarray(jax.device_get(self.cache.lengths))
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values the memory holds (filled slots of every layer)."""
+        return int(self.tokens_per_layer.sum()) * _token_bytes(self.cache)
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the memory to ``directory`` (orbax arrays + a JSON description); returns the directory."""
+        out = Path(directory).absolute()
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise CheckpointError(f"{out}: directory exists and is not empty (pass overwrite=True)")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        cache = self.cache.trimmed(max(1, int(self.tokens_per_layer.max())))
+        import orbax.checkpoint as ocp
+
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(out / "kv", _as_tree(cache))
+        checkpointer.wait_until_finished()
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "info": dataclasses.asdict(self.info),
+            "fingerprint": dataclasses.asdict(self.fingerprint),
+            "capacity": cache.capacity,
+            "num_kv_heads": cache.k[0].shape[1],
+            "head_dim": cache.k[0].shape[3],
+        }
+        # written last: a directory without it is an unfinished save, never mistaken for a memory
+        (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> VideoMemory:
+        """Read a memory written by :meth:`save` onto the default device."""
+        path = Path(directory).absolute()
+        marker = path / MARKER
+        try:
+            meta = json.loads(marker.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not a saved video memory (no {MARKER})") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{marker}: corrupt ({e})") from e
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise CheckpointError(
+                f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r}; this qv-jax reads "
+                f"{FORMAT!r} version {VERSION}"
+            )
+        try:
+            info_dict = dict(meta["info"])
+            info = MemoryInfo(**{**info_dict, **{k: tuple(info_dict[k]) for k in ("frame_indices", "prefix_ids")}})
+            fingerprint = ModelFingerprint(**meta["fingerprint"])
+            config = ModelConfig.from_dict(fingerprint.config)
+            capacity, heads, head_dim = int(meta["capacity"]), int(meta["num_kv_heads"]), int(meta["head_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{marker}: malformed ({type(e).__name__}: {e})") from e
+        layers = config.text.num_layers
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        kv = jax.ShapeDtypeStruct((1, heads, capacity, head_dim), jnp.dtype(fingerprint.dtype), sharding=sharding)
+        target = {
+            "k": {str(i): kv for i in range(layers)},
+            "v": {str(i): kv for i in range(layers)},
+            "token_index": jax.ShapeDtypeStruct((layers, 1, capacity), jnp.int32, sharding=sharding),
+            "lengths": jax.ShapeDtypeStruct((layers,), jnp.int32, sharding=sharding),
+        }
+        import orbax.checkpoint as ocp
+
+        try:
+            tree = ocp.StandardCheckpointer().restore(path / "kv", target)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot restore the memory's arrays ({type(e).__name__}: {e})") from e
+        cache = LayeredKV(
+            k=tuple(tree["k"][str(i)] for i in range(layers)),
+            v=tuple(tree["v"][str(i)] for i in range(layers)),
+            token_index=tree["token_index"],
+            lengths=tree["lengths"],
+        )
+        return cls(cache=cache, plan=info.group_plan(config), info=info, fingerprint=fingerprint)
+
+
+def _token_bytes(cache: LayeredKV) -> int:
+    """Bytes one token takes in one layer: keys and values over every KV head."""
+    _, heads, _, head_dim = cache.k[0].shape
+    return 2 * heads * head_dim * jnp.dtype(cache.dtype).itemsize
+
+
+def _as_tree(cache: LayeredKV) -> dict:
+    return {
+        "k": {str(i): a for i, a in enumerate(cache.k)},
+        "v": {str(i): a for i, a in enumerate(cache.v)},
+        "token_index": cache.token_index,
+        "lengths": cache.lengths,
+    }

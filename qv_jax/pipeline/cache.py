@@ -1,0 +1,140 @@
+"""The pruned KV memory: per-layer keys and values whose slots say which prompt token they hold.
+
+QuickPrefill keeps a different subset of each group's tokens in every layer (one selection per layer), and with a
+per-layer decay even a different number, so a layer's fill and its slots' meaning are its own. Every slot records
+the prompt *token index* of what it holds (``-1``: empty), and attention is causal by token index rather than by
+slot: a query sees the keys of earlier prompt tokens wherever compaction has put them. Keys are stored after RoPE,
+so nothing here needs positions.
+
+Batch is 1 (one video per memory); the leading ``B`` axis is kept so arrays have the layout every attention in
+qv-jax takes (``[B, K, S, H]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qv_jax.attention import dot_product_attention
+from qv_jax.errors import InputError
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayeredKV:
+    """Keys / values ``[B, K, S, H]`` per layer, slot token indices ``[L, B, S]`` (-1 empty), fills ``[L]``.
+
+    Layer ``l`` holds its tokens in slots ``[0, lengths[l])``; slots past the fill may hold stale data, always
+    marked -1. A pytree: jitted steps take it donated and return the updated one.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    token_index: Array
+    lengths: Array
+
+    @classmethod
+    def create(
+        cls, *, num_layers: int, capacity: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32, batch: int = 1
+    ) -> LayeredKV:
+        if min(num_layers, capacity, num_kv_heads, head_dim, batch) <= 0:
+            raise InputError(
+                f"memory sizes must be positive: layers={num_layers} capacity={capacity} kv_heads={num_kv_heads} "
+                f"head_dim={head_dim} batch={batch}"
+            )
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            token_index=jnp.full((num_layers, batch, capacity), -1, jnp.int32),
+            lengths=jnp.zeros((num_layers,), jnp.int32),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def capacity(self) -> int:
+        return self.token_index.shape[-1]
+
+    @property
+    def dtype(self):
+        return self.k[0].dtype
+
+    def write_kv(self, layer: int, start: Array, k_BKTH: Array, v_BKTH: Array) -> LayeredKV:
+        """Store keys / values of one layer in slots ``[start, start + T)``."""
+        k = jax.lax.dynamic_update_slice(self.k[layer], k_BKTH.astype(self.dtype), (0, 0, start, 0))
+        v = jax.lax.dynamic_update_slice(self.v[layer], v_BKTH.astype(self.dtype), (0, 0, start, 0))
+        return dataclasses.replace(
+            self, k=(*self.k[:layer], k, *self.k[layer + 1 :]), v=(*self.v[:layer], v, *self.v[layer + 1 :])
+        )
+
+    def write_index(self, layer: int, start: Array, index_BT: Array) -> LayeredKV:
+        """Mark slots ``[start, start + T)`` of one layer as holding tokens ``index_BT`` (-1: empty)."""
+        update = index_BT.astype(jnp.int32)[None]
+        token_index = jax.lax.dynamic_update_slice(self.token_index, update, (layer, 0, start))
+        return dataclasses.replace(self, token_index=token_index)
+
+    def attend(self, layer: int, q_BNTH: Array, q_index_BT: Array, *, return_lse: bool = False):
+        """Queries of prompt tokens ``q_index_BT`` over every filled slot of a layer holding an earlier token."""
+        index_BS = self.token_index[layer]
+        return dot_product_attention(
+            q_BNTH,
+            self.k[layer],
+            self.v[layer],
+            causal=True,
+            q_positions=q_index_BT,
+            kv_positions=index_BS,
+            kv_segment_ids=index_BS,
+            return_lse=return_lse,
+        )
+
+    def trimmed(self, capacity: int) -> LayeredKV:
+        """The first ``capacity`` slots of every layer (must cover every layer's fill)."""
+        return LayeredKV(
+            k=tuple(a[:, :, :capacity] for a in self.k),
+            v=tuple(a[:, :, :capacity] for a in self.v),
+            token_index=self.token_index[:, :, :capacity],
+            lengths=self.lengths,
+        )
+
+    def padded(self, capacity: int) -> LayeredKV:
+        """A copy with ``capacity`` slots per layer, the new ones empty; no buffer is shared with this one."""
+        extra = capacity - self.capacity
+        if extra < 0:
+            raise InputError(f"cannot pad a memory of {self.capacity} slots to {capacity}")
+        grow = ((0, 0), (0, 0), (0, extra), (0, 0))
+        return LayeredKV(
+            k=tuple(jnp.pad(a, grow) for a in self.k),
+            v=tuple(jnp.pad(a, grow) for a in self.v),
+            token_index=jnp.pad(self.token_index, ((0, 0), (0, 0), (0, extra)), constant_values=-1),
+            lengths=jnp.copy(self.lengths),  # a new buffer: a step may donate the copy, never the original
+        )
+
+
+class AppendAttention:
+    """:class:`~qv_jax.model.KVHandler` that appends a chunk to every layer of a :class:`LayeredKV` and attends.
+
+    The chunk's tokens have prompt indices ``token_index_BT``; ``valid_BT`` is False on trailing padding, which is
+    stored as empty slots and later overwritten. :attr:`cache` advances each layer's fill by the valid tokens.
+    """
+
+    def __init__(self, cache: LayeredKV, token_index_BT: Array, valid_BT: Array):
+        self._cache = cache
+        self.q_index = token_index_BT
+        self.kv_index = jnp.where(valid_BT, token_index_BT, -1)
+        self.num_valid = jnp.sum(valid_BT[0]).astype(jnp.int32)
+
+    @property
+    def cache(self) -> LayeredKV:
+        return dataclasses.replace(self._cache, lengths=self._cache.lengths + self.num_valid)
+
+    def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
+        start = self._cache.lengths[layer]
+        self._cache = self._cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
+        return self._cache.attend(layer, q_BNTH, self.q_index)

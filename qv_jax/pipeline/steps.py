@@ -1,0 +1,229 @@
+"""Jitted device steps of QuickPrefill over a :class:`~qv_jax.pipeline.cache.LayeredKV` memory.
+
+- :func:`prefill_text` — a chunk of text (the prompt prefix, or the question) appended to every layer, never pruned;
+- :func:`prefill_group` — one group of visual tokens: every layer attends over ``[its memory ; this group]``
+  (causal inside the group), then keeps ``keep[l]`` of the group's tokens chosen by a score rule, compacted right
+  behind the memory. Shapes are the same for every group, so it compiles once per video layout;
+- :func:`decode_loop` — greedy or sampled answer tokens on device (``lax.while_loop``), stopping early.
+
+Like ``qv_jax.runtime.steps``: ``graphdef`` is static, the model is merged inside ``jit``, the memory is donated.
+The group's hidden states go on through every layer in full (only the stored keys/values are pruned), as in
+QuickVideo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qv_jax.model.qwen2_5_vl import QwenVL
+from qv_jax.pipeline.cache import AppendAttention, LayeredKV
+from qv_jax.pipeline.plan import GroupPlan
+from qv_jax.pipeline.scores import select_tokens, token_scores
+from qv_jax.runtime.sampling import sample
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TextChunk:
+    """Text tokens ``ids [T]`` with positions ``[3, T]``, prompt token indices ``[T]`` and ``valid [T]``
+    (False on trailing bucket padding)."""
+
+    ids: Array
+    positions: Array
+    token_index: Array
+    valid: Array
+
+
+def text_after_video(plan: GroupPlan, ids: np.ndarray, length: int) -> TextChunk:
+    """The text after the video (``ids``: the question suffix) padded to ``length`` tokens, at its positions and
+    token indices in the whole prompt (the question keeps its original positions, whatever was pruned)."""
+    count = ids.size
+    return TextChunk(
+        ids=np.pad(np.asarray(ids, np.int32), (0, length - count)),
+        positions=plan.text_positions(length),
+        token_index=plan.suffix_start + np.arange(length, dtype=np.int32),
+        valid=np.arange(length) < count,
+    )
+
+
+class GroupPruneAttention:
+    """:class:`~qv_jax.model.KVHandler` of one group: attend over ``[memory ; group]``, keep the best tokens.
+
+    The chunk is the group's ``group_tokens`` tokens, followed — for ``question_attention`` only — by the question
+    tokens, whose queries score the group and whose keys are dropped afterwards. Per layer: the whole chunk is
+    written behind the memory, attends (causal by token index), then the ``keep[l]`` best group tokens are written
+    back over the chunk's slots in prompt order and the rest of those slots are marked empty.
+    """
+
+    def __init__(
+        self,
+        cache: LayeredKV,
+        token_index_BT: Array,
+        valid_BT: Array,
+        keep_L: Array,
+        *,
+        group_tokens: int,
+        rule: str,
+        max_keep: tuple[int, ...],
+        key: Array,
+    ):
+        self._cache = cache
+        self.q_index = token_index_BT
+        self.kv_index = jnp.where(valid_BT, token_index_BT, -1)
+        self.valid = valid_BT
+        self.keep = keep_L
+        self.n = group_tokens
+        self.rule = rule
+        self.max_keep = max_keep
+        self.key = key
+
+    @property
+    def cache(self) -> LayeredKV:
+        return dataclasses.replace(self._cache, lengths=self._cache.lengths + self.keep)
+
+    def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
+        n, cache = self.n, self._cache
+        start = cache.lengths[layer]
+        cache = cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
+        question = None
+        if self.rule == "question_attention":
+            out, lse_BNT = cache.attend(layer, q_BNTH, self.q_index, return_lse=True)
+            question = (q_BNTH[:, :, n:], lse_BNT[:, :, n:], self.valid[:, n:])
+        else:
+            out = cache.attend(layer, q_BNTH, self.q_index)
+        if self.rule != "none":
+            scores_Bn = token_scores(
+                self.rule,
+                k_BKTH[:, :, :n],
+                v_BKTH[:, :, :n],
+                self.valid[:, :n],
+                key=jax.random.fold_in(self.key, layer),
+                question=question,
+            )
+            chosen_BM, kept_BM = select_tokens(scores_Bn, self.keep[layer], self.max_keep[layer])
+            k_BKMH, v_BKMH = (_gather_tokens(x[:, :, :n], chosen_BM) for x in (k_BKTH, v_BKTH))
+            index_BM = jnp.where(kept_BM, jnp.take_along_axis(self.q_index[:, :n], chosen_BM, axis=1), -1)
+            empty_BR = jnp.full((index_BM.shape[0], k_BKTH.shape[2] - index_BM.shape[1]), -1, jnp.int32)
+            cache = cache.write_kv(layer, start, k_BKMH, v_BKMH)
+            cache = cache.write_index(layer, start, jnp.concatenate([index_BM, empty_BR], axis=1))
+        self._cache = cache
+        return out
+
+
+def _gather_tokens(x_BKTH: Array, index_BM: Array) -> Array:
+    """Rows ``index_BM`` of the token axis: ``[B, K, M, H]``."""
+    x_BTKH = x_BKTH.transpose(0, 2, 1, 3)
+    return jnp.take_along_axis(x_BTKH, index_BM[:, :, None, None], axis=1).transpose(0, 2, 1, 3)
+
+
+def _model(graphdef: nnx.GraphDef, state: nnx.State) -> QwenVL:
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
+def prefill_text(
+    graphdef: nnx.GraphDef, state: nnx.State, cache: LayeredKV, chunk: TextChunk, all_logits: bool = False
+) -> tuple[Array, LayeredKV]:
+    """Append a text chunk to every layer; float32 logits ``[V]`` of its last valid token (``[T, V]`` with
+    ``all_logits``) and the updated memory."""
+    text = _model(graphdef, state).text
+    handler = AppendAttention(cache, chunk.token_index[None], chunk.valid[None])
+    h_BTD = text(text.embed_tokens(chunk.ids[None]), chunk.positions[:, None], handler)
+    if all_logits:
+        return text.logits(h_BTD[0]), handler.cache
+    last = jnp.sum(chunk.valid).astype(jnp.int32) - 1
+    return text.logits(h_BTD[0, last]), handler.cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rule", "max_keep"), donate_argnames=("cache",))
+def prefill_group(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: LayeredKV,
+    embeds_TD: Array,
+    positions_3T: Array,
+    token_index_T: Array,
+    valid_T: Array,
+    keep_L: Array,
+    key: Array,
+    question: TextChunk | None = None,
+    *,
+    rule: str,
+    max_keep: tuple[int, ...],
+) -> LayeredKV:
+    """Prefill one group's visual embeddings ``[n, D]`` and prune: each layer ``l`` keeps ``keep_L[l]`` tokens.
+
+    ``positions_3T`` / ``token_index_T`` / ``valid_T`` describe the group's ``n`` slots (padding invalid);
+    ``key`` seeds the random rule (folded with the layer); ``question`` rides along for ``question_attention``.
+    ``max_keep[l]`` (static) bounds ``keep_L[l]`` over the video's groups.
+    """
+    text = _model(graphdef, state).text
+    group_tokens = embeds_TD.shape[0]
+    x_BTD = embeds_TD[None].astype(text.dtype)
+    positions, index, valid = positions_3T, token_index_T, valid_T
+    if question is not None:
+        x_BTD = jnp.concatenate([x_BTD, text.embed_tokens(question.ids[None])], axis=1)
+        positions = jnp.concatenate([positions, question.positions], axis=1)
+        index = jnp.concatenate([index, question.token_index])
+        valid = jnp.concatenate([valid, question.valid])
+    handler = GroupPruneAttention(
+        cache, index[None], valid[None], keep_L, group_tokens=group_tokens, rule=rule, max_keep=max_keep, key=key
+    )
+    text(x_BTD, positions[:, None], handler)  # hidden states are not needed: only the kept keys / values are
+    return handler.cache
+
+
+def _decode_one(text, cache: LayeredKV, token: Array, position: Array, index: Array) -> tuple[Array, LayeredKV]:
+    handler = AppendAttention(cache, index[None, None], jnp.ones((1, 1), bool))
+    positions_31B = jnp.broadcast_to(position, (3, 1, 1))
+    h_B1D = text(text.embed_tokens(token[None, None]), positions_31B, handler)
+    return text.logits(h_B1D[0, 0]), handler.cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
+def decode_loop(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: LayeredKV,
+    token: Array,
+    position: Array,
+    index: Array,
+    rng: Array,
+    stop_ids: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    *,
+    num_steps: int,
+    do_sample: bool,
+) -> tuple[Array, Array, LayeredKV]:
+    """Feed ``token`` (already sampled; rotary ``position``, prompt ``index``) and generate up to ``num_steps``
+    more tokens, stopping after a token in ``stop_ids``. Returns ``(tokens [num_steps], count, memory)``: the
+    first ``count`` entries are the generated tokens (a stop token included)."""
+    text = _model(graphdef, state).text
+    out_S = jnp.zeros((num_steps,), jnp.int32)
+
+    def cond(carry):
+        step, _, token, _, _, _, _ = carry
+        return (step < num_steps) & ~jnp.isin(token, stop_ids)
+
+    def body(carry):
+        step, cache, token, position, index, out_S, rng = carry
+        logits_V, cache = _decode_one(text, cache, token, position, index)
+        rng, key = jax.random.split(rng)
+        new = sample(logits_V[None], key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        new = new[0].astype(jnp.int32)
+        out_S = jax.lax.dynamic_update_slice(out_S, new[None], (step,))
+        return step + 1, cache, new, position + 1, index + 1, out_S, rng
+
+    carry = (jnp.zeros((), jnp.int32), cache, token.astype(jnp.int32), position, index, out_S, rng)
+    count, cache, _, _, _, out_S, _ = jax.lax.while_loop(cond, body, carry)
+    return out_S, count, cache
