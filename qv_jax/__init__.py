@@ -18,6 +18,8 @@ _LAZY = {
     "Frames": "qv_jax.video",
     "prefetch": "qv_jax.video",
     "load_model": "qv_jax.runtime",
+    "VideoQA": "qv_jax.videoqa",
+    "VideoMemory": "qv_jax.memory",
     "make_mesh": "qv_jax.sharding",
 }
 
