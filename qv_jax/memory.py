@@ -32,6 +32,7 @@ import numpy as np
 from qv_jax.errors import CheckpointError, MemoryMismatchError
 from qv_jax.model.config import ModelConfig
 from qv_jax.pipeline.cache import LayeredKV
+from qv_jax.pipeline.executor import Timings
 from qv_jax.pipeline.plan import GroupPlan, make_group_plan
 
 __all__ = ["MemoryInfo", "ModelFingerprint", "VideoMemory", "is_memory_dir"]
@@ -148,13 +149,15 @@ class VideoMemory:
     """The pruned KV memory of one video (prefix + kept tokens of every group, per layer) and how it was made.
 
     ``cache`` holds the keys and values; ``plan`` the token layout and positions the question continues from;
-    ``info`` the video and settings; ``fingerprint`` the model it belongs to.
+    ``info`` the video and settings; ``fingerprint`` the model it belongs to; ``timings`` how long making it took
+    (not saved).
     """
 
     cache: LayeredKV
     plan: GroupPlan
     info: MemoryInfo
     fingerprint: ModelFingerprint
+    timings: Timings | None = None
 
     @property
     def tokens_per_layer(self) -> np.ndarray:

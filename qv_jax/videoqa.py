@@ -348,7 +348,7 @@ class VideoQA:
             layer_decay=self.layer_decay,
             seed=self.seed,
         )
-        return VideoMemory(cache=cache, plan=plan, info=info, fingerprint=self.fingerprint)
+        return VideoMemory(cache=cache, plan=plan, info=info, fingerprint=self.fingerprint, timings=timeline.timings())
 
     def _answer(
         self,

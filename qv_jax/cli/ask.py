@@ -1,0 +1,156 @@
+"""``qv-jax ask``: answer a question about a video (or a saved video memory), with progress bars per stage and a
+timing table.
+
+This module also holds what ``ask``, ``encode`` and ``demo`` share: the QuickPrefill / sampling options, building a
+:class:`~qv_jax.VideoQA` from them, and the per-stage progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qv_jax.errors import InputError
+
+PRUNE_RULES = ("key_norms_small", "key_norms", "value_norms", "random", "question_attention", "none")
+
+
+def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
+    """Frame sampling, QuickPrefill and decoder options (the keywords of ``VideoQA``)."""
+    group = parser.add_argument_group("video and QuickPrefill")
+    group.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2)")
+    group.add_argument("--max-frames", type=int, default=768, help="most frames to sample (default 768)")
+    group.add_argument("--max-pixels", type=int, help="per-frame pixel cap (default: Qwen's video budget)")
+    group.add_argument("--min-pixels", type=int, help="per-frame pixel floor (default: Qwen's, 128*28*28)")
+    group.add_argument("--group-frames", type=int, default=16, help="frames per prefill group (default 16)")
+    group.add_argument(
+        "--retention", type=float, default=0.5, help="fraction of each group's tokens kept per layer (default 0.5)"
+    )
+    group.add_argument(
+        "--prune", choices=PRUNE_RULES, default="key_norms_small", help="score rule (default %(default)s)"
+    )
+    group.add_argument("--layer-decay", type=float, help="per-layer decay of the retention (default: none)")
+    group.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("answer")
+    group.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    group.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
+
+
+def videoqa_options(args: argparse.Namespace) -> dict:
+    """``VideoQA`` keywords from parsed options."""
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be positive, got {args.workers}")
+    return {
+        "group_frames": args.group_frames,
+        "retention": args.retention,
+        "prune": args.prune,
+        "fps": args.fps,
+        "max_frames": args.max_frames,
+        "max_pixels": args.max_pixels,
+        "min_pixels": args.min_pixels,
+        "layer_decay": args.layer_decay,
+        "workers": args.workers,
+        "seed": args.seed,
+    }
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+class StageBars:
+    """tqdm progress bars for decoding (frames), vision encoding and prefill (groups), fed by stage events.
+
+    Use as a context manager around the work; pass the instance as the ``progress`` callback.
+    """
+
+    def __init__(self, num_frames: int, group_frames: int, num_groups: int):
+        from tqdm import tqdm
+
+        self.num_frames, self.group_frames = num_frames, group_frames
+        options = {"file": sys.stderr, "disable": None, "leave": True, "dynamic_ncols": True}
+        self.bars = {
+            "decode": tqdm(total=num_frames, desc="decode ", unit="frame", position=0, **options),
+            "vision": tqdm(total=num_groups, desc="vision ", unit="group", position=1, **options),
+            "prefill": tqdm(total=num_groups, desc="prefill", unit="group", position=2, **options),
+        }
+
+    def __call__(self, event) -> None:
+        bar = self.bars.get(event.stage)
+        if bar is None or event.group < 0:
+            return
+        if event.stage == "decode":
+            start = event.group * self.group_frames
+            bar.update(min(self.group_frames, self.num_frames - start))
+        else:
+            bar.update(1)
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_with_bars(qa, video: Path, work):
+    """Run ``work(progress)`` with stage bars sized from ``video``'s plan (no bars for a saved memory)."""
+    from qv_jax.memory import is_memory_dir
+
+    if is_memory_dir(video):
+        return work(None)
+    frame_plan, plan = qa.plan(video)
+    with StageBars(frame_plan.num_frames, plan.group_frames, plan.num_groups) as bars:
+        return work(bars)
+
+
+def print_answer(answer, out=sys.stdout) -> None:
+    print(answer.text, file=out)
+    print(file=out)
+    print(answer.timings.table(), file=out)
+    print(f"KV cache at the end: {answer.kv_bytes / 2**20:.2f} MiB", file=out)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ask",
+        help="answer a question about a video or a saved video memory",
+        description="Answer QUESTION about VIDEO (a video file, or a memory directory written by `qv-jax encode`): "
+        "parallel decoding, group-wise prefill with KV pruning and overlap (QuickVideo), then generation. "
+        "Prints the answer and a table of time per stage.",
+    )
+    parser.add_argument("video", type=Path, help="video file, or a memory directory from `qv-jax encode`")
+    parser.add_argument("question", help="the question")
+    parser.add_argument("--model", type=Path, required=True, help="model directory (HF or qv-jax checkpoint)")
+    parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_videoqa_options(parser)
+    add_generation_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qv_jax.videoqa import VideoQA
+
+    if not args.video.exists():
+        raise InputError(f"{args.video}: no such video file or memory directory")
+    qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **videoqa_options(args))
+    answer = run_with_bars(
+        qa, args.video, lambda bars: qa.ask(args.video, args.question, progress=bars, **generation_options(args))
+    )
+    print_answer(answer)
+    return 0
