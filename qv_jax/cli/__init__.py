@@ -13,7 +13,7 @@ import sys
 from qv_jax.errors import QVError
 
 # Subcommand modules, in the order ``qv-jax --help`` lists them.
-COMMANDS: tuple[str, ...] = ("decode", "convert")
+COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "decode", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
