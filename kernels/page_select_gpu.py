@@ -1,0 +1,59 @@
+"""Page-selection scores for GPU (Pallas, Triton backend): LServe's min/max bound of ``q . k`` per logical page.
+
+Grid ``(batch, kv_head, page block)``: a program loads the key minima and maxima of ``block`` logical pages and
+scores them against the KV group's query heads (``G`` padded to a power of two >= 16 for ``tl.dot``) as
+``max(q, 0) kmax^T + min(q, 0) kmin^T``, keeps the maximum over the real query heads and masks pages with no
+visible token. Page validity is an int32 ``[B, NL]`` array (>= 0: visible), shared by the KV heads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qv_jax.kernels.compat import pl, triton_compiler_params
+
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def _kernel(q_ref, k_min_ref, k_max_ref, valid_ref, o_ref, *, groups):
+    q = q_ref[...].astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    pos = lax.dot_general(
+        jnp.maximum(q, 0.0), k_max_ref[...].astype(jnp.float32), NT_DIMS, preferred_element_type=jnp.float32,
+        precision=hi,
+    )  # fmt: skip
+    neg = lax.dot_general(
+        jnp.minimum(q, 0.0), k_min_ref[...].astype(jnp.float32), NT_DIMS, preferred_element_type=jnp.float32,
+        precision=hi,
+    )  # fmt: skip
+    scores = pos + neg  # [Gp, block]
+    rows = jnp.arange(scores.shape[0])[:, None]
+    best = jnp.max(jnp.where(rows < groups, scores, -jnp.inf), axis=0)
+    o_ref[...] = jnp.where(valid_ref[...] >= 0, best, -jnp.inf)
+
+
+def forward(q, k_min, k_max, page_valid, *, groups: int, block: int, interpret: bool):
+    """``q [B, K, Gp, D]`` (the first ``groups`` rows real; ``Gp``, ``D``, ``block`` powers of two >= 16),
+    ``k_min``/``k_max [B, K, NL, D]``, ``page_valid [B, NL]`` int32. Returns ``[B, K, NL]`` float32."""
+    B, K, Gp, D = q.shape
+    NL = k_min.shape[2]
+    stats = pl.BlockSpec((None, None, block, D), lambda b, h, j: (b, h, j, 0))
+    return pl.pallas_call(
+        functools.partial(_kernel, groups=groups),
+        out_shape=jax.ShapeDtypeStruct((B, K, NL), jnp.float32),
+        grid=(B, K, NL // block),
+        in_specs=[
+            pl.BlockSpec((None, None, Gp, D), lambda b, h, j: (b, h, 0, 0)),
+            stats,
+            stats,
+            pl.BlockSpec((None, block), lambda b, h, j: (b, j)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block), lambda b, h, j: (b, h, j)),
+        compiler_params=triton_compiler_params(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="page_select_scores",
+    )(q, k_min, k_max, page_valid)
