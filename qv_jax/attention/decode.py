@@ -1,0 +1,83 @@
+"""Decode attention over paged KV pools, and merging attention results by their log-sum-exp.
+
+``paged_decode_attention`` runs one query token per row against listed pages of a pool (the retrieval heads'
+selected pages, or every page of a streaming head's sink + ring buffer) on the ``xla`` reference or the Pallas
+kernels (``interpret`` on CPU, ``pallas`` on TPU / GPU), like ``sparse_attention`` does for prefill.
+``merge_attention`` combines attentions over disjoint key sets into attention over their union.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qv_jax.attention.sparse import BACKENDS, KERNELS, default_kernel
+from qv_jax.errors import InputError
+from qv_jax.kernels import paged_decode
+
+Array = jax.Array
+
+
+def kernel_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
+    """``(impl, interpret)`` of the kernel entry points for a backend name and an optional kernel choice."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "xla":
+        return "reference", False
+    if kernel is None:
+        kernel = default_kernel() if backend == "pallas" else "tpu"
+    if kernel not in KERNELS:
+        raise InputError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    return kernel, backend == "interpret"
+
+
+def paged_decode_attention(
+    q: Array,
+    k_pages: Array,
+    v_pages: Array,
+    token_valid: Array,
+    page_indices: Array,
+    page_counts: Array,
+    *,
+    backend: str = "xla",
+    kernel: str | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> tuple[Array, Array]:
+    """Attention of ``q [B, K, G, D]`` (one token; the ``G`` query heads of each KV head) over listed pages.
+
+    ``k_pages``/``v_pages [B, K, NP, P, D]``; ``token_valid [B, NP, P]`` bool marks visible tokens (shared by the
+    heads); the first ``page_counts [B, K]`` entries of ``page_indices [B, K, N]`` are the distinct pages read.
+    Returns ``out [B, K, G, D]`` in ``q.dtype`` and the log-sum-exp ``[B, K, G]`` float32. The Pallas kernels
+    split the list (split-K) and merge the parts by log-sum-exp (see ``kernels/paged_decode.py``).
+    """
+    impl, interpret = kernel_impl(backend, kernel)
+    return paged_decode.paged_decode_attention(
+        q,
+        k_pages,
+        v_pages,
+        token_valid,
+        page_indices,
+        page_counts,
+        scale=scale,
+        impl=impl,
+        interpret=interpret,
+        num_splits=num_splits,
+    )
+
+
+def merge_attention(*parts: tuple[Array, Array]) -> tuple[Array, Array]:
+    """Attention over the union of disjoint key sets from ``(out, lse)`` pairs over each set.
+
+    ``out`` and ``lse`` are any matching shapes ``[..., D]`` / ``[...]``; a part that saw nothing has ``lse = -inf``.
+    """
+    outs = jnp.stack([o.astype(jnp.float32) for o, _ in parts])
+    lses = jnp.stack([lse for _, lse in parts])
+    m = jnp.max(lses, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m_safe)
+    total = jnp.sum(w, axis=0)
+    seen = total > 0
+    out = jnp.sum(w[..., None] * outs, axis=0) / jnp.where(seen, total, 1.0)[..., None]
+    lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    return out.astype(parts[0][0].dtype), lse

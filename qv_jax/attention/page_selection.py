@@ -1,0 +1,90 @@
+"""LServe's query-aware page selection for retrieval heads (the jnp rule; scoring also on the Pallas kernels).
+
+The retrieval heads' cache is cut into physical pages of ``P`` tokens, each made of logical pages of ``P / lpp``
+tokens whose per-channel key minimum and maximum are kept up to date. At a decode step:
+
+1. **Score** every logical page with the current queries: ``sum_d max(q_d kmax_d, q_d kmin_d)`` per query head (an
+   upper bound of ``q . k`` on the page); a KV head's logical-page score is the maximum over its ``G`` query heads
+   and a physical page's score the maximum over its logical pages. Pages with no visible token score ``-inf``.
+   (LServe selects per query head; one list per KV head lets the decode kernel read each page once for the whole
+   GQA group.)
+2. **Select** the ``budget / P - 1`` best pages older than the newest page (ties: the lower page index wins), and
+   always read the newest page, which holds the current token.
+3. **No selection while the context fits**: while ``length <= budget`` every page is read.
+4. **Reuse**: a selection is reused until ``reselect_every`` steps have passed or the newest page changes (a new
+   page starts, and its predecessor must not drop out of the list).
+
+``length`` counts cache slots including the current token (left padding included), the same for every row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qv_jax.attention.decode import kernel_impl
+from qv_jax.kernels.page_select import logical_page_scores
+
+Array = jax.Array
+
+
+def page_scores(
+    q: Array,
+    k_min: Array,
+    k_max: Array,
+    page_valid: Array,
+    *,
+    logical_pages_per_page: int,
+    backend: str = "xla",
+    kernel: str | None = None,
+) -> Array:
+    """Physical-page scores ``[B, K, NP]`` float32 of ``q [B, K, G, D]`` (post-RoPE queries of a decode step).
+
+    ``k_min``/``k_max [B, K, NL, D]`` per logical page; ``page_valid [B, NL]`` bool (a visible token in the logical
+    page); ``NL = NP * logical_pages_per_page``.
+    """
+    impl, interpret = kernel_impl(backend, kernel)
+    logical = logical_page_scores(q, k_min, k_max, page_valid, impl=impl, interpret=interpret)
+    B, K, NL = logical.shape
+    return jnp.max(logical.reshape(B, K, NL // logical_pages_per_page, logical_pages_per_page), axis=-1)
+
+
+def top_pages(scores: Array, newest_page: Array, num_older: int) -> Array:
+    """The ``num_older`` best pages below ``newest_page``, ascending, ``[B, K, num_older]`` int32.
+
+    Ties go to the lower page index. Needs ``newest_page > num_older`` (true whenever the context exceeds the
+    budget), so only pages below the newest can be chosen.
+    """
+    candidates = jnp.arange(scores.shape[-1]) < newest_page
+    _, idx = jax.lax.top_k(jnp.where(candidates, scores, -jnp.inf), num_older)
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def needs_selection(length: Array, selected_at: Array, *, token_budget: int, page_size: int, reselect_every: int):
+    """Whether a step at ``length`` (slots including the current token) scores and selects pages anew.
+
+    ``selected_at`` is the length at the last selection (``-1``: none since the last prefill).
+    """
+    newest = (length - 1) // page_size
+    stale = (
+        (selected_at < 0)
+        | (length - selected_at >= reselect_every)
+        | ((jnp.maximum(selected_at, 1) - 1) // page_size != newest)
+    )
+    return (length > token_budget) & stale
+
+
+def visit_list(top: Array, length: Array, *, token_budget: int, page_size: int) -> tuple[Array, Array]:
+    """Pages read at a step: ``(indices [B, K, budget / P], counts [B, K])``.
+
+    Every page up to the newest while ``length <= token_budget``, otherwise the selected ``top`` pages plus the
+    newest page.
+    """
+    B, K, num_older = top.shape
+    newest = ((length - 1) // page_size).astype(jnp.int32)
+    fits = length <= token_budget
+    chosen = jnp.concatenate([top, jnp.broadcast_to(newest, (B, K, 1))], axis=-1)
+    everything = jnp.broadcast_to(jnp.arange(num_older + 1, dtype=jnp.int32), chosen.shape)
+    indices = jnp.where(fits, everything, chosen)
+    counts = jnp.where(fits, newest + 1, num_older + 1)
+    return indices, jnp.broadcast_to(counts, (B, K)).astype(jnp.int32)
