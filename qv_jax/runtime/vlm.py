@@ -10,6 +10,7 @@ video continues at ``max(positions so far) + 1`` (see docs/positions.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -20,13 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qv_jax.attention.sparsity import SparsityConfig, reorder_heads
 from qv_jax.cache.dense import KVCache
-from qv_jax.errors import CheckpointError, InputError
+from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
+from qv_jax.errors import CheckpointError, ConfigError, InputError
 from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, save_checkpoint
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import QwenVL, random_state
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
+from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps
 from qv_jax.runtime.sampling import SamplingParams, sample
 from qv_jax.sharding import ShardingPlan, restore_checkpoint, to_host
@@ -39,6 +43,15 @@ DEFAULT_PREFILL_CHUNK = 2048
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """What ``generate(..., return_dict=True)`` returns: the token ids and the KV memory the run allocated."""
+
+    sequences: np.ndarray  # prompt plus generated ids [B, T + n], as generate returns by default
+    kv_bytes: int  # bytes of the KV cache buffers allocated for the run (dense or sparse)
+    kv_capacity: int  # cache slots allocated
 
 
 def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -56,6 +69,11 @@ class VisionLanguageModel:
     With a sharding ``plan`` (``load_model(..., mesh=)``, :meth:`shard`) the state lies on the plan's mesh, caches
     are created in their shards, batches go on the ``"data"`` axis, and ``config`` is the running config (KV heads
     replicated when the plan says so; :attr:`checkpoint_config` is the stored one).
+
+    With ``sparsity`` (a :class:`~qv_jax.attention.SparsityConfig`) the attention weights are reordered once,
+    retrieval heads first in every layer (the model computes the same function), and ``generate`` prefills and
+    decodes with streaming heads and page selection (``qv_jax.runtime.sparse``); :attr:`sparsity` is the config in
+    that head order. ``forward`` stays the dense model.
     """
 
     def __init__(
@@ -69,11 +87,20 @@ class VisionLanguageModel:
         pad_token_id: int | None = None,
         source: str | None = None,
         plan: ShardingPlan | None = None,
+        sparsity: SparsityConfig | None = None,
     ):
         self.config = config
         self.graphdef = graphdef
         self.state = state
         self.plan = plan
+        self.sparsity = None
+        if sparsity is not None:
+            if plan is not None:
+                raise ConfigError("sparsity on a device mesh is not supported yet; load without mesh= or sparsity=")
+            t = config.text
+            mask = sparsity.streaming_mask(t.num_layers, t.num_kv_heads)
+            self.state = reorder_heads(state, mask, num_heads=t.num_heads)
+            self.sparsity = sparsity.retrieval_first()
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         fallback = self.eos_token_ids[0] if self.eos_token_ids else 0
@@ -90,6 +117,7 @@ class VisionLanguageModel:
         seed: int = 0,
         tokenizer=None,
         mesh: jax.sharding.Mesh | None = None,
+        sparsity: SparsityConfig | None = None,
     ) -> VisionLanguageModel:
         """Random weights (transformers' init scheme) from a config alone; no torch, no checkpoint.
 
@@ -98,11 +126,11 @@ class VisionLanguageModel:
         """
         if mesh is None:
             graphdef, state = random_state(config, jnp.dtype(dtype), seed)
-            return cls(config, graphdef, state, tokenizer=tokenizer)
+            return cls(config, graphdef, state, tokenizer=tokenizer, sparsity=sparsity)
         plan = ShardingPlan.create(config, mesh)
         placed = {}
         random_state(config, jnp.dtype(dtype), seed, place=lambda path, v: placed.setdefault(path, plan.place(path, v)))
-        return cls(plan.config, *plan.build(placed), tokenizer=tokenizer, plan=plan)
+        return cls(plan.config, *plan.build(placed), tokenizer=tokenizer, plan=plan, sparsity=sparsity)
 
     def shard(self, mesh: jax.sharding.Mesh) -> VisionLanguageModel:
         """The same model laid out on ``mesh`` (tensor by tensor; see ``qv_jax.sharding`` for the head rule)."""
@@ -204,6 +232,41 @@ class VisionLanguageModel:
             head_dim=t.head_dim,
             dtype=self.dtype,
         )
+
+    def new_sparse_cache(self, batch: int, capacity: int) -> SparseKVCache:
+        """An empty sparse KV cache (needs ``sparsity``) for ``capacity`` slots, rounded up to whole pages."""
+        if self.sparsity is None:
+            raise ConfigError("this model has no sparsity config (load_model(..., sparsity=SparsityConfig(...)))")
+        t = self.config.text
+        return SparseKVCache.create(
+            self.sparsity,
+            num_kv_heads=t.num_kv_heads,
+            batch=batch,
+            capacity=capacity,
+            head_dim=t.head_dim,
+            dtype=self.dtype,
+            num_layers=t.num_layers,
+        )
+
+    def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
+        """Bytes of the KV cache for ``context_len`` slots: dense, or sparse with the model's ``sparsity``.
+
+        Counts every buffer the cache holds (keys, values, the sparse cache's key min / max and bookkeeping); the
+        sparse capacity is rounded up like :meth:`new_sparse_cache` does.
+        """
+        t = self.config.text
+        if self.sparsity is not None:
+            return sparse_kv_bytes(
+                self.sparsity,
+                num_layers=t.num_layers,
+                num_kv_heads=t.num_kv_heads,
+                head_dim=t.head_dim,
+                batch=batch,
+                capacity=context_len,
+                dtype=self.dtype,
+            )
+        item = jnp.dtype(self.dtype).itemsize
+        return 2 * t.num_layers * batch * t.num_kv_heads * context_len * t.head_dim * item + 4 * batch * context_len + 4
 
     def _batch(self, value, batch_dim: int = 0) -> jax.Array:
         """A host batch (rows on ``batch_dim``) on device; on a mesh, rows on the ``"data"`` axis."""
@@ -320,13 +383,16 @@ class VisionLanguageModel:
         pad_token_id: int | None = None,
         seed: int = 0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    ) -> np.ndarray:
+        return_dict: bool = False,
+    ) -> np.ndarray | GenerationOutput:
         """Prompt plus generated tokens ``[B, T + n]`` (``n <= max_new_tokens``), like transformers' ``generate``.
 
         Greedy unless ``do_sample``. A row ends at its first stop token (``eos_token_id``, default the model's; an
         empty list disables stopping) and is filled with ``pad_token_id`` after it; generation ends when every row
         has ended. Rows may be padded on either side: they are left-aligned internally. The prompt is prefilled in
-        chunks of at most ``prefill_chunk`` tokens, then decoding runs on device in one ``while_loop``.
+        chunks of at most ``prefill_chunk`` tokens, then decoding runs on device in one ``while_loop``. With the
+        model's ``sparsity`` both run over a sparse cache. ``return_dict=True`` returns a :class:`GenerationOutput`
+        (the ids as ``sequences``, plus the KV bytes allocated).
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -364,10 +430,14 @@ class VisionLanguageModel:
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
         segment_ids = np.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-        cache = self.new_cache(batch, _round_up(padded + max_new_tokens - 1, 128))
+        capacity = _round_up(padded + max_new_tokens - 1, 128)
+        run = steps if self.sparsity is None else sparse_steps
+        cache = self.new_cache(batch, capacity) if self.sparsity is None else self.new_sparse_cache(batch, capacity)
+        kv_bytes = int(sum(a.nbytes for a in jax.tree.leaves(cache)))
+        kv_capacity = int(cache.segment_ids.shape[1])
         last_index = np.full((batch,), (length - 1) % chunk, np.int32)
         for start in range(0, padded, chunk):
-            logits, cache = steps.prefill(
+            logits, cache = run.prefill(
                 self.graphdef,
                 self.state,
                 cache,
@@ -390,7 +460,7 @@ class VisionLanguageModel:
         done = jnp.isin(first, stop_ids)
         new = [to_host(first)[:, None]]
         if max_new_tokens > 1:
-            rest, _, cache = steps.decode_loop(
+            rest, _, cache = run.decode_loop(
                 self.graphdef,
                 self.state,
                 cache,
@@ -409,7 +479,10 @@ class VisionLanguageModel:
         # like transformers: stop at the step where the last row ended
         ended = np.isin(new_tokens, stop)
         ends = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, new_tokens.shape[1])
-        return np.concatenate([ids, new_tokens[:, : int(ends.max())]], axis=1)
+        sequences = np.concatenate([ids, new_tokens[:, : int(ends.max())]], axis=1)
+        if return_dict:
+            return GenerationOutput(sequences=sequences, kv_bytes=kv_bytes, kv_capacity=kv_capacity)
+        return sequences
 
 
 def _generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int | None]:
@@ -427,14 +500,21 @@ def _generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int |
 
 
 def load_model(
-    path: str | os.PathLike, dtype="float32", *, tokenizer: bool = True, mesh: jax.sharding.Mesh | None = None
+    path: str | os.PathLike,
+    dtype="float32",
+    *,
+    tokenizer: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    sparsity: SparsityConfig | None = None,
 ) -> VisionLanguageModel:
     """Load a Hugging Face model directory (converted on the fly) or a qv-jax checkpoint.
 
     ``dtype`` is the parameter and activation dtype (``"float32"``, ``"bfloat16"``, ...). The tokenizer is read
     from ``tokenizer.json`` in the same directory when present (``tokenizer=False`` skips it). With a ``mesh``
     (``qv_jax.make_mesh``) every device reads only its slice of each tensor into its shard (see
-    ``qv_jax.sharding``); :class:`~qv_jax.errors.ShardingError` if the model cannot be laid out on it.
+    ``qv_jax.sharding``); :class:`~qv_jax.errors.ShardingError` if the model cannot be laid out on it. With
+    ``sparsity`` (:class:`~qv_jax.attention.SparsityConfig`) ``generate`` decodes sparsely (see
+    :class:`VisionLanguageModel`).
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -463,5 +543,13 @@ def load_model(
     if eos is not None:
         eos = tuple(dict.fromkeys((*config.eos_token_ids, *eos)))
     return VisionLanguageModel(
-        config, graphdef, state, tokenizer=tok, eos_token_ids=eos, pad_token_id=pad, source=str(model_dir), plan=plan
+        config,
+        graphdef,
+        state,
+        tokenizer=tok,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        source=str(model_dir),
+        plan=plan,
+        sparsity=sparsity,
     )
