@@ -17,6 +17,7 @@ accepts in place of a video (or a saved memory's directory), so one encode serve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,7 @@ class VideoQA:
         self.workers = workers
         self.seed = seed
         self.system_prompt = system_prompt
+        self._sharding = getattr(model, "plan", None)  # the model's ShardingPlan when it lies on a mesh
         # what memories made here carry and memories used here must match
         self.fingerprint = ModelFingerprint.of(model.config, model.state)
 
@@ -154,17 +156,17 @@ class VideoQA:
         """Load a model directory (HF or qv-jax checkpoint, with its tokenizer) and wrap it.
 
         ``dtype`` defaults to bfloat16 on GPU / TPU and float32 on CPU. ``options`` are the other keywords of
-        :class:`VideoQA` (``min_pixels``, ``layer_decay``, ``workers``, ``seed``, ``system_prompt``).
+        :class:`VideoQA` (``min_pixels``, ``layer_decay``, ``workers``, ``seed``, ``system_prompt``). With a
+        ``mesh`` (``qv_jax.make_mesh``, one process) the model is loaded into its shards and the memory is split by
+        KV head like the model's caches (see ``qv_jax.sharding``).
         """
         if sparsity is not None:
             raise ConfigError(
                 "sparse decoding (sparsity=) is not available in VideoQA yet; pass sparsity=None for dense decoding"
             )
-        if mesh is not None:
-            raise ConfigError("loading VideoQA on a device mesh (mesh=) is not available yet; pass mesh=None")
         if dtype is None:
             dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-        model = load_model(path, dtype)
+        model = load_model(path, dtype, mesh=mesh)
         return cls(
             model,
             group_frames=group_frames,
@@ -245,6 +247,27 @@ class VideoQA:
             max_pixels=self.max_pixels,
         )
 
+    def _memory_shardings(self) -> LayeredKV:
+        """Shardings of a memory on the model's mesh: keys / values split by KV head, bookkeeping replicated."""
+        plan, layers = self._sharding, self.model.config.text.num_layers
+        kv = plan.kv_sharding(4, batch=1)
+        return LayeredKV(k=(kv,) * layers, v=(kv,) * layers, token_index=plan.sharding(), lengths=plan.sharding())
+
+    def _new_memory(self, capacity: int) -> LayeredKV:
+        """An empty memory, created in its shards when the model lies on a mesh."""
+        text = self.model.config.text
+        create = functools.partial(
+            LayeredKV.create,
+            num_layers=text.num_layers,
+            capacity=capacity,
+            num_kv_heads=text.num_kv_heads,
+            head_dim=text.head_dim,
+            dtype=self.model.dtype,
+        )
+        if self._sharding is None:
+            return create()
+        return jax.jit(create, out_shardings=self._memory_shardings())()
+
     def _prefix_ids(self) -> np.ndarray:
         # the prefix does not depend on the question or the grid size
         return self.tokenizer.video_prompt("", (2, 2, 2), system=self.system_prompt).prefix
@@ -270,7 +293,7 @@ class VideoQA:
 
         ``question`` (suffix ids) rides along behind every group for the ``question_attention`` rule.
         """
-        m, text = self.model, self.model.config.text
+        m = self.model
         if not video.is_file():
             raise InputError(f"{video}: no such video file")
         with timeline.span("probe"):
@@ -296,13 +319,7 @@ class VideoQA:
                     valid=np.ones(plan.prefix_len, bool),
                 )
                 with timeline.span("prefill", -1):
-                    empty = LayeredKV.create(
-                        num_layers=text.num_layers,
-                        capacity=capacity,
-                        num_kv_heads=text.num_kv_heads,
-                        head_dim=text.head_dim,
-                        dtype=m.dtype,
-                    )
+                    empty = self._new_memory(capacity)
                     _, cache = pipeline_steps.prefill_text(m.graphdef, m.state, empty, prefix)
                     jax.block_until_ready(cache)
 
@@ -334,6 +351,7 @@ class VideoQA:
                 group_frames=self.group_frames,
                 timeline=timeline,
                 before_first=prefill_prefix,
+                device=None if self._sharding is None else self._sharding.sharding(),  # frames on every device
             )
         info = MemoryInfo(
             video=str(video),
@@ -369,6 +387,8 @@ class VideoQA:
         cache = memory.cache
         if not consume or cache.capacity < need:
             cache = cache.padded(_round_up(need, CAPACITY_BUCKET))
+        if self._sharding is not None:
+            cache = jax.device_put(cache, self._memory_shardings())  # a loaded memory arrives on one device
         stop = self.model.eos_token_ids
         knobs = {
             "temperature": jnp.float32(params.temperature),
