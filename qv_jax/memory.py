@@ -96,8 +96,9 @@ class ModelFingerprint:
             )
         if self.weights != model.weights:
             raise MemoryMismatchError(
-                f"{what} was made by a model with the same configuration but other weights; encode the video again "
-                "with this model"
+                f"{what} was made by a model with the same configuration but other weights (or with its attention "
+                "heads in another order, as loading with sparsity= reorders them); encode the video again with this "
+                "model"
             )
 
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qv_jax.cache.dense import KVCache
+from qv_jax.cache.sparse import SparseKVCache
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.memory import MemoryInfo, ModelFingerprint, VideoMemory, is_memory_dir
 from qv_jax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
@@ -34,6 +36,7 @@ from qv_jax.pipeline.cache import LayeredKV
 from qv_jax.pipeline.executor import StageEvent, Timeline, Timings, run_overlapped
 from qv_jax.pipeline.plan import GroupPlan, check_settings, make_group_plan
 from qv_jax.pipeline.steps import TextChunk, text_after_video
+from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps as model_steps
 from qv_jax.runtime.sampling import SamplingParams, sample
 from qv_jax.runtime.vlm import VisionLanguageModel, load_model
@@ -69,6 +72,11 @@ class Answer:
 class VideoQA:
     """Questions about videos with a Qwen2.5-VL / Qwen2-VL model, QuickVideo-style.
 
+    A model loaded with a sparsity config (``load_model(..., sparsity=)``, or ``from_pretrained(sparsity=)``)
+    answers with sparse decoding: the pruned memory becomes its sparse decode state (``SparseKVCache.from_dense``:
+    retrieval heads keep every memory token, streaming heads their sink and most recent tokens), then the question
+    and the answer run through ``qv_jax.runtime.sparse``.
+
     Args:
       model: a loaded model with a tokenizer (``qv_jax.load_model`` or ``VisionLanguageModel``).
       group_frames: frames per prefill group (a multiple of the temporal patch size, 2).
@@ -79,7 +87,6 @@ class VideoQA:
       max_pixels / min_pixels: per-frame pixel bounds of Qwen's ``smart_resize``; ``None`` uses Qwen's video
         budget (``min 128·28²``, ``max`` from the 128K-token total budget).
       layer_decay: optional per-layer decay of the retention, ``ρ_l = ρ · decay^l``.
-      sparsity: sparse decoding configuration (not available yet: must be None).
       workers: decoder processes (default: CPU count).
       seed: seed of the ``random`` rule.
       system_prompt: the system turn of the chat prompt.
@@ -97,7 +104,6 @@ class VideoQA:
         max_pixels: int | None = None,
         min_pixels: int | None = None,
         layer_decay: float | None = None,
-        sparsity=None,
         workers: int | None = None,
         seed: int = 0,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
@@ -109,9 +115,10 @@ class VideoQA:
         check_settings(
             model.config, group_frames=group_frames, retention=retention, prune=prune, layer_decay=layer_decay
         )
-        if sparsity is not None:
+        if model.sparsity is not None and layer_decay is not None:
             raise ConfigError(
-                "sparse decoding (sparsity=) is not available in VideoQA yet; pass sparsity=None for dense decoding"
+                "layer_decay leaves layers with different token counts, which sparse decoding cannot take over; "
+                "use layer_decay=None or a model without sparsity"
             )
         if not fps > 0:
             raise ConfigError(f"fps must be positive, got {fps!r}")
@@ -158,15 +165,12 @@ class VideoQA:
         ``dtype`` defaults to bfloat16 on GPU / TPU and float32 on CPU. ``options`` are the other keywords of
         :class:`VideoQA` (``min_pixels``, ``layer_decay``, ``workers``, ``seed``, ``system_prompt``). With a
         ``mesh`` (``qv_jax.make_mesh``, one process) the model is loaded into its shards and the memory is split by
-        KV head like the model's caches (see ``qv_jax.sharding``).
+        KV head like the model's caches (see ``qv_jax.sharding``). With ``sparsity`` (a
+        :class:`~qv_jax.attention.SparsityConfig`) answers are decoded sparsely (see the class docstring).
         """
-        if sparsity is not None:
-            raise ConfigError(
-                "sparse decoding (sparsity=) is not available in VideoQA yet; pass sparsity=None for dense decoding"
-            )
         if dtype is None:
             dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-        model = load_model(path, dtype, mesh=mesh)
+        model = load_model(path, dtype, mesh=mesh, sparsity=sparsity)
         return cls(
             model,
             group_frames=group_frames,
@@ -379,49 +383,108 @@ class VideoQA:
         *,
         consume: bool,
     ) -> Answer:
-        """Append the question behind ``memory`` and generate. ``consume`` lets the memory's buffers be reused in
-        place (a memory made for this one question); otherwise they are copied and the memory stays usable."""
-        m, plan = self.model, memory.plan
-        chunk = text_after_video(plan, suffix, _round_up(suffix.size, QUESTION_BUCKET))
+        """Append the question behind ``memory`` at its original positions and generate. ``consume`` lets the
+        memory's buffers be reused in place (a memory made for this one question); otherwise the memory stays
+        usable."""
+        chunk = text_after_video(memory.plan, suffix, _round_up(suffix.size, QUESTION_BUCKET))
         need = int(memory.tokens_per_layer.max()) + chunk.ids.size + max_new_tokens
-        cache = memory.cache
-        if not consume or cache.capacity < need:
-            cache = cache.padded(_round_up(need, CAPACITY_BUCKET))
-        if self._sharding is not None:
-            cache = jax.device_put(cache, self._memory_shardings())  # a loaded memory arrives on one device
-        stop = self.model.eos_token_ids
         knobs = {
             "temperature": jnp.float32(params.temperature),
             "top_k": jnp.int32(params.top_k),
             "top_p": jnp.float32(params.top_p),
         }
+        rng, key = jax.random.split(jax.random.key(seed))
+        generate = self._generate_dense if self.model.sparsity is None else self._generate_sparse
         with timeline.span("answer"):
-            logits, cache = pipeline_steps.prefill_text(m.graphdef, m.state, cache, chunk)
-            rng, key = jax.random.split(jax.random.key(seed))
-            first = _sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
-            tokens = [np.asarray(first)[None]]
-            if max_new_tokens > 1:
-                rest, count, cache = pipeline_steps.decode_loop(
-                    m.graphdef,
-                    m.state,
-                    cache,
-                    first,
-                    jnp.int32(plan.text_start + suffix.size),
-                    jnp.int32(plan.suffix_start + suffix.size),
-                    rng,
-                    jnp.asarray(stop, jnp.int32),
-                    num_steps=max_new_tokens - 1,
-                    do_sample=params.do_sample,
-                    **knobs,
-                )
-                tokens.append(np.asarray(rest)[: int(count)])
-            lengths = np.asarray(cache.lengths)
-        token_ids = np.concatenate(tokens).astype(np.int32)
-        _, heads, _, head_dim = cache.k[0].shape
-        kv_bytes = int(lengths.sum()) * 2 * heads * head_dim * jnp.dtype(cache.dtype).itemsize
+            token_ids, kv_bytes = generate(
+                memory, chunk, suffix.size, need, max_new_tokens, params, knobs, rng, key, consume=consume
+            )
         return Answer(
             text=self.tokenizer.decode(token_ids),
             token_ids=token_ids,
             timings=timeline.timings(),
             kv_bytes=kv_bytes,
         )
+
+    def _generate_dense(self, memory, chunk, count, need, max_new_tokens, params, knobs, rng, key, *, consume):
+        """Question prefill and decoding over the pruned memory itself; ``(token ids, KV bytes held)``."""
+        m, plan = self.model, memory.plan
+        cache = memory.cache
+        if not consume or cache.capacity < need:
+            cache = cache.padded(_round_up(need, CAPACITY_BUCKET))
+        if self._sharding is not None:
+            cache = jax.device_put(cache, self._memory_shardings())  # a loaded memory arrives on one device
+        logits, cache = pipeline_steps.prefill_text(m.graphdef, m.state, cache, chunk)
+        first = _sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
+        tokens = [np.asarray(first)[None]]
+        if max_new_tokens > 1:
+            rest, generated, cache = pipeline_steps.decode_loop(
+                m.graphdef,
+                m.state,
+                cache,
+                first,
+                jnp.int32(plan.text_start + count),
+                jnp.int32(plan.suffix_start + count),
+                rng,
+                jnp.asarray(m.eos_token_ids, jnp.int32),
+                num_steps=max_new_tokens - 1,
+                do_sample=params.do_sample,
+                **knobs,
+            )
+            tokens.append(np.asarray(rest)[: int(generated)])
+        held = int(np.asarray(cache.lengths).sum())
+        _, heads, _, head_dim = cache.k[0].shape
+        return np.concatenate(tokens).astype(np.int32), held * 2 * heads * head_dim * jnp.dtype(cache.dtype).itemsize
+
+    def _generate_sparse(self, memory, chunk, count, need, max_new_tokens, params, knobs, rng, key, *, consume):
+        """The memory as a sparse decode state, then sparse question prefill and decoding (``qv_jax.runtime.sparse``);
+        ``(token ids, KV bytes held)``."""
+        m, plan, sparsity = self.model, memory.plan, self.model.sparsity
+        lengths = memory.tokens_per_layer
+        if (lengths != lengths[0]).any():
+            raise ConfigError(
+                f"this memory's layers hold different token counts ({lengths.min()}-{lengths.max()}, made with "
+                "layer_decay), which sparse decoding cannot take over; encode it without layer_decay"
+            )
+        layered = memory.cache
+        # every layer holds its tokens in slots [0, length), in prompt order: one dense cache describes them all
+        dense = KVCache(
+            k=layered.k,
+            v=layered.v,
+            segment_ids=jnp.where(layered.token_index[0] >= 0, 0, -1).astype(jnp.int32),
+            length=jnp.int32(lengths[0]),
+        )
+        cache = SparseKVCache.from_dense(dense, sparsity, capacity=max(need, layered.capacity))
+        x = model_steps.embed(m.graphdef, m.state, jnp.asarray(chunk.ids[None]))
+        segments = jnp.asarray(np.where(chunk.valid, 0, -1)[None].astype(np.int32))
+        logits, cache = sparse_steps.prefill(
+            m.graphdef, m.state, cache, x, jnp.asarray(chunk.positions[:, None]), segments, jnp.asarray([count - 1])
+        )
+        first = _sample(logits, key, do_sample=params.do_sample, **knobs)
+        stop = jnp.asarray(m.eos_token_ids, jnp.int32)
+        tokens = np.asarray(first)
+        if max_new_tokens > 1:
+            rest, _, cache = sparse_steps.decode_loop(
+                m.graphdef,
+                m.state,
+                cache,
+                first,
+                jnp.asarray([plan.text_start + count], jnp.int32),
+                jnp.isin(first, stop),
+                rng,
+                stop,
+                jnp.int32(m.pad_token_id),
+                num_steps=max_new_tokens - 1,
+                do_sample=params.do_sample,
+                **knobs,
+            )
+            tokens = np.concatenate([tokens, np.asarray(rest)[0]])
+        ended = np.flatnonzero(np.isin(tokens, np.asarray(m.eos_token_ids)))
+        token_ids = (tokens if ended.size == 0 else tokens[: ended[0] + 1]).astype(np.int32)
+        # tokens in the cache: the memory, the question and every generated token but the last
+        held = int(lengths[0]) + count + token_ids.size - 1
+        window = sparsity.sink + sparsity.local
+        text = m.config.text
+        per_token = 2 * text.head_dim * jnp.dtype(m.dtype).itemsize
+        heads = sparsity.retrieval_heads(text.num_layers, text.num_kv_heads)
+        return token_ids, sum(r * held + (text.num_kv_heads - r) * min(held, window) for r in heads) * per_token

@@ -9,6 +9,7 @@ import pytest
 from pipeline_helpers import CONFIG, VIDEO_OPTIONS, model_dir, sample_video, tiny_model
 
 import qv_jax
+from qv_jax.attention import SparsityConfig
 from qv_jax.errors import ConfigError, InputError, MemoryMismatchError
 from qv_jax.memory import VideoMemory, is_memory_dir
 from qv_jax.model.config import ModelConfig
@@ -105,10 +106,6 @@ def test_question_attention_needs_the_question_and_random_is_reproducible():
 
 def test_bad_settings_and_inputs_raise_typed_errors(qa, tmp_path):
     model = tiny_model()
-    with pytest.raises(ConfigError, match="sparse decoding"):
-        qv_jax.VideoQA(model, sparsity=object())
-    with pytest.raises(ConfigError, match="sparse decoding"):
-        qv_jax.VideoQA.from_pretrained(tmp_path, sparsity=object())
     with pytest.raises(ConfigError, match="group_frames"):
         qv_jax.VideoQA(model, group_frames=5)
     with pytest.raises(ConfigError, match="retention"):
@@ -137,3 +134,33 @@ def test_memory_fingerprint_ignores_where_weights_live():
         qa.fingerprint
     )
     assert ModelConfig.from_dict(qa.fingerprint.config) == CONFIG
+
+
+SMALL_PAGES = dict(page_size=8, logical_page_size=4, backend="xla")
+
+
+@pytest.mark.slow
+def test_sparse_decoding_takes_over_the_pruned_memory(qa, memory):
+    """A sparsity config that sees everything answers exactly like dense decoding from the same memory; one with
+    streaming heads and page selection answers from less KV, and refuses memories of the unreordered model."""
+    model = tiny_model()
+    see_all = VisionLanguageModel.random(
+        CONFIG, seed=1, tokenizer=model.tokenizer, sparsity=SparsityConfig(token_budget=None, **SMALL_PAGES)
+    )
+    dense_answer = qa.ask(memory, QUESTIONS[0], max_new_tokens=8)
+    sparse_qa = qv_jax.VideoQA(see_all, group_frames=8, **VIDEO_OPTIONS)
+    np.testing.assert_array_equal(
+        sparse_qa.ask(memory, QUESTIONS[0], max_new_tokens=8).token_ids, dense_answer.token_ids
+    )
+
+    streaming = SparsityConfig(
+        streaming_heads=[[True, False], [False, True]], sink=4, local=8, token_budget=16, **SMALL_PAGES
+    )
+    sparse = qv_jax.VideoQA.from_pretrained(model_dir(), group_frames=8, sparsity=streaming, **VIDEO_OPTIONS)
+    with pytest.raises(MemoryMismatchError, match="heads in another order"):
+        sparse.ask(memory, QUESTIONS[0])
+    answer = sparse.ask(sample_video(), QUESTIONS[0], max_new_tokens=8)
+    assert 1 <= answer.token_ids.size <= 8
+    assert answer.kv_bytes < dense_answer.kv_bytes
+    with pytest.raises(ConfigError, match="layer_decay"):
+        qv_jax.VideoQA(sparse.model, layer_decay=0.5)
