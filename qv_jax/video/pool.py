@@ -30,6 +30,10 @@ from qv_jax.errors import DecodeWorkerError
 
 START_TIMEOUT_S = 120.0  # a cold interpreter importing PyAV on a busy machine
 CANCEL_TIMEOUT_S = 5.0  # a worker checks for cancellation between packets; one packet never takes this long
+# Longest single wait for worker messages. Python runs signal handlers only in the main thread, and a Ctrl-C the
+# kernel hands to another thread (prefetch runs one) does not wake the main thread's wait: waking up this often
+# lets KeyboardInterrupt through promptly anyway.
+POLL_S = 0.2
 
 _task_ids = itertools.count()
 
@@ -240,7 +244,7 @@ def run_tasks(
         while running:
             now = time.monotonic()
             deadline = min(w.last_heard for w in running.values()) + timeout_s
-            for conn in wait(list(running), timeout=max(0.0, deadline - now)):
+            for conn in wait(list(running), timeout=min(POLL_S, max(0.0, deadline - now))):
                 worker = running[conn]
                 try:
                     message = conn.recv()
