@@ -107,6 +107,26 @@ def test_kept_tokens_follow_each_score_rule(rule):
     np.testing.assert_array_equal(np.asarray(handler.cache.lengths), MEMORY + np.asarray(keep))
 
 
+def test_a_long_memory_is_attended_in_parts():
+    """Attention read 16 slots at a time, as far as the fill, equals one call over the whole memory."""
+    rng = np.random.default_rng(4)
+    capacity, filled, T = 100, 98, 6
+    index = np.full((1, 1, capacity), -1, np.int32)
+    index[0, 0, :filled] = rng.permutation(200)[:filled]  # compacted tokens: any order, some slots empty
+    index[0, 0, 5] = -1
+    cache = LayeredKV(
+        k=(_random((B, K, capacity, H), 1),),
+        v=(_random((B, K, capacity, H), 2),),
+        token_index=jnp.asarray(index),
+        lengths=jnp.asarray([filled], jnp.int32),
+    )
+    q, q_index = _random((B, N, T, H), 3), jnp.asarray([[40, 90, 150, 199, 7, 120]])
+    whole = cache.attend(0, q, q_index, jnp.int32(filled), chunk=capacity)
+    parts = cache.attend(0, q, q_index, jnp.int32(filled), chunk=16)  # 7 parts, the last shifted back to 84
+    for a, b in zip(parts, whole, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()

@@ -17,10 +17,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention import dot_product_attention
+from qv_jax.attention import dot_product_attention, merge_attention
 from qv_jax.errors import InputError
 
 Array = jax.Array
+
+# Slots one attention call reads: a long memory is attended in parts of this many slots (see LayeredKV.attend).
+KV_CHUNK = 4096
 
 
 @jax.tree_util.register_dataclass
@@ -80,19 +83,44 @@ class LayeredKV:
         token_index = jax.lax.dynamic_update_slice(self.token_index, update, (layer, 0, start))
         return dataclasses.replace(self, token_index=token_index)
 
-    def attend(self, layer: int, q_BNTH: Array, q_index_BT: Array, *, return_lse: bool = False):
-        """Queries of prompt tokens ``q_index_BT`` over every filled slot of a layer holding an earlier token."""
-        index_BS = self.token_index[layer]
-        return dot_product_attention(
-            q_BNTH,
-            self.k[layer],
-            self.v[layer],
-            causal=True,
-            q_positions=q_index_BT,
-            kv_positions=index_BS,
-            kv_segment_ids=index_BS,
-            return_lse=return_lse,
-        )
+    def attend(
+        self, layer: int, q_BNTH: Array, q_index_BT: Array, filled: Array, *, chunk: int = KV_CHUNK
+    ) -> tuple[Array, Array]:
+        """Queries of prompt tokens ``q_index_BT`` over every slot of a layer holding an earlier token.
+
+        ``filled`` (traced) bounds the written slots. Up to ``chunk`` slots are attended in one call; a longer
+        memory is read ``chunk`` slots at a time, only as far as ``filled``, and the parts are merged by their
+        log-sum-exp, so the logits never exceed ``[heads, T, chunk]``. Returns ``(out [B, N, T, H], lse [B, N, T])``.
+        """
+        S = self.capacity
+
+        def part(start: Array, size: int, seen_before: Array) -> tuple[Array, Array]:
+            index_BS = jax.lax.dynamic_slice_in_dim(self.token_index[layer], start, size, axis=1)
+            slot_S = start + jnp.arange(size)
+            return dot_product_attention(
+                q_BNTH,
+                jax.lax.dynamic_slice_in_dim(self.k[layer], start, size, axis=2),
+                jax.lax.dynamic_slice_in_dim(self.v[layer], start, size, axis=2),
+                causal=True,
+                q_positions=q_index_BT,
+                kv_positions=index_BS,
+                # slots an earlier part covered (the last part is shifted back to fit) count once
+                kv_segment_ids=jnp.where(slot_S >= seen_before, index_BS, -1),
+                return_lse=True,
+            )
+
+        if S <= chunk:
+            return part(jnp.int32(0), S, jnp.int32(0))
+
+        def body(i, carry):
+            start = jnp.minimum(i * chunk, S - chunk)
+            return merge_attention(carry, part(start, chunk, i * chunk))
+
+        B, N, T, H = q_BNTH.shape
+        # the running output stays in float32 across parts, whatever the activation dtype
+        empty = (jnp.zeros((B, N, T, H), jnp.float32), jnp.full((B, N, T), -jnp.inf, jnp.float32))
+        out, lse = jax.lax.fori_loop(0, (filled + chunk - 1) // chunk, body, empty)
+        return out.astype(q_BNTH.dtype), lse
 
     def trimmed(self, capacity: int) -> LayeredKV:
         """The first ``capacity`` slots of every layer (must cover every layer's fill)."""
@@ -137,4 +165,4 @@ class AppendAttention:
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         start = self._cache.lengths[layer]
         self._cache = self._cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
-        return self._cache.attend(layer, q_BNTH, self.q_index)
+        return self._cache.attend(layer, q_BNTH, self.q_index, start + k_BKTH.shape[2])[0]

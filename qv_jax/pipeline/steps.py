@@ -93,12 +93,10 @@ class GroupPruneAttention:
         n, cache = self.n, self._cache
         start = cache.lengths[layer]
         cache = cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
+        out, lse_BNT = cache.attend(layer, q_BNTH, self.q_index, start + k_BKTH.shape[2])
         question = None
         if self.rule == "question_attention":
-            out, lse_BNT = cache.attend(layer, q_BNTH, self.q_index, return_lse=True)
             question = (q_BNTH[:, :, n:], lse_BNT[:, :, n:], self.valid[:, n:])
-        else:
-            out = cache.attend(layer, q_BNTH, self.q_index)
         if self.rule != "none":
             scores_Bn = token_scores(
                 self.rule,
