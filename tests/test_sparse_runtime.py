@@ -100,6 +100,7 @@ def reference_logits(m, ids, seg, pos, dense_until=0):
     return np.asarray(model.text.logits(h))[:, PROMPT - 1 : PROMPT + NEW - 1]
 
 
+@pytest.mark.slow
 def test_streaming_heads_equal_dense_attention_restricted_to_sink_and_recent_tokens():
     ids, seg, pos = make_batch(1)
     cfg = SparsityConfig(streaming_heads=STREAMING, sink=SINK, local=LOCAL, token_budget=None, **SMALL)
@@ -160,6 +161,7 @@ def sparse_model():
     return VisionLanguageModel.random(CONFIG, seed=4, sparsity=cfg)
 
 
+@pytest.mark.slow
 def test_greedy_generation_with_streaming_heads_and_page_selection(sparse_model):
     m = sparse_model
     ids = np.random.default_rng(5).integers(0, 400, (2, 30))
@@ -194,6 +196,7 @@ def test_greedy_generation_with_streaming_heads_and_page_selection(sparse_model)
     np.testing.assert_array_equal(out.sequences[:, 30:], np.stack(greedy, axis=1))
 
 
+@pytest.mark.slow
 def test_load_model_with_sparsity(sparse_model, tmp_path):
     plain = VisionLanguageModel.random(CONFIG, seed=4)
     plain.save(tmp_path / "ckpt")

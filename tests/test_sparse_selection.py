@@ -7,6 +7,8 @@ context fits the budget, and reuse a selection for reselect_every steps unless t
 Small integer queries and keys make every score exact, so ties are real ties.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,18 +186,17 @@ def test_handlers_match_numpy_attention_and_page_selection():
     assert reselections > 2 * 10  # every 3 steps plus page boundaries, per row and head
 
 
-@pytest.mark.parametrize("backend", ["interpret"])
-def test_decode_handler_on_the_interpreted_kernels_matches_xla(backend):
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_decode_handler_on_the_interpreted_kernels_matches_xla(kernel):
     rng = np.random.default_rng(2)
-    caches = {}
-    for name in ("xla", backend):
-        cfg = LAYOUT.__class__(**{**LAYOUT.__dict__, "backend": name})
-        caches[name] = SparseKVCache.create(cfg, num_kv_heads=K, batch=B, capacity=80, head_dim=H)
+    configs = {"xla": LAYOUT, "interpret": dataclasses.replace(LAYOUT, backend="interpret", kernel=kernel)}
     q, k, v = random_qkv(rng, 32)
-    outs = {}
-    for name, cache in caches.items():
+    step = random_qkv(rng, 1)
+    outs, caches = {}, {}
+    for name, cfg in configs.items():
+        cache = SparseKVCache.create(cfg, num_kv_heads=K, batch=B, capacity=80, head_dim=H)
         _, cache = prefill_layer(cache, q, k, v, jnp.zeros((B, 32), jnp.int32))
-        step = random_qkv(np.random.default_rng(3), 1)
-        outs[name], caches[name] = decode_layer(cache, *step)
-    np.testing.assert_allclose(np.asarray(outs[backend]), np.asarray(outs["xla"]), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(caches[backend].selected[0]), np.asarray(caches["xla"].selected[0]))
+        outs[name], caches[name] = decode_layer(cache, *step)  # 33 slots > budget: scores and selects
+    np.testing.assert_allclose(np.asarray(outs["interpret"]), np.asarray(outs["xla"]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(caches["interpret"].selected[0]), np.asarray(caches["xla"].selected[0]))
