@@ -119,7 +119,8 @@ def run_with_bars(qa, video: Path, work):
         return work(bars)
 
 
-def print_answer(answer, out=sys.stdout) -> None:
+def print_answer(answer, out=None) -> None:
+    out = sys.stdout if out is None else out  # looked up at call time: the caller may have redirected it
     print(answer.text, file=out)
     print(file=out)
     print(answer.timings.table(), file=out)
