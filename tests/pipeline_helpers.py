@@ -39,10 +39,11 @@ def tokenizer_dir() -> Path:
 
 
 @functools.cache
-def tiny_model(seed: int = 1, dtype: str = "float32") -> VisionLanguageModel:
+def tiny_model(seed: int = 1, dtype: str = "float32", variant: str = "qwen2_5_vl") -> VisionLanguageModel:
     from qv_jax.model.tokenizer import Tokenizer
 
-    return VisionLanguageModel.random(CONFIG, seed=seed, dtype=dtype, tokenizer=Tokenizer.from_dir(tokenizer_dir()))
+    config = CONFIG if variant == "qwen2_5_vl" else ModelConfig.tiny(variant)  # same special token ids
+    return VisionLanguageModel.random(config, seed=seed, dtype=dtype, tokenizer=Tokenizer.from_dir(tokenizer_dir()))
 
 
 @functools.cache

@@ -133,10 +133,12 @@ def model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group_frames", [4, 8])
-def test_full_retention_matches_one_full_prefill(model, group_frames):
+@pytest.mark.parametrize("group_frames, variant", [(4, "qwen2_5_vl"), (8, "qwen2_5_vl"), (8, "qwen2_vl")])
+def test_full_retention_matches_one_full_prefill(group_frames, variant):
     """20 frames in groups of 4 (5 groups) or 8 (8 + 8 + 4, the last padded): with every token kept, the question's
-    logits and the greedy answer equal one prefill of the whole prompt by the plain model."""
+    logits and the greedy answer equal one prefill of the whole prompt by the plain model (Qwen2.5-VL, and
+    Qwen2-VL with its own position rule)."""
+    model = tiny_model(variant=variant)
     video, question = sample_video(), "What happens in the video?"
     qa = VideoQA(model, group_frames=group_frames, retention=1.0, **VIDEO_OPTIONS)
     frame_plan, plan = qa.plan(video)
