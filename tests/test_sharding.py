@@ -10,6 +10,7 @@ as a script (``python tests/test_sharding.py WORKDIR``) and writes its results f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -61,6 +62,21 @@ def video_batch(config: ModelConfig, batch: int = 8):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": patches, "video_grid_thw": grid}
 
 
+def attention_operands():
+    """q ``[2, 16, 256, 16]`` over 8 KV heads, one pattern per KV head (dense, streaming, strided: each pair of
+    shards of a 4-way split sees a different mix), key padding at the end of the second row."""
+    from qv_jax.attention import HeadPattern
+
+    rng = np.random.default_rng(1)
+    B, N, K, T, D = 2, 16, 8, 256, 16
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((B, N, T, D), (B, K, T, D), (B, K, T, D)))
+    stream, strided = HeadPattern.streaming(16, 64), HeadPattern.strided(1, 2, 0, 64)
+    patterns = (HeadPattern.dense(), stream, stream, stream, strided, HeadPattern.dense(), stream, stream)
+    segments = np.zeros((B, T), np.int32)
+    segments[1, 200:] = -1
+    return q, k, v, patterns, segments
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The 8-device worker (runs as a script in a subprocess)
 
@@ -85,6 +101,7 @@ def _param_bytes(model) -> list[dict]:
 def _worker(workdir: Path) -> None:
     from flax import nnx
 
+    from qv_jax.attention.sharded import sharded_sparse_attention
     from qv_jax.runtime import VisionLanguageModel, load_model
     from qv_jax.sharding import bytes_per_device
 
@@ -141,6 +158,21 @@ def _worker(workdir: Path) -> None:
     arrays["hf_logits"] = hf_sharded.forward(np.array(hf_inputs))
     out["hf_kv_repeat"] = hf_sharded.plan.kv_repeat
     out["hf_cache_spec"] = str(hf_sharded.new_cache(2, 64).k[0].sharding.spec)
+
+    # Pallas kernels per shard: KV heads with different patterns on different shards
+    q, k, v, patterns, segments = attention_operands()
+    for data, model in ((2, 4), (1, 8)):
+        mesh = qv_jax.make_mesh(data=data, model=model)
+        for backend in ("xla", "interpret"):
+            run = jax.jit(
+                functools.partial(
+                    sharded_sparse_attention, patterns=patterns, backend=backend, mesh=mesh, return_lse=True
+                )
+            )
+            attn, lse = run(q, k, v, segment_ids=segments)
+            arrays[f"attn_{backend}_{data}x{model}"] = np.asarray(attn)
+            arrays[f"attn_lse_{backend}_{data}x{model}"] = np.asarray(lse)
+            out[f"attn_heads_axis_{data}x{model}"] = attn.sharding.spec[1]
 
     # meshes and the head rule on the real device count
     out["default_mesh"] = dict(qv_jax.make_mesh().shape)
@@ -261,6 +293,22 @@ def test_meshes_and_head_rule_on_eight_devices(sharded_run):
     assert errors["7b_on_8"].startswith("ShardingError") and "[1, 2, 4, 28]" in errors["7b_on_8"]
     # Qwen2.5-VL-3B: 16 / 2 heads: each KV head replicated 4 times
     assert errors["3b_on_8"] == "ok kv_repeat=4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ((2, 4), (1, 8)), ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("backend", ("xla", "interpret"))
+def test_sparse_attention_runs_per_shard(sharded_run, mesh, backend):
+    from qv_jax.attention import sparse_attention
+
+    results, arrays = sharded_run
+    key = f"{mesh[0]}x{mesh[1]}"
+    q, k, v, patterns, segments = attention_operands()
+    ref, ref_lse = sparse_attention(q, k, v, patterns, segments, backend="xla", return_lse=True)
+    np.testing.assert_allclose(arrays[f"attn_{backend}_{key}"], ref, atol=2e-5, rtol=2e-5)
+    seen = np.isfinite(ref_lse)
+    np.testing.assert_allclose(arrays[f"attn_lse_{backend}_{key}"][seen], np.asarray(ref_lse)[seen], atol=2e-5)
+    assert results[f"attn_heads_axis_{key}"] == "model"
 
 
 def test_head_rule_without_devices():

@@ -1,0 +1,134 @@
+"""Attention kernels run per shard on a mesh: ``shard_map`` over KV heads (``"model"``) and rows (``"data"``).
+
+XLA's partitioner splits the jnp attention of ``qv_jax.attention.dense`` by itself, but a Pallas kernel is opaque
+to it: left alone it would be gathered onto every device and run whole. Here each device runs the kernel on its
+own KV heads (and the query heads of their groups) and rows; attention never mixes heads or rows, so no
+communication is needed and the result is exactly the unsharded one.
+
+Per-head patterns differ from shard to shard (DuoAttention streaming heads, LongGen offsets), and a kernel's block
+tables are static. Each distinct set of local patterns gets its own kernel, and each device picks its own with
+``lax.switch`` on its position along ``"model"``: shards with the same patterns share one compiled kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from qv_jax.attention.patterns import HeadPattern, normalize_patterns
+from qv_jax.attention.sparse import sparse_attention
+from qv_jax.errors import ShardingError
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+Array = jax.Array
+
+
+def layout_spec(layout: str | None, mesh: Mesh, batch: int) -> P:
+    """The partition spec of an array described by letters: ``B`` rows (on ``"data"`` when it divides ``batch``),
+    ``H`` KV or query heads (on ``"model"``), anything else unsplit; ``None`` is a replicated operand."""
+    if layout is None:
+        return P()
+    rows = DATA_AXIS if batch % mesh.shape[DATA_AXIS] == 0 else None
+    return P(*(rows if c == "B" else MODEL_AXIS if c == "H" else None for c in layout))
+
+
+def shard_heads(
+    fn: Callable, mesh: Mesh, *, batch: int, in_layouts: Sequence[str | None], out_layouts: str | Sequence[str]
+) -> Callable:
+    """``fn`` run on each device's rows and heads: operands and results described by :func:`layout_spec` letters.
+
+    ``fn`` sees local shapes (``H / model`` heads, ``B / data`` rows) and must not mix heads or rows.
+    """
+    in_specs = tuple(layout_spec(layout, mesh, batch) for layout in in_layouts)
+    if isinstance(out_layouts, str):
+        out_specs = layout_spec(out_layouts, mesh, batch)
+    else:
+        out_specs = tuple(layout_spec(layout, mesh, batch) for layout in out_layouts)
+    # Pallas calls carry no varying-axes annotations, so the shard_map type check cannot follow them
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def check_heads(num_kv_heads: int, mesh: Mesh) -> int:
+    """KV heads per device; :class:`ShardingError` unless the model axis divides ``num_kv_heads``."""
+    model = mesh.shape[MODEL_AXIS]
+    if num_kv_heads % model:
+        raise ShardingError(
+            f"{num_kv_heads} KV heads cannot be split over a model axis of {model} (lay the model out with "
+            "qv_jax.sharding, which replicates KV heads so the axis divides them)"
+        )
+    return num_kv_heads // model
+
+
+def sharded_sparse_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    patterns: HeadPattern | Sequence[HeadPattern],
+    segment_ids=None,
+    causal: bool = True,
+    backend: str = "pallas",
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    *,
+    mesh: Mesh,
+    kernel: str | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
+    """:func:`~qv_jax.attention.sparse_attention` with each device running its own KV heads and rows.
+
+    Same arguments and results as ``sparse_attention`` (``patterns`` one per KV head of the whole ``k``), plus the
+    ``mesh``. Segment ids may be ``None``, key ids ``[B, S]`` or a pair ``(q ids [B, T], kv ids [B, S])``. On CPU,
+    ``backend="interpret"`` interprets the GPU kernel unless ``kernel`` says otherwise.
+    """
+    B, Hkv = k.shape[0], k.shape[1]
+    local = check_heads(Hkv, mesh)
+    patterns = normalize_patterns(patterns, Hkv)
+    shard_patterns = [patterns[i * local : (i + 1) * local] for i in range(Hkv // local)]
+    variants = list(dict.fromkeys(shard_patterns))
+    branch_of_shard = [variants.index(p) for p in shard_patterns]
+
+    segments: tuple[Array, ...] = ()
+    seg_layouts: tuple[str, ...] = ()
+    if isinstance(segment_ids, tuple | list):
+        segments = tuple(jnp.broadcast_to(jnp.asarray(s), (B, s.shape[-1])) for s in segment_ids)
+        seg_layouts = ("BT", "BS")
+    elif segment_ids is not None:
+        segments = (jnp.broadcast_to(jnp.asarray(segment_ids), (B, segment_ids.shape[-1])),)
+        seg_layouts = ("BS",)
+
+    if backend == "interpret" and kernel is None:
+        # the TPU interpreter simulates every device of a shard_map with barriers between them, which hangs when
+        # XLA's CPU client does not run all the shards at once; the GPU kernel interprets shard by shard
+        kernel = "gpu"
+    run = functools.partial(
+        sparse_attention,
+        causal=causal,
+        backend=backend,
+        block_q=block_q,
+        block_kv=block_kv,
+        kernel=kernel,
+        scale=scale,
+        return_lse=True,
+    )
+
+    def per_shard(q, k, v, *segs):
+        local_segments = None if not segs else (segs if len(segs) == 2 else segs[0])
+        branches = [functools.partial(run, q, k, v, p, local_segments) for p in variants]
+        if len(branches) == 1:
+            return branches[0]()
+        index = jnp.asarray(branch_of_shard, jnp.int32)[jax.lax.axis_index(MODEL_AXIS)]
+        return jax.lax.switch(index, branches)
+
+    fn = shard_heads(
+        per_shard, mesh, batch=B, in_layouts=("BHTD", "BHSD", "BHSD", *seg_layouts), out_layouts=("BHTD", "BHT")
+    )
+    out, lse = fn(q, k, v, *segments)
+    return (out, lse) if return_lse else out
