@@ -8,9 +8,12 @@ kernels (``interpret`` on CPU, ``pallas`` on TPU / GPU), like ``sparse_attention
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from qv_jax.attention.sharded import per_shard
 from qv_jax.attention.sparse import BACKENDS, KERNELS, default_kernel
 from qv_jax.errors import InputError
 from qv_jax.kernels import paged_decode
@@ -52,17 +55,18 @@ def paged_decode_attention(
     split the list (split-K) and merge the parts by log-sum-exp (see ``kernels/paged_decode.py``).
     """
     impl, interpret = kernel_impl(backend, kernel)
-    return paged_decode.paged_decode_attention(
-        q,
-        k_pages,
-        v_pages,
-        token_valid,
-        page_indices,
-        page_counts,
-        scale=scale,
-        impl=impl,
-        interpret=interpret,
-        num_splits=num_splits,
+    run = functools.partial(
+        paged_decode.paged_decode_attention, scale=scale, impl=impl, interpret=interpret, num_splits=num_splits
+    )
+    operands = (q, k_pages, v_pages, token_valid, page_indices, page_counts)
+    if impl == "reference":
+        return run(*operands)
+    # on a sharded model each device runs the kernel on its own heads and rows (XLA cannot partition Pallas calls)
+    return per_shard(
+        run,
+        *operands,
+        in_layouts=("BHGD", "BHNPD", "BHNPD", "BNP", "BHN", "BH"),
+        out_layouts=("BHGD", "BHG"),
     )
 
 

@@ -19,10 +19,13 @@ tokens whose per-channel key minimum and maximum are kept up to date. At a decod
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from qv_jax.attention.decode import kernel_impl
+from qv_jax.attention.sharded import per_shard
 from qv_jax.kernels.page_select import logical_page_scores
 
 Array = jax.Array
@@ -44,7 +47,13 @@ def page_scores(
     page); ``NL = NP * logical_pages_per_page``.
     """
     impl, interpret = kernel_impl(backend, kernel)
-    logical = logical_page_scores(q, k_min, k_max, page_valid, impl=impl, interpret=interpret)
+    score = functools.partial(logical_page_scores, impl=impl, interpret=interpret)
+    if impl == "reference":
+        logical = score(q, k_min, k_max, page_valid)
+    else:  # on a sharded model each device scores its own heads and rows (XLA cannot partition Pallas calls)
+        logical = per_shard(
+            score, q, k_min, k_max, page_valid, in_layouts=("BHGD", "BHLD", "BHLD", "BL"), out_layouts="BHL"
+        )
     B, K, NL = logical.shape
     return jnp.max(logical.reshape(B, K, NL // logical_pages_per_page, logical_pages_per_page), axis=-1)
 

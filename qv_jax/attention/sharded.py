@@ -17,12 +17,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from qv_jax.attention.patterns import HeadPattern, normalize_patterns
 from qv_jax.attention.sparse import sparse_attention
-from qv_jax.errors import ShardingError
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -30,40 +28,86 @@ MODEL_AXIS = "model"
 Array = jax.Array
 
 
-def layout_spec(layout: str | None, mesh: Mesh, batch: int) -> P:
+def layout_spec(layout: str | None, mesh, batch: int, *, split_heads: bool = True) -> P:
     """The partition spec of an array described by letters: ``B`` rows (on ``"data"`` when it divides ``batch``),
-    ``H`` KV or query heads (on ``"model"``), anything else unsplit; ``None`` is a replicated operand."""
+    ``H`` KV or query heads (on ``"model"`` when ``split_heads``), anything else unsplit; ``None`` is a replicated
+    operand."""
     if layout is None:
         return P()
     rows = DATA_AXIS if batch % mesh.shape[DATA_AXIS] == 0 else None
-    return P(*(rows if c == "B" else MODEL_AXIS if c == "H" else None for c in layout))
+    heads = MODEL_AXIS if split_heads else None
+    return P(*(rows if c == "B" else heads if c == "H" else None for c in layout))
+
+
+def _specs(layouts, mesh, batch: int, split_heads: bool):
+    if layouts is None or isinstance(layouts, str):
+        return layout_spec(layouts, mesh, batch, split_heads=split_heads)
+    return tuple(layout_spec(layout, mesh, batch, split_heads=split_heads) for layout in layouts)
 
 
 def shard_heads(
-    fn: Callable, mesh: Mesh, *, batch: int, in_layouts: Sequence[str | None], out_layouts: str | Sequence[str]
+    fn: Callable,
+    mesh,
+    *,
+    batch: int,
+    in_layouts: Sequence[str | None],
+    out_layouts: str | Sequence[str],
+    split_heads: bool = True,
 ) -> Callable:
     """``fn`` run on each device's rows and heads: operands and results described by :func:`layout_spec` letters.
 
     ``fn`` sees local shapes (``H / model`` heads, ``B / data`` rows) and must not mix heads or rows.
     """
-    in_specs = tuple(layout_spec(layout, mesh, batch) for layout in in_layouts)
-    if isinstance(out_layouts, str):
-        out_specs = layout_spec(out_layouts, mesh, batch)
-    else:
-        out_specs = tuple(layout_spec(layout, mesh, batch) for layout in out_layouts)
     # Pallas calls carry no varying-axes annotations, so the shard_map type check cannot follow them
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=_specs(tuple(in_layouts), mesh, batch, split_heads),
+        out_specs=_specs(out_layouts, mesh, batch, split_heads),
+        check_vma=False,
+    )
 
 
-def check_heads(num_kv_heads: int, mesh: Mesh) -> int:
-    """KV heads per device; :class:`ShardingError` unless the model axis divides ``num_kv_heads``."""
+def context_mesh():
+    """The qv-jax mesh of the enclosing ``jax.set_mesh`` (as the runtime sets it for a sharded model), or ``None``:
+    no mesh, a single device, or already inside a ``shard_map``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != (DATA_AXIS, MODEL_AXIS):
+        return None
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return None
+    return mesh
+
+
+def per_shard(
+    fn: Callable, *operands: Array, in_layouts: Sequence[str | None], out_layouts: str | Sequence[str]
+) -> Array | tuple[Array, ...]:
+    """``fn(*operands)``, run per shard when a context mesh is set (see :func:`context_mesh`), else directly.
+
+    For kernels XLA cannot partition (Pallas calls). Layouts as in :func:`layout_spec`, ``B`` taken from the first
+    operand's leading dimension. Heads are split when the model axis divides every ``H`` dimension; otherwise each
+    device runs all heads of its rows (still correct; the partitioner gathers the heads first).
+    """
+    mesh = context_mesh()
+    if mesh is None:
+        return fn(*operands)
     model = mesh.shape[MODEL_AXIS]
-    if num_kv_heads % model:
-        raise ShardingError(
-            f"{num_kv_heads} KV heads cannot be split over a model axis of {model} (lay the model out with "
-            "qv_jax.sharding, which replicates KV heads so the axis divides them)"
-        )
-    return num_kv_heads // model
+    split = all(
+        x.shape[i] % model == 0
+        for x, layout in zip(operands, in_layouts, strict=True)
+        if layout is not None
+        for i, c in enumerate(layout)
+        if c == "H"
+    )
+    run = shard_heads(
+        fn,
+        mesh,
+        batch=operands[0].shape[0],
+        in_layouts=in_layouts,
+        out_layouts=out_layouts,
+        split_heads=split,
+    )
+    return run(*operands)
 
 
 def sharded_sparse_attention(
@@ -77,7 +121,7 @@ def sharded_sparse_attention(
     block_q: int | None = None,
     block_kv: int | None = None,
     *,
-    mesh: Mesh,
+    mesh,
     kernel: str | None = None,
     scale: float | None = None,
     return_lse: bool = False,
@@ -85,11 +129,13 @@ def sharded_sparse_attention(
     """:func:`~qv_jax.attention.sparse_attention` with each device running its own KV heads and rows.
 
     Same arguments and results as ``sparse_attention`` (``patterns`` one per KV head of the whole ``k``), plus the
-    ``mesh``. Segment ids may be ``None``, key ids ``[B, S]`` or a pair ``(q ids [B, T], kv ids [B, S])``. On CPU,
+    ``mesh`` (a model axis that does not divide the KV heads leaves every device all heads of its rows). Segment
+    ids may be ``None``, key ids ``[B, S]`` or a pair ``(q ids [B, T], kv ids [B, S])``. On CPU,
     ``backend="interpret"`` interprets the GPU kernel unless ``kernel`` says otherwise.
     """
     B, Hkv = k.shape[0], k.shape[1]
-    local = check_heads(Hkv, mesh)
+    split_heads = Hkv % mesh.shape[MODEL_AXIS] == 0
+    local = Hkv // mesh.shape[MODEL_AXIS] if split_heads else Hkv
     patterns = normalize_patterns(patterns, Hkv)
     shard_patterns = [patterns[i * local : (i + 1) * local] for i in range(Hkv // local)]
     variants = list(dict.fromkeys(shard_patterns))
@@ -119,7 +165,7 @@ def sharded_sparse_attention(
         return_lse=True,
     )
 
-    def per_shard(q, k, v, *segs):
+    def local_attention(q, k, v, *segs):
         local_segments = None if not segs else (segs if len(segs) == 2 else segs[0])
         branches = [functools.partial(run, q, k, v, p, local_segments) for p in variants]
         if len(branches) == 1:
@@ -128,7 +174,12 @@ def sharded_sparse_attention(
         return jax.lax.switch(index, branches)
 
     fn = shard_heads(
-        per_shard, mesh, batch=B, in_layouts=("BHTD", "BHSD", "BHSD", *seg_layouts), out_layouts=("BHTD", "BHT")
+        local_attention,
+        mesh,
+        batch=B,
+        in_layouts=("BHTD", "BHSD", "BHSD", *seg_layouts),
+        out_layouts=("BHTD", "BHT"),
+        split_heads=split_heads,
     )
     out, lse = fn(q, k, v, *segments)
     return (out, lse) if return_lse else out

@@ -164,6 +164,25 @@ def sparse_attention(
         kernel = default_kernel() if backend == "pallas" else "tpu"
     if kernel not in KERNELS:
         raise InputError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    from qv_jax.attention.sharded import context_mesh, sharded_sparse_attention  # sharded imports this module
+
+    mesh = context_mesh()
+    if mesh is not None:  # a sharded model: XLA cannot partition a Pallas call, run it per shard
+        return sharded_sparse_attention(
+            q,
+            k,
+            v,
+            patterns,
+            segment_ids,
+            causal,
+            backend,
+            block_q,
+            block_kv,
+            mesh=mesh,
+            kernel=kernel,
+            scale=scale,
+            return_lse=return_lse,
+        )
     default_q, default_kv = DEFAULT_BLOCKS[kernel]
     tables = block_tables(
         patterns,
