@@ -62,6 +62,24 @@ ParamPath = tuple[str | int, ...]
 _KV_HEAD_AXIS = {"k": 1, "v": 1, "k_bias": 0, "v_bias": 0}
 
 
+# How the fields of the sparse decoding cache (``qv_jax.cache.sparse.SparseKVCache``) lie on a mesh, in the
+# letters of ShardingPlan.layout_sharding: pools, key statistics and page lists by row and KV head.
+SPARSE_CACHE_LAYOUTS = {
+    "k": "BH..",
+    "v": "BH..",
+    "k_min": "BH..",
+    "k_max": "BH..",
+    "stream_k": "BH..",
+    "stream_v": "BH..",
+    "selected": "BH.",
+    "segment_ids": "B.",
+    "stream_slot": "B.",
+    "num_valid": "B",
+    "length": "",
+    "selected_at": "",
+}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Meshes
 
@@ -360,6 +378,57 @@ class ShardingPlan:
         entries[batch_dim] = self.batch_axis(batch)
         entries[head_dim] = MODEL_AXIS
         return self.sharding(P(*entries))
+
+    def layout_sharding(self, shape: Sequence[int], layout: str) -> NamedSharding:
+        """Sharding of an array described by letters, one per dimension: ``B`` rows (on ``"data"`` when it divides
+        them), ``H`` KV heads (on ``"model"`` when it divides them), anything else whole."""
+        entries = []
+        for letter, dim in zip(layout, shape, strict=True):
+            if letter == "B":
+                entries.append(self.batch_axis(dim))
+            elif letter == "H":
+                entries.append(MODEL_AXIS if dim % self.model_size == 0 else None)
+            else:
+                entries.append(None)
+        return self.sharding(P(*entries))
+
+    def tree_shardings(self, cache, layouts: dict[str, str]):
+        """Shardings of a dataclass cache (or its ``jax.eval_shape``) whose fields are arrays or tuples of arrays
+        (one per layer), each laid out as ``layouts[field]`` (:meth:`layout_sharding` letters)."""
+        changes = {}
+        for field, layout in layouts.items():
+            value = getattr(cache, field)
+            if isinstance(value, tuple):
+                changes[field] = tuple(self.layout_sharding(x.shape, layout) for x in value)
+            else:
+                changes[field] = self.layout_sharding(value.shape, layout)
+        return dataclasses.replace(cache, **changes)
+
+    def new_sparse_cache(self, sparsity, batch: int, capacity: int, dtype=jnp.float32):
+        """An empty ``SparseKVCache`` (``sparsity`` in the model's retrieval-first head order) created in its shards:
+        a layer's paged pool, key min / max and page lists split by KV head when the model axis divides its
+        retrieval heads, its streaming pool likewise for its streaming heads, otherwise whole per row shard."""
+        from qv_jax.cache.sparse import SparseKVCache
+
+        text = self.config.text
+        create = functools.partial(
+            SparseKVCache.create,
+            sparsity,
+            num_kv_heads=text.num_kv_heads,
+            batch=batch,
+            capacity=capacity,
+            head_dim=text.head_dim,
+            dtype=dtype,
+            num_layers=text.num_layers,
+        )
+        cache = jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), SPARSE_CACHE_LAYOUTS))()
+        # replicas of a KV head must select the same pages as the head would (see SparseLayout.kv_repeat)
+        return dataclasses.replace(cache, layout=dataclasses.replace(cache.layout, kv_repeat=self.kv_repeat))
+
+    def reshard(self, state: nnx.State) -> nnx.State:
+        """A running-layout state (e.g. transformed on device) moved back to the planned parameter shardings."""
+        values = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+        return self.build({p: jax.device_put(x, self.param_shardings[p]) for p, x in values.items()})[1]
 
     def cache_shardings(self, batch: int, num_layers: int) -> KVCache:
         """Shardings of a dense :class:`KVCache`, as a ``KVCache`` of shardings: k / v ``[B, K, S, H]`` by KV head

@@ -62,6 +62,23 @@ def video_batch(config: ModelConfig, batch: int = 8):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": patches, "video_grid_thw": grid}
 
 
+def sparse_config(backend: str):
+    """Layer 0 all retrieval heads, layer 1 one streaming head of two; pages of 16 tokens, a 32-token budget."""
+    from qv_jax.attention import SparsityConfig
+
+    return SparsityConfig(
+        streaming_heads=[[False, False], [True, False]],
+        sink=4,
+        local=8,
+        page_size=16,
+        logical_page_size=4,
+        token_budget=32,
+        reselect_every=2,
+        backend=backend,
+        kernel=None if backend == "xla" else "gpu",
+    )
+
+
 def attention_operands():
     """q ``[2, 16, 256, 16]`` over 8 KV heads, one pattern per KV head (dense, streaming, strided: each pair of
     shards of a 4-way split sees a different mix), key padding at the end of the second row."""
@@ -158,6 +175,22 @@ def _worker(workdir: Path) -> None:
     arrays["hf_logits"] = hf_sharded.forward(np.array(hf_inputs))
     out["hf_kv_repeat"] = hf_sharded.plan.kv_repeat
     out["hf_cache_spec"] = str(hf_sharded.new_cache(2, 64).k[0].sharding.spec)
+
+    # sparse decoding (streaming heads, page selection active past the 32-token budget) on a mesh
+    for backend in ("xla", "interpret"):
+        sparsity = sparse_config(backend)
+        arrays[f"sparse_ref_{backend}"] = VisionLanguageModel.random(config, seed=3, sparsity=sparsity).generate(
+            **inputs, **gen
+        )
+        for data, model in ((2, 4), (1, 8)):
+            m = VisionLanguageModel.random(config, seed=3, sparsity=sparsity, mesh=qv_jax.make_mesh(data, model))
+            arrays[f"sparse_{backend}_{data}x{model}"] = m.generate(**inputs, **gen)
+            cache = m.new_sparse_cache(8, 64)
+            out[f"sparse_specs_{data}x{model}"] = [
+                list(cache.k[0].sharding.spec),  # layer 0: retrieval heads only, split
+                list(cache.k[1].sharding.spec),  # layer 1: half and half, not divisible: whole per row shard
+                cache.layout.kv_repeat,
+            ]
 
     # Pallas kernels per shard: KV heads with different patterns on different shards
     q, k, v, patterns, segments = attention_operands()
@@ -309,6 +342,18 @@ def test_sparse_attention_runs_per_shard(sharded_run, mesh, backend):
     seen = np.isfinite(ref_lse)
     np.testing.assert_allclose(arrays[f"attn_lse_{backend}_{key}"][seen], np.asarray(ref_lse)[seen], atol=2e-5)
     assert results[f"attn_heads_axis_{key}"] == "model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ((2, 4), (1, 8)), ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("backend", ("xla", "interpret"))
+def test_sparse_decoding_on_a_mesh_gives_the_unsharded_tokens(sharded_run, mesh, backend):
+    results, arrays = sharded_run
+    key = f"{mesh[0]}x{mesh[1]}"
+    np.testing.assert_array_equal(arrays[f"sparse_{backend}_{key}"], arrays[f"sparse_ref_{backend}"])
+    retrieval_only, mixed, repeat = results[f"sparse_specs_{key}"]
+    assert retrieval_only[:2] == ["data", "model"] and mixed[:2] == ["data", None]
+    assert repeat == mesh[1] // 2
 
 
 def test_head_rule_without_devices():

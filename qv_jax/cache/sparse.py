@@ -55,6 +55,9 @@ class SparseLayout:
     backend: str
     kernel: str | None
     capacity_multiple: int
+    # consecutive KV heads that are replicas of one stored head (set on a mesh by qv_jax.sharding): they score pages
+    # with their whole query group together, so they select what the unreplicated head would
+    kv_repeat: int = 1
 
     @classmethod
     def from_config(cls, sparsity: SparsityConfig) -> SparseLayout:

@@ -229,6 +229,10 @@ class SparseDecodeAttention:
                 backend=lay.backend,
                 kernel=lay.kernel,
             )
+            if lay.kv_repeat > 1:  # replicas of a KV head (a mesh layout) take the best score of their group
+                _, _, NP = scores.shape
+                grouped = scores.reshape(B, R // lay.kv_repeat, lay.kv_repeat, NP).max(axis=2, keepdims=True)
+                scores = jnp.broadcast_to(grouped, (B, R // lay.kv_repeat, lay.kv_repeat, NP)).reshape(B, R, NP)
             return top_pages(scores, (self._length - 1) // lay.page_size, cache.selected[layer].shape[2])
 
         top = jax.lax.cond(self._select, select, lambda: cache.selected[layer])

@@ -10,6 +10,7 @@ video continues at ``max(positions so far) + 1`` (see docs/positions.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -95,11 +96,15 @@ class VisionLanguageModel:
         self.plan = plan
         self.sparsity = None
         if sparsity is not None:
-            if plan is not None:
-                raise ConfigError("sparsity on a device mesh is not supported yet; load without mesh= or sparsity=")
             t = config.text
-            mask = sparsity.streaming_mask(t.num_layers, t.num_kv_heads)
+            repeat = 1 if plan is None else plan.kv_repeat
+            # the mask names the stored KV heads; a mesh's replicas of a head (qv_jax.sharding) share its role
+            mask = np.repeat(sparsity.streaming_mask(t.num_layers, t.num_kv_heads // repeat), repeat, axis=1)
             self.state = reorder_heads(state, mask, num_heads=t.num_heads)
+            if plan is not None:
+                self.state = plan.reshard(self.state)
+            if sparsity.streaming_heads is not None:
+                sparsity = dataclasses.replace(sparsity, streaming_heads=mask)
             self.sparsity = sparsity.retrieval_first()
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -134,6 +139,8 @@ class VisionLanguageModel:
 
     def shard(self, mesh: jax.sharding.Mesh) -> VisionLanguageModel:
         """The same model laid out on ``mesh`` (tensor by tensor; see ``qv_jax.sharding`` for the head rule)."""
+        if self.sparsity is not None:
+            raise ConfigError("shard() keeps no sparsity config; load with load_model(path, mesh=, sparsity=)")
         plan = ShardingPlan.create(self.checkpoint_config, mesh)
         state = self.state if self.plan is None else self.plan.checkpoint_state(self.state)
         return VisionLanguageModel(
@@ -237,6 +244,8 @@ class VisionLanguageModel:
         """An empty sparse KV cache (needs ``sparsity``) for ``capacity`` slots, rounded up to whole pages."""
         if self.sparsity is None:
             raise ConfigError("this model has no sparsity config (load_model(..., sparsity=SparsityConfig(...)))")
+        if self.plan is not None:
+            return self.plan.new_sparse_cache(self.sparsity, batch, capacity, self.dtype)
         t = self.config.text
         return SparseKVCache.create(
             self.sparsity,
@@ -267,6 +276,10 @@ class VisionLanguageModel:
             )
         item = jnp.dtype(self.dtype).itemsize
         return 2 * t.num_layers * batch * t.num_kv_heads * context_len * t.head_dim * item + 4 * batch * context_len + 4
+
+    def _on_mesh(self):
+        """The model's mesh as the context mesh (Pallas kernels then run per shard), or no context."""
+        return contextlib.nullcontext() if self.plan is None else jax.set_mesh(self.plan.mesh)
 
     def _batch(self, value, batch_dim: int = 0) -> jax.Array:
         """A host batch (rows on ``batch_dim``) on device; on a mesh, rows on the ``"data"`` axis."""
@@ -437,15 +450,16 @@ class VisionLanguageModel:
         kv_capacity = int(cache.segment_ids.shape[1])
         last_index = np.full((batch,), (length - 1) % chunk, np.int32)
         for start in range(0, padded, chunk):
-            logits, cache = run.prefill(
-                self.graphdef,
-                self.state,
-                cache,
-                x[:, start : start + chunk],
-                self._batch(positions[:, :, start : start + chunk], 1),
-                self._batch(segment_ids[:, start : start + chunk]),
-                self._batch(last_index),
-            )
+            with self._on_mesh():
+                logits, cache = run.prefill(
+                    self.graphdef,
+                    self.state,
+                    cache,
+                    x[:, start : start + chunk],
+                    self._batch(positions[:, :, start : start + chunk], 1),
+                    self._batch(segment_ids[:, start : start + chunk]),
+                    self._batch(last_index),
+                )
 
         stop = _ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
         pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
@@ -460,20 +474,21 @@ class VisionLanguageModel:
         done = jnp.isin(first, stop_ids)
         new = [to_host(first)[:, None]]
         if max_new_tokens > 1:
-            rest, _, cache = run.decode_loop(
-                self.graphdef,
-                self.state,
-                cache,
-                first,
-                self._batch(next_position.astype(np.int32)),
-                done,
-                rng,
-                stop_ids,
-                jnp.int32(pad_id),
-                num_steps=max_new_tokens - 1,
-                do_sample=params.do_sample,
-                **knobs,
-            )
+            with self._on_mesh():
+                rest, _, cache = run.decode_loop(
+                    self.graphdef,
+                    self.state,
+                    cache,
+                    first,
+                    self._batch(next_position.astype(np.int32)),
+                    done,
+                    rng,
+                    stop_ids,
+                    jnp.int32(pad_id),
+                    num_steps=max_new_tokens - 1,
+                    do_sample=params.do_sample,
+                    **knobs,
+                )
             new.append(to_host(rest))
         new_tokens = np.concatenate(new, axis=1)
         # like transformers: stop at the step where the last row ended
