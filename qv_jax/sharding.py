@@ -19,9 +19,10 @@ The head rule (Qwen2.5-VL-7B has 28 query heads and 4 KV heads, 3B has 16 and 2)
    always written in the original layout (:meth:`ShardingPlan.checkpoint_value`);
 4. otherwise (e.g. ``K = 4``, ``M = 6``) :class:`ShardingError`.
 
-So 7B runs on model axes of 1, 2, 4 or 28, and 3B on 1, 2, 4, 8 or 16. Any other dimension annotated ``"model"``
-that the axis does not divide (the vision MLP width 3420 of Qwen2.5-VL on 8 devices) is replicated instead:
-correct, only less memory-efficient; :meth:`ShardingPlan.replicated` names those parameters.
+So 7B runs on model axes of 1, 2, 4 or 28, and 3B on 1, 2, 4, 8 or 16. A parameter whose annotated dimension the
+axis does not divide (the vision MLP width 3420 of Qwen2.5-VL on 8 devices) is split along its largest dimension
+the axis does divide instead (the vision width 1280), or kept whole when there is none: memory stays split, XLA
+adds the collectives the other layout needs; :meth:`ShardingPlan.moved` names those parameters.
 
 Batches go on ``"data"`` when the data axis divides the batch size and are replicated otherwise (a single question
 on a ``data=8`` mesh still runs, on every data shard alike).
@@ -157,10 +158,20 @@ def _spec_entries(spec) -> tuple:
 
 
 def fit_spec(spec: P | None, shape: Sequence[int], mesh: Mesh) -> P:
-    """``spec`` with every entry whose mesh axes do not divide their dimension replaced by ``None`` (replicated)."""
-    entries = _spec_entries(spec)
-    entries += (None,) * (len(shape) - len(entries))
-    return P(*(e if dim % _axes_size(e, mesh) == 0 else None for e, dim in zip(entries, shape, strict=True)))
+    """``spec`` made to fit ``shape`` on ``mesh``: an entry whose mesh axes do not divide its dimension moves to the
+    largest unsplit dimension they divide (the parameter stays split, along another dimension), or is dropped
+    (that dimension replicated) when there is none."""
+    entries = list(_spec_entries(spec))
+    entries += [None] * (len(shape) - len(entries))
+    for i, entry in enumerate(entries):
+        size = _axes_size(entry, mesh)
+        if entry is None or shape[i] % size == 0:
+            continue
+        entries[i] = None
+        free = [j for j, dim in enumerate(shape) if entries[j] is None and j != i and dim % size == 0]
+        if free:
+            entries[max(free, key=lambda j: shape[j])] = entry
+    return P(*entries)
 
 
 def _axes_size(entry, mesh: Mesh) -> int:
@@ -168,6 +179,10 @@ def _axes_size(entry, mesh: Mesh) -> int:
     if entry is None:
         return 1
     return int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+
+
+def _index(entries: Sequence, axis: str) -> int | None:
+    return entries.index(axis) if axis in entries else None
 
 
 def _flat_specs(state: nnx.State) -> dict[ParamPath, P]:
@@ -290,15 +305,19 @@ class ShardingPlan:
             for path, var in nnx.to_flat_state(abstract)
         }
 
-    def replicated(self) -> list[str]:
-        """Parameters annotated with ``"model"`` that the model axis does not divide, so are kept whole."""
+    def moved(self) -> dict[str, str]:
+        """Parameters the model axis does not divide where annotated: name -> where they are split instead
+        (``"dim N"``) or ``"replicated"``."""
         _, abstract = self._runtime
         specs = _flat_specs(abstract)
-        return [
-            ".".join(map(str, path))
-            for path, sharding in self.param_shardings.items()
-            if MODEL_AXIS in _spec_entries(specs[path]) and MODEL_AXIS not in _spec_entries(sharding.spec)
-        ]
+        out = {}
+        for path, sharding in self.param_shardings.items():
+            annotated = _spec_entries(specs[path])
+            placed = _spec_entries(sharding.spec) + (None,) * (len(annotated) - len(_spec_entries(sharding.spec)))
+            if MODEL_AXIS in annotated and annotated.index(MODEL_AXIS) != _index(placed, MODEL_AXIS):
+                where = _index(placed, MODEL_AXIS)
+                out[".".join(map(str, path))] = "replicated" if where is None else f"dim {where}"
+        return out
 
     def checkpoint_sharding(self, path: ParamPath, shape: Sequence[int]) -> NamedSharding:
         """Where a parameter of the checkpoint layout is restored before :meth:`runtime_value` (same as the
@@ -485,7 +504,7 @@ def describe(plan: ShardingPlan, dtype=jnp.float32) -> dict:
     return {
         "mesh": dict(plan.mesh.shape),
         "kv_repeat": plan.kv_repeat,
-        "replicated": plan.replicated(),
+        "moved": plan.moved(),
         "param_bytes": total,
         "param_bytes_per_device": per_device,
     }

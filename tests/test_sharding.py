@@ -103,6 +103,8 @@ def _param_bytes(model) -> list[dict]:
     from flax import nnx
 
     rows = []
+    specs = nnx.to_flat_state(nnx.get_partition_spec(model.state))
+    annotated = {tuple(path): "model" in tuple(spec.get_value()) for path, spec in specs}
     for path, var in nnx.to_flat_state(model.state):
         value = var.get_value()
         spec = value.sharding.spec
@@ -111,7 +113,16 @@ def _param_bytes(model) -> list[dict]:
             for axis in (entry,) if isinstance(entry, str) else (entry or ()):
                 ways *= value.sharding.mesh.shape[axis]
         per_device = sorted({s.data.nbytes for s in value.addressable_shards})
-        rows.append({"path": ".".join(map(str, path)), "nbytes": value.nbytes, "per_device": per_device, "ways": ways})
+        name = ".".join(map(str, path))
+        rows.append(
+            {
+                "path": name,
+                "nbytes": value.nbytes,
+                "per_device": per_device,
+                "ways": ways,
+                "annotated": annotated[tuple(path)],
+            }
+        )
     return rows
 
 
@@ -144,7 +155,7 @@ def _worker(workdir: Path) -> None:
         out[key] = {
             "params": _param_bytes(m),
             "kv_repeat": m.plan.kv_repeat,
-            "replicated": m.plan.replicated(),
+            "moved": m.plan.moved(),
             "cache_total": sum(x.nbytes for x in (*cache.k, *cache.v)),
             "cache_per_device": sorted(set(bytes_per_device((cache.k, cache.v)).values())),
             "cache_spec": str(cache.k[0].sharding.spec),
@@ -274,15 +285,19 @@ def test_each_parameter_is_split_over_its_mesh_axes(sharded_run, mesh):
         assert p["ways"] in (1, model), p  # parameters are never split over "data"
         split += p["ways"] == model > 1
     if model > 1:
-        # every decoder projection, MLP and the vocabulary are split; the 4-head vision tower only when 4 | model
+        # exactly the parameters annotated with "model" are split: heads, MLP width, vocabulary; norms are whole
         names = {p["path"] for p in run["params"] if p["ways"] == model}
+        assert names == {p["path"] for p in run["params"] if p["annotated"]}
         for name in ("text.embed", "text.lm_head", "text.layers.0.q", "text.layers.0.k", "text.layers.1.o"):
             assert name in names
-        assert ("vision.blocks.0.attn.qkv" in names) == (model == 4)
-        assert ("vision.blocks.0.attn.qkv" in run["replicated"]) == (model == 8)
         assert split > 20
+        # 4 vision heads do not split 8 ways: those weights are split along another dimension instead
+        moved = {name: where for name, where in run["moved"].items() if name.startswith("vision.blocks.0.attn.")}
+        expected = {"vision.blocks.0.attn.qkv": "dim 0", "vision.blocks.0.attn.proj": "dim 2"}
+        expected["vision.blocks.0.attn.qkv_bias"] = "dim 2"
+        assert moved == ({} if model == 4 else expected)
     else:
-        assert split == 0 and not run["replicated"]
+        assert split == 0 and not run["moved"]
 
 
 @pytest.mark.slow
