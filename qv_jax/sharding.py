@@ -25,7 +25,8 @@ the axis does divide instead (the vision width 1280), or kept whole when there i
 adds the collectives the other layout needs; :meth:`ShardingPlan.moved` names those parameters.
 
 Batches go on ``"data"`` when the data axis divides the batch size and are replicated otherwise (a single question
-on a ``data=8`` mesh still runs, on every data shard alike).
+on a ``data=8`` mesh still runs, on every data shard alike). The vision tower splits a video's frames over
+``"data"`` (:func:`encode_patches_by_frames`), its weights staying split over ``"model"``.
 
 Multi-host: call ``jax.distributed.initialize(...)`` first in every process, then build the mesh from
 ``jax.devices()`` (all processes' devices); every process runs the same program with the same arguments
@@ -482,6 +483,61 @@ class ShardingPlan:
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _repeat_heads(value: jax.Array, repeat: int, axis: int, sharding: NamedSharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(jnp.repeat(value, repeat, axis=axis), sharding)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The vision tower on a mesh: frames over "data", weights split over "model"
+
+
+def splits_frames(mesh: Mesh, temporal_patches: int) -> bool:
+    """Whether one video of ``temporal_patches`` (frame pairs) is encoded with its frames split over ``"data"``:
+    a data axis larger than one that divides them."""
+    data = mesh.shape[DATA_AXIS]
+    return data > 1 and temporal_patches % data == 0
+
+
+def _vision_over_data(encode, mesh: Mesh):
+    """``encode(state, local_input)`` run per data shard: the ``"data"`` axis manual (each shard its own frames,
+    the state whole along it), the ``"model"`` axis left to the partitioner (the weights stay split)."""
+    return jax.shard_map(
+        encode,
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS)),
+        out_specs=P(DATA_AXIS),
+        axis_names={DATA_AXIS},
+        check_vma=False,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "mesh"))
+def encode_patches_by_frames(graphdef: nnx.GraphDef, state: nnx.State, patches_PC, grid, mesh: Mesh) -> jax.Array:
+    """Visual embeddings ``[tokens, D]`` of one video's patchified pixels (``grid = ((t, h, w),)``, the processor's
+    frame-major order) with its frames split over ``"data"`` (needs :func:`splits_frames`).
+
+    Without this, every data shard would encode the whole video; with it each encodes ``t / data`` temporal patches.
+    Exact: vision attention (windows and full) never crosses frames, and tokens come out frame-major.
+    """
+    ((t, h, w),) = grid
+    local = ((t // mesh.shape[DATA_AXIS], h, w),)
+
+    def encode(state, patches):
+        return nnx.merge(graphdef, state).encode_vision(patches, local)
+
+    return _vision_over_data(encode, mesh)(state, patches_PC)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def encode_frames_by_frames(graphdef: nnx.GraphDef, state: nnx.State, frames_THWC, mesh: Mesh) -> jax.Array:
+    """:func:`encode_patches_by_frames` for uint8 frames ``[T, H, W, 3]`` (patchified on device, per shard); ``T``
+    must split into whole temporal patches per data shard."""
+    from qv_jax.model.preprocess import patchify
+
+    def encode(state, frames):
+        model = nnx.merge(graphdef, state)
+        patches, grid = patchify(frames, model.config.vision)
+        return model.encode_vision(patches, grid)
+
+    return _vision_over_data(encode, mesh)(state, frames_THWC)
 
 
 def plan_for(config: ModelConfig, mesh: Mesh | None) -> ShardingPlan | None:

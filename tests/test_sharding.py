@@ -62,6 +62,14 @@ def video_batch(config: ModelConfig, batch: int = 8):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": patches, "video_grid_thw": grid}
 
 
+def one_video(config: ModelConfig):
+    """One video as processor patches of an 8x4x4 grid, and as 16 uint8 frames of 56x56 (the same grid)."""
+    rng = np.random.default_rng(2)
+    patches = rng.standard_normal((128, config.vision.patch_dim)).astype(np.float32)
+    frames = rng.integers(0, 256, (16, 56, 56, 3), dtype=np.uint8)
+    return patches, frames
+
+
 def sparse_config(backend: str):
     """Layer 0 all retrieval heads, layer 1 one streaming head of two; pages of 16 tokens, a 32-token budget."""
     from qv_jax.attention import SparsityConfig
@@ -130,8 +138,9 @@ def _worker(workdir: Path) -> None:
     from flax import nnx
 
     from qv_jax.attention.sharded import sharded_sparse_attention
+    from qv_jax.converters.qwen2_5_vl import convert
     from qv_jax.runtime import VisionLanguageModel, load_model
-    from qv_jax.sharding import bytes_per_device
+    from qv_jax.sharding import bytes_per_device, splits_frames
 
     jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -144,6 +153,9 @@ def _worker(workdir: Path) -> None:
     ref = VisionLanguageModel.random(config, seed=3)
     arrays["ref_logits"] = ref.forward(**inputs)
     arrays["ref_tokens"] = ref.generate(**inputs, **gen)
+    video_patches, frames = one_video(config)
+    arrays["ref_video"] = np.asarray(ref.encode_pixels(video_patches, np.array([[8, 4, 4]])))
+    arrays["ref_frames"] = np.asarray(ref.encode_video(frames))
 
     for data, model in MESHES:
         key = f"{data}x{model}"
@@ -151,8 +163,11 @@ def _worker(workdir: Path) -> None:
         m = VisionLanguageModel.random(config, seed=3, mesh=mesh)
         arrays[f"logits_{key}"] = m.forward(**inputs)
         arrays[f"tokens_{key}"] = m.generate(**inputs, **gen)
+        arrays[f"video_{key}"] = np.asarray(m.encode_pixels(video_patches, np.array([[8, 4, 4]])))
+        arrays[f"frames_{key}"] = np.asarray(m.encode_video(frames))
         cache = m.new_cache(8, 128)
         out[key] = {
+            "splits_frames": splits_frames(mesh, 8),
             "params": _param_bytes(m),
             "kv_repeat": m.plan.kv_repeat,
             "moved": m.plan.moved(),
@@ -185,6 +200,14 @@ def _worker(workdir: Path) -> None:
     hf_sharded = load_model(hf_dir, mesh=hf_mesh)
     arrays["hf_logits"] = hf_sharded.forward(np.array(hf_inputs))
     out["hf_kv_repeat"] = hf_sharded.plan.kv_repeat
+    # converting on a mesh writes the same checkpoint as converting on the host
+    convert(hf_dir, workdir / "converted_mesh", dtype="float32", mesh=hf_mesh)
+    convert(hf_dir, workdir / "converted_host", dtype="float32")
+    on_mesh, on_host = load_model(workdir / "converted_mesh"), load_model(workdir / "converted_host")
+    out["converted_equal"] = on_mesh.config == on_host.config and all(
+        np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+        for (_, a), (_, b) in zip(nnx.to_flat_state(on_mesh.state), nnx.to_flat_state(on_host.state), strict=True)
+    )
     out["hf_cache_spec"] = str(hf_sharded.new_cache(2, 64).k[0].sharding.spec)
 
     # sparse decoding (streaming heads, page selection active past the 32-token budget) on a mesh
@@ -275,6 +298,17 @@ def test_sharded_logits_and_greedy_tokens_equal_single_device(sharded_run, mesh)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_vision_splits_frames_over_data_and_matches_one_device(sharded_run, mesh):
+    results, arrays = sharded_run
+    key = f"{mesh[0]}x{mesh[1]}"
+    # 8 temporal patches: split over data=2 and data=8, not needed on data=1
+    assert results[key]["splits_frames"] == (mesh[0] > 1)
+    np.testing.assert_allclose(arrays[f"video_{key}"], arrays["ref_video"], atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(arrays[f"frames_{key}"], arrays["ref_frames"], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
 def test_each_parameter_is_split_over_its_mesh_axes(sharded_run, mesh):
     results, _ = sharded_run
     data, model = mesh
@@ -322,10 +356,11 @@ def test_checkpoint_restores_into_shards_and_saves_back_in_stored_layout(sharded
 
 
 @pytest.mark.slow
-def test_hf_directory_streams_into_shards(sharded_run):
+def test_hf_directory_streams_into_shards_and_converts_on_a_mesh(sharded_run):
     results, arrays = sharded_run
     np.testing.assert_allclose(arrays["hf_logits"], arrays["hf_ref_logits"], atol=TOL, rtol=TOL)
     assert results["hf_kv_repeat"] == 2
+    assert results["converted_equal"]
     assert results["hf_cache_spec"].startswith("P('data', 'model'")
 
 

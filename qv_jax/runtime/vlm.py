@@ -34,7 +34,14 @@ from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps
 from qv_jax.runtime.sampling import SamplingParams, sample
-from qv_jax.sharding import ShardingPlan, restore_checkpoint, to_host
+from qv_jax.sharding import (
+    ShardingPlan,
+    encode_frames_by_frames,
+    encode_patches_by_frames,
+    restore_checkpoint,
+    splits_frames,
+    to_host,
+)
 
 _sample = jax.jit(sample, static_argnames=("do_sample",))
 
@@ -213,11 +220,18 @@ class VisionLanguageModel:
         """Visual embeddings ``[tokens, D]`` of processor-style pixel values (all grids in one call)."""
         grid = check_grid(grid_thw, self.config.vision.spatial_merge_size)
         pixels = jnp.asarray(pixel_values)
+        if self.plan is not None and len(grid) == 1 and splits_frames(self.plan.mesh, grid[0][0]):
+            # one video on a data-parallel mesh: each data shard encodes its own frames
+            return encode_patches_by_frames(self.graphdef, self.state, pixels, grid, self.plan.mesh)
         return steps.encode_patches(self.graphdef, self.state, pixels, grid)
 
     def encode_video(self, frames) -> jax.Array:
         """Visual embeddings of one video given as uint8 frames ``[T, H, W, 3]`` (H, W multiples of 28)."""
-        return steps.encode_frames(self.graphdef, self.state, jnp.asarray(frames))
+        frames = jnp.asarray(frames)
+        pairs, rest = divmod(frames.shape[0], self.config.vision.temporal_patch_size)
+        if self.plan is not None and not rest and splits_frames(self.plan.mesh, pairs):
+            return encode_frames_by_frames(self.graphdef, self.state, frames, self.plan.mesh)
+        return steps.encode_frames(self.graphdef, self.state, frames)
 
     def encode_images(self, frames) -> jax.Array:
         """Visual embeddings of ``N`` images of one size given as uint8 ``[N, H, W, 3]``, concatenated."""
