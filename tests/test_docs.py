@@ -427,6 +427,26 @@ def test_every_substitution_matches_its_page():
         assert any(mark in b.code for b in fenced_blocks(page)), f"no block of docs/{page} contains {mark!r}"
 
 
+def test_the_guide_lists_every_subcommand_with_options_it_has():
+    """The guide's CLI table has a row per subcommand, and every option it names exists on that subcommand."""
+    import argparse
+
+    from qv_jax.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = (DOCS / "guide.md").read_text()
+    rows = dict(re.findall(r"^\| `qv-jax (\w+)[^`]*` \|(.*)$", text, flags=re.M))
+    assert sorted(rows) == sorted(COMMANDS), "the guide's command table and qv_jax.cli.COMMANDS differ"
+    shared = re.search(r"^`demo`, `ask` and `encode` share .*?\.", text, flags=re.M | re.S).group(0)
+    for name, row in rows.items():
+        options = set(subparsers.choices[name]._option_string_actions)
+        named = set(re.findall(r"`(--[a-z-]+)", row))
+        if name in ("demo", "ask", "encode"):
+            named |= set(re.findall(r"`(--[a-z-]+)`", shared))
+        assert named <= options, f"qv-jax {name} has no {sorted(named - options)}"
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
     text = re.sub(r"`", "", heading.strip().lower())
