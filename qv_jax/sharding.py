@@ -442,7 +442,15 @@ class ShardingPlan:
             num_layers=text.num_layers,
         )
         cache = jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), SPARSE_CACHE_LAYOUTS))()
-        # replicas of a KV head must select the same pages as the head would (see SparseLayout.kv_repeat)
+        return self._with_replicas(cache)
+
+    def shard_sparse_cache(self, cache):
+        """A ``SparseKVCache`` built elsewhere (e.g. ``SparseKVCache.from_dense`` of a video memory) moved to the
+        layout of :meth:`new_sparse_cache`."""
+        return self._with_replicas(jax.device_put(cache, self.tree_shardings(cache, SPARSE_CACHE_LAYOUTS)))
+
+    def _with_replicas(self, cache):
+        # replicas of a KV head must select the pages the head would (see SparseLayout.kv_repeat)
         return dataclasses.replace(cache, layout=dataclasses.replace(cache.layout, kv_repeat=self.kv_repeat))
 
     def reshard(self, state: nnx.State) -> nnx.State:

@@ -455,29 +455,33 @@ class VideoQA:
             length=jnp.int32(lengths[0]),
         )
         cache = SparseKVCache.from_dense(dense, sparsity, capacity=max(need, layered.capacity))
+        if self._sharding is not None:  # split by KV head; replicated heads select the pages their head would
+            cache = self._sharding.shard_sparse_cache(cache)
         x = model_steps.embed(m.graphdef, m.state, jnp.asarray(chunk.ids[None]))
         segments = jnp.asarray(np.where(chunk.valid, 0, -1)[None].astype(np.int32))
-        logits, cache = sparse_steps.prefill(
-            m.graphdef, m.state, cache, x, jnp.asarray(chunk.positions[:, None]), segments, jnp.asarray([count - 1])
-        )
+        with m.mesh_context():  # Pallas kernels run per shard
+            logits, cache = sparse_steps.prefill(
+                m.graphdef, m.state, cache, x, jnp.asarray(chunk.positions[:, None]), segments, jnp.asarray([count - 1])
+            )
         first = _sample(logits, key, do_sample=params.do_sample, **knobs)
         stop = jnp.asarray(m.eos_token_ids, jnp.int32)
         tokens = np.asarray(first)
         if max_new_tokens > 1:
-            rest, _, cache = sparse_steps.decode_loop(
-                m.graphdef,
-                m.state,
-                cache,
-                first,
-                jnp.asarray([plan.text_start + count], jnp.int32),
-                jnp.isin(first, stop),
-                rng,
-                stop,
-                jnp.int32(m.pad_token_id),
-                num_steps=max_new_tokens - 1,
-                do_sample=params.do_sample,
-                **knobs,
-            )
+            with m.mesh_context():
+                rest, _, cache = sparse_steps.decode_loop(
+                    m.graphdef,
+                    m.state,
+                    cache,
+                    first,
+                    jnp.asarray([plan.text_start + count], jnp.int32),
+                    jnp.isin(first, stop),
+                    rng,
+                    stop,
+                    jnp.int32(m.pad_token_id),
+                    num_steps=max_new_tokens - 1,
+                    do_sample=params.do_sample,
+                    **knobs,
+                )
             tokens = np.concatenate([tokens, np.asarray(rest)[0]])
         ended = np.flatnonzero(np.isin(tokens, np.asarray(m.eos_token_ids)))
         token_ids = (tokens if ended.size == 0 else tokens[: ended[0] + 1]).astype(np.int32)

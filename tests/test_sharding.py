@@ -226,6 +226,20 @@ def _worker(workdir: Path) -> None:
                 cache.layout.kv_repeat,
             ]
 
+    # the whole pipeline: group-wise QuickPrefill with pruning, then dense or sparse decoding, on meshes
+    from pipeline_helpers import VIDEO_OPTIONS, model_dir, sample_video
+
+    qa_sparsity = sparse_config("xla")
+    qa_sparsity = dataclasses.replace(qa_sparsity, streaming_heads=((True, False), (False, True)), page_size=8)
+    for data, model in ((1, 1), (2, 4), (8, 1)):  # 4 query heads: model axes up to 4
+        mesh = None if data * model == 1 else qv_jax.make_mesh(data=data, model=model)
+        for name, sparsity in (("dense", None), ("sparse", qa_sparsity)):
+            qa = qv_jax.VideoQA.from_pretrained(
+                model_dir(), group_frames=8, retention=0.5, sparsity=sparsity, mesh=mesh, **VIDEO_OPTIONS
+            )
+            answer = qa.ask(sample_video(), "What happens in the video?", max_new_tokens=8)
+            arrays[f"videoqa_{name}_{data}x{model}"] = answer.token_ids
+
     # Pallas kernels per shard: KV heads with different patterns on different shards
     q, k, v, patterns, segments = attention_operands()
     for data, model in ((2, 4), (1, 8)):
@@ -404,6 +418,16 @@ def test_sparse_decoding_on_a_mesh_gives_the_unsharded_tokens(sharded_run, mesh,
     retrieval_only, mixed, repeat = results[f"sparse_specs_{key}"]
     assert retrieval_only[:2] == ["data", "model"] and mixed[:2] == ["data", None]
     assert repeat == mesh[1] // 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ((2, 4), (8, 1)), ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("decoding", ("dense", "sparse"))
+def test_videoqa_prefill_and_decoding_on_a_mesh_answer_like_one_device(sharded_run, mesh, decoding):
+    _, arrays = sharded_run
+    got = arrays[f"videoqa_{decoding}_{mesh[0]}x{mesh[1]}"]
+    np.testing.assert_array_equal(got, arrays[f"videoqa_{decoding}_1x1"])
+    assert got.size >= 1
 
 
 def test_head_rule_without_devices():

@@ -291,8 +291,9 @@ class VisionLanguageModel:
         item = jnp.dtype(self.dtype).itemsize
         return 2 * t.num_layers * batch * t.num_kv_heads * context_len * t.head_dim * item + 4 * batch * context_len + 4
 
-    def _on_mesh(self):
-        """The model's mesh as the context mesh (Pallas kernels then run per shard), or no context."""
+    def mesh_context(self):
+        """The model's mesh as the context mesh, or no context: run steps over the model's caches inside it, so
+        that Pallas kernels (sparse attention, paged decoding) run per shard."""
         return contextlib.nullcontext() if self.plan is None else jax.set_mesh(self.plan.mesh)
 
     def _batch(self, value, batch_dim: int = 0) -> jax.Array:
@@ -464,7 +465,7 @@ class VisionLanguageModel:
         kv_capacity = int(cache.segment_ids.shape[1])
         last_index = np.full((batch,), (length - 1) % chunk, np.int32)
         for start in range(0, padded, chunk):
-            with self._on_mesh():
+            with self.mesh_context():
                 logits, cache = run.prefill(
                     self.graphdef,
                     self.state,
@@ -488,7 +489,7 @@ class VisionLanguageModel:
         done = jnp.isin(first, stop_ids)
         new = [to_host(first)[:, None]]
         if max_new_tokens > 1:
-            with self._on_mesh():
+            with self.mesh_context():
                 rest, _, cache = run.decode_loop(
                     self.graphdef,
                     self.state,
