@@ -282,11 +282,11 @@ def run_bash(code: str, cwd: Path) -> None:
         print(f"$ {line.strip()}", flush=True)
         if words[0] == "qv-jax":
             try:
-                code = main(words[1:])
+                status = main(words[1:])
             except SystemExit as e:  # argparse rejects the command line
-                code = e.code
-            if code != 0:
-                raise AssertionError(f"`{line.strip()}` exited with {code}")
+                status = e.code
+            if status != 0:
+                raise AssertionError(f"`{line.strip()}` exited with {status}")
         elif words[:2] == ["pip", "install"]:
             check_pip_install(words[2:])
         else:
