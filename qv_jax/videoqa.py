@@ -330,7 +330,7 @@ class VideoQA:
             def step(g: int, group) -> None:
                 nonlocal cache
                 with timeline.span("vision", g):
-                    embeds = model_steps.encode_frames(m.graphdef, m.state, group.frames)
+                    embeds = m.encode_video(group.frames)  # on a data-parallel mesh, frames split over "data"
                     embeds.block_until_ready()
                 with timeline.span("prefill", g):
                     cache = pipeline_steps.prefill_group(
