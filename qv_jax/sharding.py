@@ -64,6 +64,10 @@ ParamPath = tuple[str | int, ...]
 _KV_HEAD_AXIS = {"k": 1, "v": 1, "k_bias": 0, "v_bias": 0}
 
 
+# How the fields of the dense KV cache (qv_jax.cache.dense.KVCache) lie on a mesh, in the letters of
+# ShardingPlan.layout_sharding: keys / values by row and KV head, slot segment ids by row.
+DENSE_CACHE_LAYOUTS = {"k": "BH..", "v": "BH..", "segment_ids": "B.", "length": ""}
+
 # How the fields of the sparse decoding cache (``qv_jax.cache.sparse.SparseKVCache``) lie on a mesh, in the
 # letters of ShardingPlan.layout_sharding: pools, key statistics and page lists by row and KV head.
 SPARSE_CACHE_LAYOUTS = {
@@ -375,6 +379,11 @@ class ShardingPlan:
         )
         return abstract
 
+    def reshard(self, state: nnx.State) -> nnx.State:
+        """A running-layout state (e.g. transformed on device) moved back to the planned parameter shardings."""
+        values = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+        return self.build({p: jax.device_put(x, self.param_shardings[p]) for p, x in values.items()})[1]
+
     # ---- batches and caches -------------------------------------------------------------------------------
 
     def batch_axis(self, batch: int) -> str | None:
@@ -424,6 +433,25 @@ class ShardingPlan:
                 changes[field] = self.layout_sharding(value.shape, layout)
         return dataclasses.replace(cache, **changes)
 
+    def new_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+        """An empty dense cache created directly in its shards (no device ever holds the whole of it): k / v
+        ``[B, K, S, H]`` by KV head on ``"model"`` and rows on ``"data"``, slot segment ids by row."""
+        text = self.config.text
+        create = functools.partial(
+            KVCache.create,
+            num_layers=text.num_layers,
+            batch=batch,
+            capacity=capacity,
+            num_kv_heads=text.num_kv_heads,
+            head_dim=text.head_dim,
+            dtype=dtype,
+        )
+        return jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), DENSE_CACHE_LAYOUTS))()
+
+    def shard_cache(self, cache: KVCache) -> KVCache:
+        """A dense cache built elsewhere (e.g. unsharded) moved to the layout of :meth:`new_cache`."""
+        return jax.device_put(cache, self.tree_shardings(cache, DENSE_CACHE_LAYOUTS))
+
     def new_sparse_cache(self, sparsity, batch: int, capacity: int, dtype=jnp.float32):
         """An empty ``SparseKVCache`` (``sparsity`` in the model's retrieval-first head order) created in its shards:
         a layer's paged pool, key min / max and page lists split by KV head when the model axis divides its
@@ -452,40 +480,6 @@ class ShardingPlan:
     def _with_replicas(self, cache):
         # replicas of a KV head must select the pages the head would (see SparseLayout.kv_repeat)
         return dataclasses.replace(cache, layout=dataclasses.replace(cache.layout, kv_repeat=self.kv_repeat))
-
-    def reshard(self, state: nnx.State) -> nnx.State:
-        """A running-layout state (e.g. transformed on device) moved back to the planned parameter shardings."""
-        values = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
-        return self.build({p: jax.device_put(x, self.param_shardings[p]) for p, x in values.items()})[1]
-
-    def cache_shardings(self, batch: int, num_layers: int) -> KVCache:
-        """Shardings of a dense :class:`KVCache`, as a ``KVCache`` of shardings: k / v ``[B, K, S, H]`` by KV head
-        with rows on ``"data"``, slot segment ids by row, the fill length replicated."""
-        kv = self.kv_sharding(4, batch=batch)
-        return KVCache(
-            k=(kv,) * num_layers,
-            v=(kv,) * num_layers,
-            segment_ids=self.sharding(P(self.batch_axis(batch), None)),
-            length=self.sharding(),
-        )
-
-    def new_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
-        """An empty dense cache created directly in its shards (no device ever holds the whole of it)."""
-        text = self.config.text
-        create = functools.partial(
-            KVCache.create,
-            num_layers=text.num_layers,
-            batch=batch,
-            capacity=capacity,
-            num_kv_heads=text.num_kv_heads,
-            head_dim=text.head_dim,
-            dtype=dtype,
-        )
-        return jax.jit(create, out_shardings=self.cache_shardings(batch, text.num_layers))()
-
-    def shard_cache(self, cache: KVCache) -> KVCache:
-        """A dense cache (e.g. built unsharded) moved onto the mesh."""
-        return jax.device_put(cache, self.cache_shardings(cache.batch, cache.num_layers))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -548,14 +542,10 @@ def encode_frames_by_frames(graphdef: nnx.GraphDef, state: nnx.State, frames_THW
     return _vision_over_data(encode, mesh)(state, frames_THWC)
 
 
-def plan_for(config: ModelConfig, mesh: Mesh | None) -> ShardingPlan | None:
-    """:meth:`ShardingPlan.create`, or ``None`` without a mesh."""
-    return None if mesh is None else ShardingPlan.create(config, mesh)
-
-
 def describe(plan: ShardingPlan, dtype=jnp.float32) -> dict:
-    """A summary of a plan for logs and benchmarks: mesh, KV replication, replicated parameters, bytes per device
-    of the parameters as placed."""
+    """A summary of a plan for logs and benchmarks, from shapes alone (nothing is allocated): mesh, KV replication,
+    parameters split along another dimension than annotated (:meth:`ShardingPlan.moved`), parameter bytes in all
+    and per device."""
     _, abstract = abstract_model(plan.config, jnp.dtype(dtype))
     total = 0
     per_device = 0

@@ -166,8 +166,10 @@ def _worker(workdir: Path) -> None:
         arrays[f"video_{key}"] = np.asarray(m.encode_pixels(video_patches, np.array([[8, 4, 4]])))
         arrays[f"frames_{key}"] = np.asarray(m.encode_video(frames))
         cache = m.new_cache(8, 128)
+        moved_back = m.plan.shard_cache(jax.device_put(cache, jax.devices()[0]))
         out[key] = {
             "splits_frames": splits_frames(mesh, 8),
+            "shard_cache_same": moved_back.k[0].sharding.is_equivalent_to(cache.k[0].sharding, 4),
             "params": _param_bytes(m),
             "kv_repeat": m.plan.kv_repeat,
             "moved": m.plan.moved(),
@@ -359,6 +361,7 @@ def test_kv_cache_is_split_by_kv_head_and_row(sharded_run, mesh):
     assert run["cache_total"] == run["ref_cache_total"] * run["kv_repeat"]
     assert run["cache_per_device"] == [run["cache_total"] // (data * model)]
     assert run["cache_spec"].startswith("P('data', 'model'")
+    assert run["shard_cache_same"]
 
 
 @pytest.mark.slow
