@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.model.qwen2_5_vl import QwenVL
 from qv_jax.pipeline.cache import AppendAttention, LayeredKV
 from qv_jax.pipeline.plan import GroupPlan
 from qv_jax.pipeline.scores import select_tokens, token_scores
-from qv_jax.runtime.sampling import sample
+from qv_jax.runtime.sampling import sampling_loop
 
 Array = jax.Array
 
@@ -122,17 +121,13 @@ def _gather_tokens(x_BKTH: Array, index_BM: Array) -> Array:
     return jnp.take_along_axis(x_BTKH, index_BM[:, :, None, None], axis=1).transpose(0, 2, 1, 3)
 
 
-def _model(graphdef: nnx.GraphDef, state: nnx.State) -> QwenVL:
-    return nnx.merge(graphdef, state)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
 def prefill_text(
     graphdef: nnx.GraphDef, state: nnx.State, cache: LayeredKV, chunk: TextChunk, all_logits: bool = False
 ) -> tuple[Array, LayeredKV]:
     """Append a text chunk to every layer; float32 logits ``[V]`` of its last valid token (``[T, V]`` with
     ``all_logits``) and the updated memory."""
-    text = _model(graphdef, state).text
+    text = nnx.merge(graphdef, state).text
     handler = AppendAttention(cache, chunk.token_index[None], chunk.valid[None])
     h_BTD = text(text.embed_tokens(chunk.ids[None]), chunk.positions[:, None], handler)
     if all_logits:
@@ -163,7 +158,7 @@ def prefill_group(
     ``key`` seeds the random rule (folded with the layer); ``question`` rides along for ``question_attention``.
     ``max_keep[l]`` (static) bounds ``keep_L[l]`` over the video's groups.
     """
-    text = _model(graphdef, state).text
+    text = nnx.merge(graphdef, state).text
     group_tokens = embeds_TD.shape[0]
     x_BTD = embeds_TD[None].astype(text.dtype)
     positions, index, valid = positions_3T, token_index_T, valid_T
@@ -179,11 +174,13 @@ def prefill_group(
     return handler.cache
 
 
-def _decode_one(text, cache: LayeredKV, token: Array, position: Array, index: Array) -> tuple[Array, LayeredKV]:
-    handler = AppendAttention(cache, index[None, None], jnp.ones((1, 1), bool))
-    positions_31B = jnp.broadcast_to(position, (3, 1, 1))
-    h_B1D = text(text.embed_tokens(token[None, None]), positions_31B, handler)
-    return text.logits(h_B1D[0, 0]), handler.cache
+def _decode_one(text, cache: LayeredKV, tokens_B: Array, where: tuple[Array, Array]) -> tuple[Array, LayeredKV]:
+    """One token (a row of one) at rotary position and prompt token index ``where``, appended to every layer."""
+    position_B, index_B = where
+    handler = AppendAttention(cache, index_B[:, None], jnp.ones((1, 1), bool))
+    positions_31B = jnp.broadcast_to(position_B[None, :, None], (3, 1, 1))
+    h_B1D = text(text.embed_tokens(tokens_B[:, None]), positions_31B, handler)
+    return text.logits(h_B1D[:, 0]), handler.cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
@@ -206,22 +203,20 @@ def decode_loop(
     """Feed ``token`` (already sampled; rotary ``position``, prompt ``index``) and generate up to ``num_steps``
     more tokens, stopping after a token in ``stop_ids``. Returns ``(tokens [num_steps], count, memory)``: the
     first ``count`` entries are the generated tokens (a stop token included)."""
-    text = _model(graphdef, state).text
-    out_S = jnp.zeros((num_steps,), jnp.int32)
-
-    def cond(carry):
-        step, _, token, _, _, _, _ = carry
-        return (step < num_steps) & ~jnp.isin(token, stop_ids)
-
-    def body(carry):
-        step, cache, token, position, index, out_S, rng = carry
-        logits_V, cache = _decode_one(text, cache, token, position, index)
-        rng, key = jax.random.split(rng)
-        new = sample(logits_V[None], key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        new = new[0].astype(jnp.int32)
-        out_S = jax.lax.dynamic_update_slice(out_S, new[None], (step,))
-        return step + 1, cache, new, position + 1, index + 1, out_S, rng
-
-    carry = (jnp.zeros((), jnp.int32), cache, token.astype(jnp.int32), position, index, out_S, rng)
-    count, cache, _, _, _, out_S, _ = jax.lax.while_loop(cond, body, carry)
-    return out_S, count, cache
+    tokens_B = jnp.asarray(token, jnp.int32)[None]
+    out_BS, _, count, cache = sampling_loop(
+        functools.partial(_decode_one, nnx.merge(graphdef, state).text),
+        cache,
+        tokens_B,
+        (jnp.asarray(position)[None], jnp.asarray(index)[None]),
+        jnp.isin(tokens_B, stop_ids),
+        rng,
+        stop_ids,
+        jnp.zeros((), jnp.int32),
+        temperature,
+        top_k,
+        top_p,
+        num_steps=num_steps,
+        do_sample=do_sample,
+    )
+    return out_BS[0], count, cache

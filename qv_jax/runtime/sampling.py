@@ -4,11 +4,16 @@ The order is the one of transformers' logits processors: divide by the temperatu
 logits, then keep the smallest set of the most likely tokens whose probability reaches ``top_p`` (always at least
 one token). ``top_k = 0`` and ``top_p = 1`` disable those filters. Every knob except ``do_sample`` is a traced
 value, so changing them does not recompile.
+
+:func:`sampling_loop` is the on-device generation loop every decoder runs (dense, sparse and pruned-memory caches):
+it takes the cache-specific decode step as a function.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 from qv_jax.errors import InputError
 
 Array = jax.Array
+Cache = TypeVar("Cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +64,49 @@ def sample(logits_BV: Array, key: Array, *, do_sample: bool, temperature: Array,
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     filtered_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+
+
+def sampling_loop(
+    step_fn: Callable[[Cache, Array, Any], tuple[Array, Cache]],
+    cache: Cache,
+    tokens_B: Array,
+    positions: Any,
+    done_B: Array,
+    rng: Array,
+    stop_ids: Array,
+    pad_id: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    *,
+    num_steps: int,
+    do_sample: bool,
+) -> tuple[Array, Array, Array, Cache]:
+    """Feed ``tokens_B`` (already sampled) and generate up to ``num_steps`` more tokens per row (``lax.while_loop``).
+
+    ``step_fn(cache, tokens_B, positions) -> (logits [B, V], cache)`` runs one decode step; ``positions`` is any
+    pytree of integer arrays that advance by one per step (the rotary position, and e.g. the prompt token index).
+    A row is done once it has produced one of ``stop_ids``; its later tokens are ``pad_id``. The loop ends early
+    when every row is done. Returns ``(tokens [B, num_steps], done [B], steps run, cache)``; columns after an early
+    end hold ``pad_id``.
+    """
+    out_BS = jnp.full((tokens_B.shape[0], num_steps), pad_id, jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done_B, _, _ = carry
+        return (step < num_steps) & ~jnp.all(done_B)
+
+    def body(carry):
+        step, cache, tokens_B, positions, done_B, out_BS, rng = carry
+        logits_BV, cache = step_fn(cache, tokens_B, positions)
+        rng, key = jax.random.split(rng)
+        new_B = sample(logits_BV, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        new_B = jnp.where(done_B, pad_id, new_B).astype(jnp.int32)
+        out_BS = jax.lax.dynamic_update_slice(out_BS, new_B[:, None], (0, step))
+        done_B = done_B | jnp.isin(new_B, stop_ids)
+        positions = jax.tree.map(lambda p: p + 1, positions)
+        return step + 1, cache, new_B, positions, done_B, out_BS, rng
+
+    carry = (jnp.zeros((), jnp.int32), cache, tokens_B.astype(jnp.int32), positions, done_B, out_BS, rng)
+    steps, cache, _, _, done_B, out_BS, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BS, done_B, steps, cache

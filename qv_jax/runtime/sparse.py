@@ -33,8 +33,8 @@ from qv_jax.attention import HeadPattern, dot_product_attention, sparse_attentio
 from qv_jax.attention.decode import merge_attention, paged_decode_attention
 from qv_jax.attention.page_selection import needs_selection, page_scores, top_pages, visit_list
 from qv_jax.cache.sparse import SparseKVCache
-from qv_jax.model.qwen2_5_vl import QwenVL
-from qv_jax.runtime.sampling import sample
+from qv_jax.runtime import steps
+from qv_jax.runtime.sampling import sampling_loop
 
 Array = jax.Array
 
@@ -248,10 +248,6 @@ class SparseDecodeAttention:
 # jitted steps (same signatures as qv_jax.runtime.steps, over a SparseKVCache)
 
 
-def _model(graphdef: nnx.GraphDef, state: nnx.State) -> QwenVL:
-    return nnx.merge(graphdef, state)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
 def prefill(
     graphdef: nnx.GraphDef,
@@ -264,24 +260,10 @@ def prefill(
     all_logits: bool = False,
 ) -> tuple[Array, SparseKVCache]:
     """A chunk of ``T`` embeddings at the cache's fill offset (see :func:`qv_jax.runtime.steps.prefill`)."""
-    model = _model(graphdef, state)
-    handler = SparsePrefillAttention(cache, segment_ids_BT)
-    h_BTD = model.text(x_BTD, positions_3BT, handler)
-    if all_logits:
-        return model.text.logits(h_BTD), handler.cache
-    if logits_index_B is None:
-        h_BD = h_BTD[:, -1]
-    else:
-        h_BD = jnp.take_along_axis(h_BTD, logits_index_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    return model.text.logits(h_BD), handler.cache
-
-
-def _decode(model: QwenVL, cache: SparseKVCache, tokens_B: Array, positions_B: Array) -> tuple[Array, SparseKVCache]:
-    x_B1D = model.text.embed_tokens(tokens_B[:, None])
-    positions_31B = jnp.broadcast_to(positions_B[None, :, None], (3, tokens_B.shape[0], 1))
-    handler = SparseDecodeAttention(cache, jnp.zeros_like(tokens_B, jnp.int32)[:, None])
-    h_B1D = model.text(x_B1D, positions_31B, handler)
-    return model.text.logits(h_B1D[:, 0]), handler.cache
+    model = nnx.merge(graphdef, state)
+    return steps.prefill_chunk(
+        model, SparsePrefillAttention, cache, x_BTD, positions_3BT, segment_ids_BT, logits_index_B, all_logits
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -289,7 +271,7 @@ def decode_step(
     graphdef: nnx.GraphDef, state: nnx.State, cache: SparseKVCache, tokens_B: Array, positions_B: Array
 ) -> tuple[Array, SparseKVCache]:
     """One text token per row at rotary position ``positions_B`` -> float32 logits ``[B, V]``."""
-    return _decode(_model(graphdef, state), cache, tokens_B, positions_B)
+    return steps.decode_tokens(nnx.merge(graphdef, state), SparseDecodeAttention, cache, tokens_B, positions_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
@@ -311,24 +293,20 @@ def decode_loop(
     do_sample: bool,
 ) -> tuple[Array, Array, SparseKVCache]:
     """Generate up to ``num_steps`` tokens on device (see :func:`qv_jax.runtime.steps.decode_loop`)."""
-    model = _model(graphdef, state)
-    batch = tokens_B.shape[0]
-    out_BS = jnp.full((batch, num_steps), pad_id, jnp.int32)
-
-    def cond(carry):
-        step, _, _, _, done_B, _, _ = carry
-        return (step < num_steps) & ~jnp.all(done_B)
-
-    def body(carry):
-        step, cache, tokens_B, positions_B, done_B, out_BS, rng = carry
-        logits_BV, cache = _decode(model, cache, tokens_B, positions_B)
-        rng, key = jax.random.split(rng)
-        new_B = sample(logits_BV, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        new_B = jnp.where(done_B, pad_id, new_B).astype(jnp.int32)
-        out_BS = jax.lax.dynamic_update_slice(out_BS, new_B[:, None], (0, step))
-        done_B = done_B | jnp.isin(new_B, stop_ids)
-        return step + 1, cache, new_B, positions_B + 1, done_B, out_BS, rng
-
-    carry = (jnp.zeros((), jnp.int32), cache, tokens_B.astype(jnp.int32), positions_B, done_B, out_BS, rng)
-    _, cache, _, _, done_B, out_BS, _ = jax.lax.while_loop(cond, body, carry)
+    step = functools.partial(steps.decode_tokens, nnx.merge(graphdef, state), SparseDecodeAttention)
+    out_BS, done_B, _, cache = sampling_loop(
+        step,
+        cache,
+        tokens_B,
+        positions_B,
+        done_B,
+        rng,
+        stop_ids,
+        pad_id,
+        temperature,
+        top_k,
+        top_p,
+        num_steps=num_steps,
+        do_sample=do_sample,
+    )
     return out_BS, done_B, cache

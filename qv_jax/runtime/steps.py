@@ -15,11 +15,16 @@ Entry points, separate so a pipeline can interleave them:
 - :func:`decode_step` — one token per row into a cache -> logits ``[B, V]``;
 - :func:`decode_loop` — many decode steps and sampling on device (``lax.while_loop``), stopping early when every
   row has produced a stop token.
+
+The chunk and decode bodies (:func:`prefill_chunk`, :func:`decode_tokens`) take the KV handler type, so the sparse
+steps of ``qv_jax.runtime.sparse`` are the same functions over another cache.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,27 +32,24 @@ from flax import nnx
 
 from qv_jax.cache.dense import DenseCacheAttention, KVCache
 from qv_jax.model.preprocess import patchify
-from qv_jax.model.qwen2_5_vl import ChunkAttention, QwenVL
+from qv_jax.model.qwen2_5_vl import ChunkAttention, KVHandler, QwenVL
 from qv_jax.model.vision_layout import Grid
-from qv_jax.runtime.sampling import sample
+from qv_jax.runtime.sampling import sampling_loop
 
 Array = jax.Array
-
-
-def _model(graphdef: nnx.GraphDef, state: nnx.State) -> QwenVL:
-    return nnx.merge(graphdef, state)
+Cache = TypeVar("Cache")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grid"))
 def encode_patches(graphdef: nnx.GraphDef, state: nnx.State, patches_PC: Array, grid: Grid) -> Array:
     """Visual embeddings ``[tokens, D]`` of processor-style pixel values for the (static) grids ``grid``."""
-    return _model(graphdef, state).encode_vision(patches_PC, grid)
+    return nnx.merge(graphdef, state).encode_vision(patches_PC, grid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "as_images"))
 def encode_frames(graphdef: nnx.GraphDef, state: nnx.State, frames_THWC: Array, as_images: bool = False) -> Array:
     """Visual embeddings ``[tokens, D]`` of uint8 frames: one video, or one image per frame with ``as_images``."""
-    model = _model(graphdef, state)
+    model = nnx.merge(graphdef, state)
     patches_PC, grid = patchify(frames_THWC, model.config.vision, as_images=as_images)
     return model.encode_vision(patches_PC, grid)
 
@@ -61,7 +63,7 @@ def embed(
     video_embeds: Array | None = None,
 ) -> Array:
     """Token embeddings ``[B, T, D]`` with visual embeddings in the ``<|image_pad|>`` / ``<|video_pad|>`` slots."""
-    return _model(graphdef, state).embed(ids_BT, image_embeds=image_embeds, video_embeds=video_embeds)
+    return nnx.merge(graphdef, state).embed(ids_BT, image_embeds=image_embeds, video_embeds=video_embeds)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -69,13 +71,41 @@ def forward(
     graphdef: nnx.GraphDef, state: nnx.State, x_BTD: Array, positions_3BT: Array, segment_ids_BT: Array
 ) -> Array:
     """Float32 logits ``[B, T, V]`` of a whole prompt, no cache (``segment_ids`` negative on padding)."""
-    text = _model(graphdef, state).text
+    text = nnx.merge(graphdef, state).text
     return text.logits(text(x_BTD, positions_3BT, ChunkAttention(segment_ids_BT)))
 
 
-def _prefill(model: QwenVL, cache: KVCache, x_BTD, positions_3BT, segment_ids_BT) -> tuple[Array, KVCache]:
-    handler = DenseCacheAttention(cache, segment_ids_BT)
-    return model.text(x_BTD, positions_3BT, handler), handler.cache
+def prefill_chunk(
+    model: QwenVL,
+    handler_type: Callable[[Cache, Array], KVHandler],
+    cache: Cache,
+    x_BTD: Array,
+    positions_3BT: Array,
+    segment_ids_BT: Array,
+    logits_index_B: Array | None = None,
+    all_logits: bool = False,
+) -> tuple[Array, Cache]:
+    """The decoder over a chunk through the KV handler ``handler_type(cache, segment_ids_BT)``: float32 logits (as
+    :func:`prefill` returns them) and the updated cache (the handler's ``.cache``). Shared by the dense and the
+    sparse (``qv_jax.runtime.sparse``) steps."""
+    handler = handler_type(cache, segment_ids_BT)
+    h_BTD = model.text(x_BTD, positions_3BT, handler)
+    if all_logits:
+        return model.text.logits(h_BTD), handler.cache
+    if logits_index_B is None:
+        h_BD = h_BTD[:, -1]
+    else:
+        h_BD = jnp.take_along_axis(h_BTD, logits_index_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    return model.text.logits(h_BD), handler.cache
+
+
+def decode_tokens(
+    model: QwenVL, handler_type: Callable[[Cache, Array], KVHandler], cache: Cache, tokens_B: Array, positions_B: Array
+) -> tuple[Array, Cache]:
+    """One text token per row (segment 0) at rotary position ``positions_B`` through :func:`prefill_chunk`."""
+    x_B1D = model.text.embed_tokens(tokens_B[:, None])
+    positions_31B = jnp.broadcast_to(positions_B[None, :, None], (3, tokens_B.shape[0], 1))
+    return prefill_chunk(model, handler_type, cache, x_B1D, positions_31B, jnp.zeros_like(tokens_B, jnp.int32)[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
@@ -94,22 +124,10 @@ def prefill(
     Returns float32 logits ``[B, T, V]`` with ``all_logits``, else ``[B, V]`` at chunk index ``logits_index_B``
     (default: the last token), and the updated cache. Needs ``cache.length + T <= cache.capacity``.
     """
-    model = _model(graphdef, state)
-    h_BTD, cache = _prefill(model, cache, x_BTD, positions_3BT, segment_ids_BT)
-    if all_logits:
-        return model.text.logits(h_BTD), cache
-    if logits_index_B is None:
-        h_BD = h_BTD[:, -1]
-    else:
-        h_BD = jnp.take_along_axis(h_BTD, logits_index_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    return model.text.logits(h_BD), cache
-
-
-def _decode(model: QwenVL, cache: KVCache, tokens_B: Array, positions_B: Array) -> tuple[Array, KVCache]:
-    x_B1D = model.text.embed_tokens(tokens_B[:, None])
-    positions_31B = jnp.broadcast_to(positions_B[None, :, None], (3, tokens_B.shape[0], 1))
-    h_B1D, cache = _prefill(model, cache, x_B1D, positions_31B, jnp.zeros_like(tokens_B, jnp.int32)[:, None])
-    return model.text.logits(h_B1D[:, 0]), cache
+    model = nnx.merge(graphdef, state)
+    return prefill_chunk(
+        model, DenseCacheAttention, cache, x_BTD, positions_3BT, segment_ids_BT, logits_index_B, all_logits
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -117,7 +135,7 @@ def decode_step(
     graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens_B: Array, positions_B: Array
 ) -> tuple[Array, KVCache]:
     """One text token per row (segment 0) at rotary position ``positions_B`` -> float32 logits ``[B, V]``."""
-    return _decode(_model(graphdef, state), cache, tokens_B, positions_B)
+    return decode_tokens(nnx.merge(graphdef, state), DenseCacheAttention, cache, tokens_B, positions_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
@@ -144,24 +162,20 @@ def decode_loop(
     when every row is done. Returns ``(tokens [B, num_steps], done [B], cache)``; columns after an early end hold
     ``pad_id``. Needs ``num_steps`` free cache slots.
     """
-    model = _model(graphdef, state)
-    batch = tokens_B.shape[0]
-    out_BS = jnp.full((batch, num_steps), pad_id, jnp.int32)
-
-    def cond(carry):
-        step, _, _, _, done_B, _, _ = carry
-        return (step < num_steps) & ~jnp.all(done_B)
-
-    def body(carry):
-        step, cache, tokens_B, positions_B, done_B, out_BS, rng = carry
-        logits_BV, cache = _decode(model, cache, tokens_B, positions_B)
-        rng, key = jax.random.split(rng)
-        new_B = sample(logits_BV, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        new_B = jnp.where(done_B, pad_id, new_B).astype(jnp.int32)
-        out_BS = jax.lax.dynamic_update_slice(out_BS, new_B[:, None], (0, step))
-        done_B = done_B | jnp.isin(new_B, stop_ids)
-        return step + 1, cache, new_B, positions_B + 1, done_B, out_BS, rng
-
-    carry = (jnp.zeros((), jnp.int32), cache, tokens_B.astype(jnp.int32), positions_B, done_B, out_BS, rng)
-    _, cache, _, _, done_B, out_BS, _ = jax.lax.while_loop(cond, body, carry)
+    step = functools.partial(decode_tokens, nnx.merge(graphdef, state), DenseCacheAttention)
+    out_BS, done_B, _, cache = sampling_loop(
+        step,
+        cache,
+        tokens_B,
+        positions_B,
+        done_B,
+        rng,
+        stop_ids,
+        pad_id,
+        temperature,
+        top_k,
+        top_p,
+        num_steps=num_steps,
+        do_sample=do_sample,
+    )
     return out_BS, done_B, cache
