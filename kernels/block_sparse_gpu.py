@@ -17,24 +17,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from qv_jax.kernels.block_tables import BlockTables
 from qv_jax.kernels.compat import pl, triton_compiler_params
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
-TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-def _dot(a, b, dims, precision):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+from qv_jax.kernels.flash import MASK_VALUE, NN_DIMS, NT_DIMS, dot, finish, precision_for, softmax_step
 
 
 def _num_warps(block_q: int, block_kv: int, head_dim: int) -> int:
@@ -79,30 +66,24 @@ def _fwd_kernel(
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
     def visit(j, carry):
-        acc, m_prev, l_prev = carry
+        m_prev, l_prev, acc = carry
         col = kv_block_ref[th, i, j]
         keys = pl.ds(col * bkv, bkv)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
         kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
         keep = _tile_keep(masks_ref, kv_mask_ref[th, i, j], q_seg, kv_seg)
-        s = jnp.where(keep, _dot(q, k, NT_DIMS, precision) * scale, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        p = jnp.where(keep, jnp.exp(s - m_next[:, None]), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, NN_DIMS, precision)
-        return acc, m_next, alpha * l_prev + jnp.sum(p, axis=1)
+        s = jnp.where(keep, dot(q, k, NT_DIMS, precision) * scale, MASK_VALUE)
+        return softmax_step(s, keep, v, m_prev, l_prev, acc, precision)
 
     init = (
-        jnp.zeros(q.shape, jnp.float32),
         jnp.full((bq,), MASK_VALUE, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
+        jnp.zeros(q.shape, jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(0, kv_count_ref[th, i], visit, init)
-    seen = denom > 0.0
-    l_safe = jnp.where(seen, denom, 1.0)
-    o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    m, denom, acc = lax.fori_loop(0, kv_count_ref[th, i], visit, init)
+    out, lse_ref[...] = finish(acc, m, denom)
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: bool):
@@ -141,7 +122,7 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
         body=_fwd_kernel,
         num_before=7,
         has_segments=segments is not None,
-        kw=dict(scale=scale, groups=G, shared=tables.num_heads == 1, precision=_precision(q.dtype)),
+        kw=dict(scale=scale, groups=G, shared=tables.num_heads == 1, precision=precision_for(q.dtype)),
     )
     out, lse = pl.pallas_call(
         kernel,
@@ -202,10 +183,10 @@ def _dq_kernel(
         v = v_ref[keys, :]
         kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
         keep = _tile_keep(masks_ref, kv_mask_ref[th, i, j], q_seg, kv_seg)
-        s = _dot(q, k, NT_DIMS, precision) * scale
+        s = dot(q, k, NT_DIMS, precision) * scale
         p = jnp.where(keep, jnp.exp(s - lse[:, None]), 0.0)
-        ds = p * (_dot(do, v, NT_DIMS, precision) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, NN_DIMS, precision)
+        ds = p * (dot(do, v, NT_DIMS, precision) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k, NN_DIMS, precision)
 
     dq = lax.fori_loop(0, kv_count_ref[th, i], visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -247,11 +228,11 @@ def _dkv_kernel(
             do = do_ref[g, rows, :]
             q_seg = None if q_seg_ref is None else q_seg_ref[rows]
             keep_t = _tile_keep(masks_t_ref, q_mask_ref[th, j, n], kv_seg, q_seg)  # [bkv, bq]
-            s_t = _dot(k, q, NT_DIMS, precision) * scale
+            s_t = dot(k, q, NT_DIMS, precision) * scale
             p_t = jnp.where(keep_t, jnp.exp(s_t - lse_ref[g, rows][None, :]), 0.0)
-            dv = dv + _dot(p_t.astype(do.dtype), do, NN_DIMS, precision)
-            ds_t = p_t * (_dot(v, do, NT_DIMS, precision) - delta_ref[g, rows][None, :])
-            return dk + _dot(ds_t.astype(q.dtype), q, NN_DIMS, precision), dv
+            dv = dv + dot(p_t.astype(do.dtype), do, NN_DIMS, precision)
+            ds_t = p_t * (dot(v, do, NT_DIMS, precision) - delta_ref[g, rows][None, :])
+            return dk + dot(ds_t.astype(q.dtype), q, NN_DIMS, precision), dv
 
         return visit
 
@@ -270,7 +251,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     bq, bkv = tables.block_q, tables.block_kv
     Hq = Hkv * G
     shared = tables.num_heads == 1
-    prec = _precision(q.dtype)
+    prec = precision_for(q.dtype)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that saw nothing are fully masked in every tile
     params = triton_compiler_params(num_warps=_num_warps(bq, bkv, Dp), num_stages=2)
     kw = dict(scale=scale, groups=G, shared=shared, precision=prec)

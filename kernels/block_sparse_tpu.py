@@ -33,16 +33,22 @@ from qv_jax.kernels.compat import (
     tpu_interpret_params,
     tpu_vmem,
 )
-
-LANES = 128
-SUBLANES = 8
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from qv_jax.kernels.flash import (
+    LANES,
+    MASK_VALUE,
+    NN_DIMS,
+    NT_DIMS,
+    SUBLANES,
+    dot,
+    finish_lanes,
+    lanes,
+    precision_for,
+    softmax_step_lanes,
+)
 
 # a step is two int32 words: (q_block << 16 | kv_block) and (head << 24 | flags << 21 | mask_index + 1)
 _FIRST, _LAST, _COMPUTE = 1, 2, 4
 _BLOCK_BITS, _MASK_BITS = 16, 21
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
 
 
 def flatten_steps(count: np.ndarray, blocks: np.ndarray, masks: np.ndarray, num_heads: int) -> np.ndarray:
@@ -81,21 +87,6 @@ def _decode(steps_ref, n):
     return row, col, head, mask, flags
 
 
-def _lanes(x, n: int):
-    """Widen a lane-replicated ``[r, 128]`` array to ``[r, n]`` with whole-vreg copies."""
-    if n % LANES == 0:
-        return x if n == LANES else jnp.tile(x, (1, n // LANES))
-    return x[:, :n]
-
-
-def _dot(a, b, dims, precision):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _segments_overlap(seg_ranges_ref, b, q_blk, kv_blk, num_q_blocks):
     """Whether the segment-id ranges of a query block and a key block can share an id (conservative)."""
     q_lo = seg_ranges_ref[b, 0, q_blk]
@@ -132,7 +123,6 @@ def _fwd_kernel(
     b, n = pl.program_id(0), pl.program_id(1)
     q_blk, kv_blk, _, mask_idx, flags = _decode(steps_ref, n)
     bkv = mask_ref.shape[1]
-    d = acc_scr.shape[-1]
 
     @pl.when(jnp.bitwise_and(flags, _FIRST) != 0)
     def _init():
@@ -150,27 +140,16 @@ def _fwd_kernel(
         v = v_ref[...]
         keep = (mask_ref[...] != 0) | (mask_idx < 0)
         if q_seg_ref is not None:
-            keep = keep & (_lanes(q_seg_ref[...], bkv) == kv_seg_ref[:1, :])
+            keep = keep & (lanes(q_seg_ref[...], bkv) == kv_seg_ref[:1, :])
         for g in range(groups):
-            s = _dot(q_ref[g], k, NT_DIMS, precision) * scale
-            s = jnp.where(keep, s, MASK_VALUE)
-            m_prev = m_scr[g]
-            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-            p = jnp.where(keep, jnp.exp(s - _lanes(m_next, bkv)), 0.0)
-            alpha = jnp.exp(m_prev - m_next)
-            l_scr[g] = alpha * l_scr[g] + jnp.sum(p, axis=1, keepdims=True)
-            m_scr[g] = m_next
-            pv = _dot(p.astype(v.dtype), v, NN_DIMS, precision)
-            acc_scr[g] = _lanes(alpha, d) * acc_scr[g] + pv
+            s = jnp.where(keep, dot(q_ref[g], k, NT_DIMS, precision) * scale, MASK_VALUE)
+            m_scr[g], l_scr[g], acc_scr[g] = softmax_step_lanes(s, keep, v, m_scr[g], l_scr[g], acc_scr[g], precision)
 
     @pl.when(jnp.bitwise_and(flags, _LAST) != 0)
     def _finish():
         for g in range(groups):
-            denom = l_scr[g]
-            seen = denom > 0.0
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)
-            o_ref[g] = (acc_scr[g] * _lanes(inv, d)).astype(o_ref.dtype)
-            lse_ref[g] = jnp.where(seen, m_scr[g] + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
+            out, lse_ref[g] = finish_lanes(acc_scr[g], m_scr[g], l_scr[g])
+            o_ref[g] = out.astype(o_ref.dtype)
 
 
 def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: bool):
@@ -219,7 +198,7 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
         body=_fwd_kernel,
         has_segments=segments is not None,
         num_inputs=4,
-        kw=dict(scale=scale, groups=G, num_q_blocks=nq, precision=_precision(q.dtype)),
+        kw=dict(scale=scale, groups=G, num_q_blocks=nq, precision=precision_for(q.dtype)),
     )
     out, lse = pl.pallas_call(
         kernel,
@@ -301,13 +280,13 @@ def _dq_kernel(
         v = v_ref[...]
         keep = (mask_ref[...] != 0) | (mask_idx < 0)
         if q_seg_ref is not None:
-            keep = keep & (_lanes(q_seg_ref[...], bkv) == kv_seg_ref[:1, :])
+            keep = keep & (lanes(q_seg_ref[...], bkv) == kv_seg_ref[:1, :])
         for g in range(groups):
-            s = _dot(q_ref[g], k, NT_DIMS, precision) * scale
-            p = jnp.where(keep, jnp.exp(s - _lanes(lse_ref[g], bkv)), 0.0)
-            dp = _dot(do_ref[g], v, NT_DIMS, precision)
-            ds = p * (dp - _lanes(delta_ref[g], bkv))
-            dq_scr[g] = dq_scr[g] + _dot(ds.astype(k.dtype), k, NN_DIMS, precision)
+            s = dot(q_ref[g], k, NT_DIMS, precision) * scale
+            p = jnp.where(keep, jnp.exp(s - lanes(lse_ref[g], bkv)), 0.0)
+            dp = dot(do_ref[g], v, NT_DIMS, precision)
+            ds = p * (dp - lanes(delta_ref[g], bkv))
+            dq_scr[g] = dq_scr[g] + dot(ds.astype(k.dtype), k, NN_DIMS, precision)
 
     @pl.when(jnp.bitwise_and(flags, _LAST) != 0)
     def _finish():
@@ -355,18 +334,18 @@ def _dkv_kernel(
         v = v_ref[...]
         keep_t = (mask_t_ref[...] != 0) | (mask_idx < 0)  # [bkv, bq]
         if kv_seg_ref is not None:
-            keep_t = keep_t & (_lanes(kv_seg_ref[...], bq) == q_seg_ref[:1, :])
+            keep_t = keep_t & (lanes(kv_seg_ref[...], bq) == q_seg_ref[:1, :])
         dk = dk_scr[...]
         dv = dv_scr[...]
         for g in range(groups):
             q = q_ref[g]
             do = do_ref[g]
-            s_t = _dot(k, q, NT_DIMS, precision) * scale  # [bkv, bq]
+            s_t = dot(k, q, NT_DIMS, precision) * scale  # [bkv, bq]
             p_t = jnp.where(keep_t, jnp.exp(s_t - lse_ref[g][:1, :]), 0.0)
-            dv = dv + _dot(p_t.astype(do.dtype), do, NN_DIMS, precision)
-            dp_t = _dot(v, do, NT_DIMS, precision)
+            dv = dv + dot(p_t.astype(do.dtype), do, NN_DIMS, precision)
+            dp_t = dot(v, do, NT_DIMS, precision)
             ds_t = p_t * (dp_t - delta_ref[g][:1, :])
-            dk = dk + _dot(ds_t.astype(q.dtype), q, NN_DIMS, precision)
+            dk = dk + dot(ds_t.astype(q.dtype), q, NN_DIMS, precision)
         dk_scr[...] = dk
         dv_scr[...] = dv
 
@@ -386,7 +365,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     bq, bkv = tables.block_q, tables.block_kv
     nq = tables.num_q_blocks
     interpret_arg = tpu_interpret_params() if interpret else False
-    prec = _precision(q.dtype)
+    prec = precision_for(q.dtype)
     # rows that saw nothing have lse = -inf; any finite value works there because every key of the row is masked
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
 

@@ -17,18 +17,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from qv_jax.kernels.compat import pl, triton_compiler_params
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+from qv_jax.kernels.flash import MASK_VALUE, NT_DIMS, dot, finish, precision_for, softmax_step
 
 
 def _kernel(
@@ -55,31 +47,23 @@ def _kernel(
     count = jnp.clip(counts_ref[b, h] - first, 0, pages_per_split)
 
     def visit(c, carry):
-        acc, m_prev, l_prev = carry
+        m_prev, l_prev, acc = carry
         entry = first + c * pages_per_block
         pages = indices_ref[pl.ds(entry, pages_per_block)]
         k = k_ref[pages].reshape(tokens, D)
         v = v_ref[pages].reshape(tokens, D)
         listed = (c * pages_per_block + jnp.arange(pages_per_block)) < count
         keep = ((valid_ref[pages] >= 0) & listed[:, None]).reshape(1, tokens)
-        logits = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32, precision=precision)
-        logits = jnp.where(keep, logits * scale, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-        p = jnp.where(keep, jnp.exp(logits - m_next[:, None]), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        pv = lax.dot_general(p.astype(v.dtype), v, NN_DIMS, preferred_element_type=jnp.float32, precision=precision)
-        return alpha[:, None] * acc + pv, m_next, alpha * l_prev + jnp.sum(p, axis=1)
+        logits = jnp.where(keep, dot(q, k, NT_DIMS, precision) * scale, MASK_VALUE)
+        return softmax_step(logits, keep, v, m_prev, l_prev, acc, precision)
 
     init = (
-        jnp.zeros((G, D), jnp.float32),
         jnp.full((G,), MASK_VALUE, jnp.float32),
         jnp.zeros((G,), jnp.float32),
+        jnp.zeros((G, D), jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(0, pl.cdiv(count, pages_per_block), visit, init)
-    seen = denom > 0.0
-    safe = jnp.where(seen, denom, 1.0)
-    o_ref[...] = jnp.where(seen[:, None], acc / safe[:, None], 0.0)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+    m, denom, acc = lax.fori_loop(0, pl.cdiv(count, pages_per_block), visit, init)
+    o_ref[...], lse_ref[...] = finish(acc, m, denom)
 
 
 def forward(
@@ -101,7 +85,7 @@ def forward(
         scale=scale,
         pages_per_split=pages_per_split,
         pages_per_block=pages_per_block,
-        precision=_precision(q.dtype),
+        precision=precision_for(q.dtype),
     )
     pool = pl.BlockSpec((None, None, NP, P, D), lambda b, h, s: (b, h, 0, 0, 0))
     out, lse = pl.pallas_call(

@@ -20,26 +20,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
 from qv_jax.kernels.compat import pl, prefetch_scalar_grid_spec, tpu_compiler_params, tpu_interpret_params, tpu_vmem
-
-LANES = 128
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _lanes(x, n: int):
-    """Widen a lane-replicated ``[r, 128]`` array to ``[r, n]``."""
-    if n % LANES == 0:
-        return x if n == LANES else jnp.tile(x, (1, n // LANES))
-    return x[:, :n]
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+from qv_jax.kernels.flash import LANES, MASK_VALUE, NT_DIMS, dot, finish_lanes, precision_for, softmax_step_lanes
 
 
 def _kernel(
@@ -60,8 +43,6 @@ def _kernel(
     precision,
 ):
     b, h, s, i = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    page_size = k_ref.shape[0]
-    d = acc_scr.shape[-1]
 
     @pl.when(i == 0)
     def _init():
@@ -71,27 +52,15 @@ def _kernel(
 
     @pl.when(s * pages_per_split + i < counts_ref[b, h])
     def _compute():
-        k = k_ref[...]
-        v = v_ref[...]
         keep = valid_ref[...] >= 0  # [1, P], broadcast over the query heads
-        logits = lax.dot_general(q_ref[...], k, NT_DIMS, preferred_element_type=jnp.float32, precision=precision)
-        logits = jnp.where(keep, logits * scale, MASK_VALUE)
-        m_prev = m_scr[...]
-        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        p = jnp.where(keep, jnp.exp(logits - _lanes(m_next, page_size)), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_scr[...] = m_next
-        pv = lax.dot_general(p.astype(v.dtype), v, NN_DIMS, preferred_element_type=jnp.float32, precision=precision)
-        acc_scr[...] = _lanes(alpha, d) * acc_scr[...] + pv
+        logits = jnp.where(keep, dot(q_ref[...], k_ref[...], NT_DIMS, precision) * scale, MASK_VALUE)
+        m_scr[...], l_scr[...], acc_scr[...] = softmax_step_lanes(
+            logits, keep, v_ref[...], m_scr[...], l_scr[...], acc_scr[...], precision
+        )
 
     @pl.when(i == pages_per_split - 1)
     def _finish():
-        denom = l_scr[...]
-        seen = denom > 0.0
-        safe = jnp.where(seen, denom, 1.0)
-        o_ref[...] = jnp.where(_lanes(seen, d), acc_scr[...] / _lanes(safe, d), 0.0)
-        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(safe), -jnp.inf)
+        o_ref[...], lse_ref[...] = finish_lanes(acc_scr[...], m_scr[...], l_scr[...])
 
 
 def forward(q, k_pages, v_pages, token_valid, page_indices, page_counts, *, scale, num_splits, interpret):
@@ -119,7 +88,7 @@ def forward(q, k_pages, v_pages, token_valid, page_indices, page_counts, *, scal
     def out_map(b, h, s, i, *_):
         return b, h, s, 0, 0
 
-    kernel = functools.partial(_kernel, scale=scale, pages_per_split=pages_per_split, precision=_precision(q.dtype))
+    kernel = functools.partial(_kernel, scale=scale, pages_per_split=pages_per_split, precision=precision_for(q.dtype))
     out, lse = pl.pallas_call(
         kernel,
         out_shape=[
