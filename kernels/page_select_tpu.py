@@ -18,22 +18,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from qv_jax.kernels.compat import pl, tpu_compiler_params, tpu_interpret_params
-
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+from qv_jax.kernels.page_select_reference import page_bound
 
 
 def _kernel(q_ref, k_min_ref, k_max_ref, valid_ref, o_ref, *, groups):
-    q = q_ref[...].astype(jnp.float32)
-    hi = lax.Precision.HIGHEST
-    pos = lax.dot_general(
-        jnp.maximum(q, 0.0), k_max_ref[...].astype(jnp.float32), NT_DIMS, preferred_element_type=jnp.float32,
-        precision=hi,
-    )  # fmt: skip
-    neg = lax.dot_general(
-        jnp.minimum(q, 0.0), k_min_ref[...].astype(jnp.float32), NT_DIMS, preferred_element_type=jnp.float32,
-        precision=hi,
-    )  # fmt: skip
-    scores = pos + neg  # [Gp, block]
+    scores = page_bound(q_ref[...], k_min_ref[...], k_max_ref[...])  # [Gp, block]
     rows = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
     best = jnp.max(jnp.where(rows < groups, scores, -jnp.inf), axis=0, keepdims=True)
     o_ref[...] = jnp.where(valid_ref[...] >= 0, best, -jnp.inf)
