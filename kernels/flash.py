@@ -3,7 +3,9 @@
 - the masking constant, the ``dot_general`` dimension numbers and the precision rule of the tile products;
 - the online-softmax update of one key tile and the final normalisation, in the two layouts the backends keep
   their per-row statistics in: lane-replicated ``[rows, 128]`` on TPU (whole vregs), plain ``[rows]`` vectors for
-  Triton.
+  Triton;
+- :func:`merge_by_lse`: attention over the union of disjoint key sets from partial results over each set (split-K
+  parts of paged decoding, parts of a long memory, sink + window of a streaming head).
 """
 
 from __future__ import annotations
@@ -72,3 +74,18 @@ def finish(acc, m, denom):
     safe = jnp.where(seen, denom, 1.0)
     return jnp.where(seen[:, None], acc / safe[:, None], 0.0), jnp.where(seen, m + jnp.log(safe), -jnp.inf)
 
+
+def merge_by_lse(out, lse, axis: int):
+    """Merge partial attentions over disjoint key sets, stacked on ``axis`` of ``out [..., D]`` and ``lse [...]``.
+
+    ``lse = logsumexp(lse_i)``, ``out = sum_i exp(lse_i - lse) out_i`` (in float32); a part that saw nothing has
+    ``lse = -inf`` and no weight, and if no part saw anything the result is zeros with ``lse = -inf``.
+    """
+    m = jnp.max(lse, axis=axis, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m_safe)  # exp(-inf) = 0 for parts that saw nothing
+    total = jnp.sum(w, axis=axis)
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    merged = jnp.sum(w[..., None] * out.astype(jnp.float32), axis=axis) / safe[..., None]
+    return merged, jnp.where(seen, jnp.squeeze(m_safe, axis) + jnp.log(safe), -jnp.inf)

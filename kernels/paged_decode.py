@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from qv_jax.errors import InputError
 from qv_jax.kernels import paged_decode_gpu, paged_decode_reference, paged_decode_tpu
+from qv_jax.kernels.flash import merge_by_lse
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 # split-K: about this many pages per split, at most this many splits
@@ -80,18 +81,6 @@ def clamp_lists(page_indices, page_counts, length: int):
     pos = jnp.minimum(jnp.arange(length), N - 1)
     take = jnp.minimum(pos[None, None], last)
     return jnp.take_along_axis(page_indices, take, axis=2).astype(jnp.int32)
-
-
-def merge_splits(out_BKSGD, lse_BKSG):
-    """Combine split-K partial results (each normalised within its split) into ``(out, lse)``."""
-    m_BKG = jnp.max(lse_BKSG, axis=2)
-    m_safe = jnp.where(jnp.isfinite(m_BKG), m_BKG, 0.0)
-    w_BKSG = jnp.exp(lse_BKSG - m_safe[:, :, None])  # exp(-inf) = 0 for empty splits
-    total_BKG = jnp.sum(w_BKSG, axis=2)
-    seen = total_BKG > 0
-    out = jnp.einsum("BKSG,BKSGD->BKGD", w_BKSG, out_BKSGD) / jnp.where(seen, total_BKG, 1.0)[..., None]
-    lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, total_BKG, 1.0)), -jnp.inf)
-    return out, lse
 
 
 def paged_decode_attention(
@@ -164,5 +153,5 @@ def paged_decode_attention(
             interpret=interpret,
         )
         out, lse = out[:, :, :, :G], lse[:, :, :, :G]
-    out, lse = merge_splits(out, lse)
+    out, lse = merge_by_lse(out, lse, axis=2)  # the split-K parts
     return out.astype(q.dtype), lse

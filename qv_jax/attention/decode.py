@@ -17,6 +17,7 @@ from qv_jax.attention.sharded import per_shard
 from qv_jax.attention.sparse import BACKENDS, KERNELS, default_kernel
 from qv_jax.errors import InputError
 from qv_jax.kernels import paged_decode
+from qv_jax.kernels.flash import merge_by_lse
 
 Array = jax.Array
 
@@ -75,13 +76,5 @@ def merge_attention(*parts: tuple[Array, Array]) -> tuple[Array, Array]:
 
     ``out`` and ``lse`` are any matching shapes ``[..., D]`` / ``[...]``; a part that saw nothing has ``lse = -inf``.
     """
-    outs = jnp.stack([o.astype(jnp.float32) for o, _ in parts])
-    lses = jnp.stack([lse for _, lse in parts])
-    m = jnp.max(lses, axis=0)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lses - m_safe)
-    total = jnp.sum(w, axis=0)
-    seen = total > 0
-    out = jnp.sum(w[..., None] * outs, axis=0) / jnp.where(seen, total, 1.0)[..., None]
-    lse = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    out, lse = merge_by_lse(jnp.stack([o for o, _ in parts]), jnp.stack([lse for _, lse in parts]), axis=0)
     return out.astype(parts[0][0].dtype), lse
