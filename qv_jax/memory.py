@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qv_jax.errors import CheckpointError, MemoryMismatchError
+from qv_jax.marker import fresh_directory, read_marker, write_marker
 from qv_jax.model.config import ModelConfig
 from qv_jax.pipeline.cache import LayeredKV
 from qv_jax.pipeline.executor import Timings
@@ -172,12 +172,7 @@ class VideoMemory:
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the memory to ``directory`` (orbax arrays + a JSON description); returns the directory."""
-        out = Path(directory).absolute()
-        if out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise CheckpointError(f"{out}: directory exists and is not empty (pass overwrite=True)")
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = fresh_directory(directory, overwrite=overwrite)
         cache = self.cache.trimmed(max(1, int(self.tokens_per_layer.max())))
         import orbax.checkpoint as ocp
 
@@ -193,26 +188,14 @@ class VideoMemory:
             "num_kv_heads": cache.k[0].shape[1],
             "head_dim": cache.k[0].shape[3],
         }
-        # written last: a directory without it is an unfinished save, never mistaken for a memory
-        (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        write_marker(out, MARKER, meta)
         return out
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> VideoMemory:
         """Read a memory written by :meth:`save` onto the default device."""
         path = Path(directory).absolute()
-        marker = path / MARKER
-        try:
-            meta = json.loads(marker.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: not a saved video memory (no {MARKER})") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{marker}: corrupt ({e})") from e
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise CheckpointError(
-                f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r}; this qv-jax reads "
-                f"{FORMAT!r} version {VERSION}"
-            )
+        meta = read_marker(path, MARKER, format=FORMAT, version=VERSION, what="a saved video memory")
         try:
             info_dict = dict(meta["info"])
             info = MemoryInfo(**{**info_dict, **{k: tuple(info_dict[k]) for k in ("frame_indices", "prefix_ids")}})
@@ -220,7 +203,7 @@ class VideoMemory:
             config = ModelConfig.from_dict(fingerprint.config)
             capacity, heads, head_dim = int(meta["capacity"]), int(meta["num_kv_heads"]), int(meta["head_dim"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{marker}: malformed ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{path / MARKER}: malformed ({type(e).__name__}: {e})") from e
         layers = config.text.num_layers
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         kv = jax.ShapeDtypeStruct((1, heads, capacity, head_dim), jnp.dtype(fingerprint.dtype), sharding=sharding)

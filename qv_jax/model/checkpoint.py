@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from qv_jax.errors import CheckpointError
+from qv_jax.marker import fresh_directory, read_marker, write_marker
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
 
@@ -72,12 +73,7 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write ``state`` (of :class:`~qv_jax.model.QwenVL`) and ``config`` as a checkpoint directory."""
-    out = Path(out_dir).absolute()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out}: output directory exists and is not empty (pass overwrite=True)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_directory(out_dir, overwrite=overwrite)
     leaves = jax.tree.leaves(nnx.to_pure_dict(state))
     dtype = str(jnp.dtype(leaves[0].dtype)) if leaves else "float32"
     checkpointer = ocp.StandardCheckpointer()
@@ -86,26 +82,13 @@ def save_checkpoint(
     (out / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
-    marker = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config.to_dict()}
-    # written last: a directory without the marker is an incomplete save, never mistaken for a checkpoint
-    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    write_marker(out, MARKER, {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config.to_dict()})
     return out
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """``(config, stored dtype name)`` of a checkpoint directory."""
-    marker = Path(path) / MARKER
-    try:
-        meta = json.loads(marker.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: not a qv-jax checkpoint (no {MARKER})") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{marker}: corrupt ({e})") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"{marker}: format {meta.get('format')!r} version {meta.get('version')!r}; this qv-jax reads "
-            f"{FORMAT!r} version {VERSION}"
-        )
+    meta = read_marker(path, MARKER, format=FORMAT, version=VERSION, what="a qv-jax checkpoint")
     return ModelConfig.from_dict(meta["config"]), meta.get("dtype", "float32")
 
 
