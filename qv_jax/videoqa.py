@@ -34,7 +34,7 @@ from qv_jax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
 from qv_jax.pipeline import steps as pipeline_steps
 from qv_jax.pipeline.cache import LayeredKV
 from qv_jax.pipeline.executor import StageEvent, Timeline, Timings, run_overlapped
-from qv_jax.pipeline.plan import GroupPlan, check_settings, make_group_plan
+from qv_jax.pipeline.plan import GroupPlan, check_settings
 from qv_jax.pipeline.steps import TextChunk, text_after_video
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps as model_steps
@@ -188,7 +188,7 @@ class VideoQA:
         """The frame plan and the group plan of ``video``, from a probe alone (nothing is decoded)."""
         with VideoReader(video, workers=self.workers) as reader:
             frame_plan = self._frame_plan(reader)
-        return frame_plan, self._group_plan(frame_plan)
+        return frame_plan, self._memory_info(video, frame_plan).group_plan(self.model.config)
 
     def encode(self, video: str | os.PathLike, *, progress: Callable[[StageEvent], None] | None = None) -> VideoMemory:
         """Decode, encode and prefill ``video`` group by group into a pruned, question-independent memory.
@@ -272,22 +272,22 @@ class VideoQA:
             return create()
         return jax.jit(create, out_shardings=self._memory_shardings())()
 
-    def _prefix_ids(self) -> np.ndarray:
-        # the prefix does not depend on the question or the grid size
-        return self.tokenizer.video_prompt("", (2, 2, 2), system=self.system_prompt).prefix
-
-    def _group_plan(self, frame_plan: FramePlan) -> GroupPlan:
-        return make_group_plan(
-            self.model.config,
-            self._prefix_ids(),
-            num_frames=frame_plan.num_frames,
+    def _memory_info(self, video: str | os.PathLike, frame_plan: FramePlan) -> MemoryInfo:
+        """What a memory of ``video`` made with these settings records; its group plan is the one to run."""
+        # the prompt prefix depends neither on the question nor on the grid size
+        prefix = self.tokenizer.video_prompt("", (2, 2, 2), system=self.system_prompt).prefix
+        return MemoryInfo(
+            video=str(video),
+            frame_indices=tuple(int(i) for i in frame_plan.indices),
             height=frame_plan.height,
             width=frame_plan.width,
-            sample_fps=frame_plan.sample_fps,
+            sample_fps=float(frame_plan.sample_fps),
+            prefix_ids=tuple(int(i) for i in prefix),
             group_frames=self.group_frames,
             retention=self.retention,
             prune=self.prune,
             layer_decay=self.layer_decay,
+            seed=self.seed,
         )
 
     def _encode(
@@ -303,7 +303,8 @@ class VideoQA:
         with timeline.span("probe"):
             reader = VideoReader(video, workers=self.workers)
             frame_plan = self._frame_plan(reader)
-            plan = self._group_plan(frame_plan)
+            info = self._memory_info(video, frame_plan)
+            plan = info.group_plan(m.config)
         with reader:
             ride_along = None
             if question is not None:
@@ -357,19 +358,6 @@ class VideoQA:
                 before_first=prefill_prefix,
                 device=None if self._sharding is None else self._sharding.sharding(),  # frames on every device
             )
-        info = MemoryInfo(
-            video=str(video),
-            frame_indices=tuple(int(i) for i in frame_plan.indices),
-            height=frame_plan.height,
-            width=frame_plan.width,
-            sample_fps=float(frame_plan.sample_fps),
-            prefix_ids=tuple(int(i) for i in plan.prefix_ids),
-            group_frames=self.group_frames,
-            retention=self.retention,
-            prune=self.prune,
-            layer_decay=self.layer_decay,
-            seed=self.seed,
-        )
         return VideoMemory(cache=cache, plan=plan, info=info, fingerprint=self.fingerprint, timings=timeline.timings())
 
     def _answer(
