@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ MODEL_AXIS = "model"
 AXES = (DATA_AXIS, MODEL_AXIS)
 
 ParamPath = tuple[str | int, ...]
+T = TypeVar("T")
 
 # Parameters that hold one slice per KV head, and the axis of those heads (replicated by the head rule).
 _KV_HEAD_AXIS = {"k": 1, "v": 1, "k_bias": 0, "v_bias": 0}
@@ -84,6 +86,11 @@ SPARSE_CACHE_LAYOUTS = {
     "length": "",
     "selected_at": "",
 }
+
+
+# How the fields of QuickPrefill's pruned memory (``qv_jax.pipeline.cache.LayeredKV``, one row) lie on a mesh: keys /
+# values by KV head, slot token indices and fills whole.
+MEMORY_LAYOUTS = {"k": "BH..", "v": "BH..", "token_index": "...", "lengths": "."}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,13 +408,6 @@ class ShardingPlan:
         host = np.asarray(value)
         return put(host, self.batch_sharding(host.shape, batch_dim))
 
-    def kv_sharding(self, ndim: int, *, batch: int, batch_dim: int = 0, head_dim: int = 1) -> NamedSharding:
-        """Any KV array with KV heads on ``head_dim`` (split on ``"model"``) and rows on ``batch_dim``."""
-        entries = [None] * ndim
-        entries[batch_dim] = self.batch_axis(batch)
-        entries[head_dim] = MODEL_AXIS
-        return self.sharding(P(*entries))
-
     def layout_sharding(self, shape: Sequence[int], layout: str) -> NamedSharding:
         """Sharding of an array described by letters, one per dimension: ``B`` rows (on ``"data"`` when it divides
         them), ``H`` KV heads (on ``"model"`` when it divides them), anything else whole."""
@@ -433,6 +433,11 @@ class ShardingPlan:
                 changes[field] = self.layout_sharding(value.shape, layout)
         return dataclasses.replace(cache, **changes)
 
+    def create_in_shards(self, create: Callable[[], T], layouts: dict[str, str]) -> T:
+        """``create()`` (a cache constructor of static shapes) run so that every field comes out in its shards, laid
+        out by ``layouts`` (:meth:`tree_shardings`): no device ever holds the whole cache."""
+        return jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), layouts))()
+
     def new_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
         """An empty dense cache created directly in its shards (no device ever holds the whole of it): k / v
         ``[B, K, S, H]`` by KV head on ``"model"`` and rows on ``"data"``, slot segment ids by row."""
@@ -446,7 +451,7 @@ class ShardingPlan:
             head_dim=text.head_dim,
             dtype=dtype,
         )
-        return jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), DENSE_CACHE_LAYOUTS))()
+        return self.create_in_shards(create, DENSE_CACHE_LAYOUTS)
 
     def shard_cache(self, cache: KVCache) -> KVCache:
         """A dense cache built elsewhere (e.g. unsharded) moved to the layout of :meth:`new_cache`."""
@@ -469,13 +474,16 @@ class ShardingPlan:
             dtype=dtype,
             num_layers=text.num_layers,
         )
-        cache = jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), SPARSE_CACHE_LAYOUTS))()
-        return self._with_replicas(cache)
+        return self._with_replicas(self.create_in_shards(create, SPARSE_CACHE_LAYOUTS))
 
     def shard_sparse_cache(self, cache):
         """A ``SparseKVCache`` built elsewhere (e.g. ``SparseKVCache.from_dense`` of a video memory) moved to the
         layout of :meth:`new_sparse_cache`."""
         return self._with_replicas(jax.device_put(cache, self.tree_shardings(cache, SPARSE_CACHE_LAYOUTS)))
+
+    def shard_memory(self, memory):
+        """A video memory (``qv_jax.pipeline.LayeredKV``, e.g. loaded on one device) moved to :data:`MEMORY_LAYOUTS`."""
+        return jax.device_put(memory, self.tree_shardings(memory, MEMORY_LAYOUTS))
 
     def _with_replicas(self, cache):
         # replicas of a KV head must select the pages the head would (see SparseLayout.kv_repeat)

@@ -40,6 +40,7 @@ from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps as model_steps
 from qv_jax.runtime.sampling import SamplingParams, sample
 from qv_jax.runtime.vlm import VisionLanguageModel, load_model
+from qv_jax.sharding import MEMORY_LAYOUTS
 from qv_jax.video import FramePlan, VideoReader
 from qv_jax.video.sampling import VIDEO_MIN_PIXELS
 
@@ -251,12 +252,6 @@ class VideoQA:
             max_pixels=self.max_pixels,
         )
 
-    def _memory_shardings(self) -> LayeredKV:
-        """Shardings of a memory on the model's mesh: keys / values split by KV head, bookkeeping replicated."""
-        plan, layers = self._sharding, self.model.config.text.num_layers
-        kv = plan.kv_sharding(4, batch=1)
-        return LayeredKV(k=(kv,) * layers, v=(kv,) * layers, token_index=plan.sharding(), lengths=plan.sharding())
-
     def _new_memory(self, capacity: int) -> LayeredKV:
         """An empty memory, created in its shards when the model lies on a mesh."""
         text = self.model.config.text
@@ -268,9 +263,7 @@ class VideoQA:
             head_dim=text.head_dim,
             dtype=self.model.dtype,
         )
-        if self._sharding is None:
-            return create()
-        return jax.jit(create, out_shardings=self._memory_shardings())()
+        return create() if self._sharding is None else self._sharding.create_in_shards(create, MEMORY_LAYOUTS)
 
     def _memory_info(self, video: str | os.PathLike, frame_plan: FramePlan) -> MemoryInfo:
         """What a memory of ``video`` made with these settings records; its group plan is the one to run."""
@@ -401,7 +394,7 @@ class VideoQA:
         if not consume or cache.capacity < need:
             cache = cache.padded(_round_up(need, CAPACITY_BUCKET))
         if self._sharding is not None:
-            cache = jax.device_put(cache, self._memory_shardings())  # a loaded memory arrives on one device
+            cache = self._sharding.shard_memory(cache)  # a loaded memory arrives on one device
         logits, cache = pipeline_steps.prefill_text(m.graphdef, m.state, cache, chunk)
         first = _sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
         tokens = [np.asarray(first)[None]]
