@@ -35,19 +35,18 @@ def make_batch(seed=0):
     return ids, seg, pos
 
 
-def run_sparse(m, cache, ids, seg, pos):
-    """Chunked sparse prefill of the prompt, then teacher-forced sparse decode steps: logits per decoded step."""
+def run_steps(m, cache, ids, seg, pos, run=sparse_steps):
+    """Chunked prefill of the prompt, then teacher-forced decode steps, with the steps of ``run`` (sparse by
+    default, ``qv_jax.runtime.steps`` for a dense cache): logits per decoded step."""
     x = steps.embed(m.graphdef, m.state, jnp.asarray(ids))
     for s in range(0, PROMPT, CHUNK):
-        logits, cache = sparse_steps.prefill(
+        logits, cache = run.prefill(
             m.graphdef, m.state, cache, x[:, s : s + CHUNK], jnp.asarray(pos[:, :, s : s + CHUNK]),
             jnp.asarray(seg[:, s : s + CHUNK]),
         )  # fmt: skip
     out = [np.asarray(logits)]
     for i in range(PROMPT, PROMPT + NEW - 1):
-        logits, cache = sparse_steps.decode_step(
-            m.graphdef, m.state, cache, jnp.asarray(ids[:, i]), jnp.asarray(pos[0, :, i])
-        )
+        logits, cache = run.decode_step(m.graphdef, m.state, cache, jnp.asarray(ids[:, i]), jnp.asarray(pos[0, :, i]))
         out.append(np.asarray(logits))
     return np.stack(out, axis=1), cache
 
@@ -56,24 +55,12 @@ def test_no_streaming_heads_and_budget_over_context_equal_dense_decoding():
     ids, seg, pos = make_batch()
     sparse = VisionLanguageModel.random(CONFIG, seed=1, sparsity=SparsityConfig(token_budget=128, **SMALL))
     cache = sparse.new_sparse_cache(2, 128)
-    got, cache = run_sparse(sparse, cache, ids, seg, pos)
+    got, cache = run_steps(sparse, cache, ids, seg, pos)
     assert int(cache.selected_at) == -1  # the context never exceeded the budget
 
     dense = VisionLanguageModel.random(CONFIG, seed=1)
-    dcache = dense.new_cache(2, 128)
-    x = steps.embed(dense.graphdef, dense.state, jnp.asarray(ids))
-    for s in range(0, PROMPT, CHUNK):
-        logits, dcache = steps.prefill(
-            dense.graphdef, dense.state, dcache, x[:, s : s + CHUNK], jnp.asarray(pos[:, :, s : s + CHUNK]),
-            jnp.asarray(seg[:, s : s + CHUNK]),
-        )  # fmt: skip
-    want = [np.asarray(logits)]
-    for i in range(PROMPT, PROMPT + NEW - 1):
-        logits, dcache = steps.decode_step(
-            dense.graphdef, dense.state, dcache, jnp.asarray(ids[:, i]), jnp.asarray(pos[0, :, i])
-        )
-        want.append(np.asarray(logits))
-    np.testing.assert_allclose(got, np.stack(want, axis=1), atol=1e-5)
+    want, _ = run_steps(dense, dense.new_cache(2, 128), ids, seg, pos, run=steps)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 class MaskedReference:
@@ -105,7 +92,7 @@ def test_streaming_heads_equal_dense_attention_restricted_to_sink_and_recent_tok
     ids, seg, pos = make_batch(1)
     cfg = SparsityConfig(streaming_heads=STREAMING, sink=SINK, local=LOCAL, token_budget=None, **SMALL)
     m = VisionLanguageModel.random(CONFIG, seed=2, sparsity=cfg)
-    got, _ = run_sparse(m, m.new_sparse_cache(2, 64), ids, seg, pos)
+    got, _ = run_steps(m, m.new_sparse_cache(2, 64), ids, seg, pos)
     np.testing.assert_allclose(got, reference_logits(m, ids, seg, pos), atol=1e-5)
 
 
