@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from process_helpers import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -293,36 +293,15 @@ def run_bash(code: str, cwd: Path) -> None:
             subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=cwd, check=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_in_processes(code: str, setup: str, processes: int, cwd: Path) -> None:
     """Run ``setup`` then ``code`` as one script in ``processes`` processes at once (``RANK`` = 0, 1, ...), each
     with its own host devices; every one must exit 0."""
-    script = cwd / f"_block_{_free_port()}.py"
-    script.write_text(setup + "\n" + code.replace("{port}", str(_free_port())))
+    script = cwd / f"_block_{free_port()}.py"
+    script.write_text(setup + "\n" + code.replace("{port}", str(free_port())))
+    logs = cwd / f"{script.stem}_logs"
+    logs.mkdir()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
-    logs = [cwd / f"{script.stem}.rank{rank}.log" for rank in range(processes)]
-    procs = []
-    for rank, log in enumerate(logs):
-        with open(log, "w") as out:  # files, not pipes: a full pipe could stall one process inside a collective
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(script)], cwd=cwd, env={**env, "RANK": str(rank)}, stdout=out, stderr=out
-                )
-            )
-    try:
-        codes = [proc.wait(timeout=600) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    failed = [f"process {rank} exited {c}:\n{logs[rank].read_text()[-3000:]}" for rank, c in enumerate(codes) if c]
-    if failed:
-        raise AssertionError("\n".join(failed))
+    run_ranks(lambda rank: [sys.executable, str(script)], processes, logs, env=env, cwd=cwd)
 
 
 def run_pages(names: list[str], report: Path) -> None:

@@ -8,13 +8,12 @@ Each process executes this file as a script (``python tests/test_sharding_multih
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from process_helpers import free_port, run_ranks
 
 from qv_jax.model.config import ModelConfig
 
@@ -60,12 +59,6 @@ def _process(workdir: Path, port: int, rank: int) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_answer_like_one(tmp_path):
     from qv_jax.runtime import VisionLanguageModel
@@ -77,33 +70,15 @@ def test_two_processes_answer_like_one(tmp_path):
     ref_logits = single.forward(**inputs)
     ref_tokens = single.generate(**inputs, **GENERATE)
 
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         JAX_PLATFORMS="cpu",
     )
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(PROCESSES)]
-    procs = []
-    for rank in range(PROCESSES):
-        # logs go to files: a full pipe could block one process while the other waits for it in a collective
-        with open(logs[rank], "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(tmp_path), str(port), str(rank)],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                )
-            )
-    try:
-        codes = [proc.wait(timeout=600) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    errors = [f"rank {r} exited {c}: {logs[r].read_text()[-4000:]}" for r, c in enumerate(codes) if c]
-    assert not errors, "\n".join(errors)
+    run_ranks(
+        lambda rank: [sys.executable, __file__, str(tmp_path), str(port), str(rank)], PROCESSES, tmp_path, env=env
+    )
 
     mask = inputs["attention_mask"].astype(bool)
     for rank in range(PROCESSES):
