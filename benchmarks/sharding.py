@@ -125,7 +125,7 @@ def _measure(m, inputs, args, baseline_tokens=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from qv_jax.runtime import steps
+    from qv_jax.runtime import SamplingParams, steps
     from qv_jax.sharding import bytes_per_device
 
     B, T = inputs["ids"].shape
@@ -144,7 +144,7 @@ def _measure(m, inputs, args, baseline_tokens=None) -> dict:
     filled = prefill(m.new_cache(B, args.capacity))
     first = jnp.argmax(filled[0], axis=-1).astype(jnp.int32)
     next_pos = m._batch(np.full((B,), T, np.int32))
-    knobs = {"temperature": jnp.float32(1), "top_k": jnp.int32(0), "top_p": jnp.float32(1)}
+    knobs = SamplingParams().knobs()
 
     def decode(cache):
         done = jnp.zeros((B,), bool)

@@ -35,7 +35,7 @@ from benchmarks.common import format_table, time_call, write_json
 from qv_jax.attention import SparsityConfig, reorder_heads
 from qv_jax.cache import KVCache, SparseKVCache
 from qv_jax.model.config import ModelConfig, TextConfig
-from qv_jax.runtime import VisionLanguageModel, steps
+from qv_jax.runtime import SamplingParams, VisionLanguageModel, steps
 from qv_jax.runtime import sparse as sparse_steps
 
 DEFAULT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
@@ -92,7 +92,7 @@ def to_sparse(cache: KVCache, sparsity: SparsityConfig, capacity: int) -> Sparse
 def time_steps(module, graphdef, state, cache, *, batch, context, num_steps, repeats):
     """Median seconds per decode step of ``module.decode_loop`` (each call continues from the last one's cache)."""
     holder = {"cache": cache, "pos": jnp.full((batch,), context, jnp.int32)}
-    knobs = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(1.0))
+    knobs = SamplingParams().knobs()
 
     def call():
         out, _, holder["cache"] = module.decode_loop(

@@ -38,7 +38,7 @@ from qv_jax.pipeline.plan import GroupPlan, check_settings
 from qv_jax.pipeline.steps import TextChunk, text_after_video
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps as model_steps
-from qv_jax.runtime.sampling import SamplingParams, sample
+from qv_jax.runtime.sampling import SamplingParams, jit_sample
 from qv_jax.runtime.vlm import VisionLanguageModel, load_model
 from qv_jax.sharding import MEMORY_LAYOUTS
 from qv_jax.video import FramePlan, VideoReader
@@ -50,8 +50,6 @@ __all__ = ["Answer", "VideoQA"]
 # so questions of similar length reuse compiled steps.
 QUESTION_BUCKET = 32
 CAPACITY_BUCKET = 128
-
-_sample = jax.jit(sample, static_argnames=("do_sample",))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -369,11 +367,7 @@ class VideoQA:
         usable."""
         chunk = text_after_video(memory.plan, suffix, _round_up(suffix.size, QUESTION_BUCKET))
         need = int(memory.tokens_per_layer.max()) + chunk.ids.size + max_new_tokens
-        knobs = {
-            "temperature": jnp.float32(params.temperature),
-            "top_k": jnp.int32(params.top_k),
-            "top_p": jnp.float32(params.top_p),
-        }
+        knobs = params.knobs()
         rng, key = jax.random.split(jax.random.key(seed))
         generate = self._generate_dense if self.model.sparsity is None else self._generate_sparse
         with timeline.span("answer"):
@@ -396,7 +390,7 @@ class VideoQA:
         if self._sharding is not None:
             cache = self._sharding.shard_memory(cache)  # a loaded memory arrives on one device
         logits, cache = pipeline_steps.prefill_text(m.graphdef, m.state, cache, chunk)
-        first = _sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
+        first = jit_sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
         tokens = [np.asarray(first)[None]]
         if max_new_tokens > 1:
             rest, generated, cache = pipeline_steps.decode_loop(
@@ -444,7 +438,7 @@ class VideoQA:
             logits, cache = sparse_steps.prefill(
                 m.graphdef, m.state, cache, x, jnp.asarray(chunk.positions[:, None]), segments, jnp.asarray([count - 1])
             )
-        first = _sample(logits, key, do_sample=params.do_sample, **knobs)
+        first = jit_sample(logits, key, do_sample=params.do_sample, **knobs)
         stop = jnp.asarray(m.eos_token_ids, jnp.int32)
         tokens = np.asarray(first)
         if max_new_tokens > 1:

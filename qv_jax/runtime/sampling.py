@@ -41,6 +41,15 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def knobs(self) -> dict[str, Array]:
+        """``temperature``, ``top_k`` and ``top_p`` as device scalars: the traced keywords of :func:`sample` and of
+        the decode loops, so other values reuse the compiled steps."""
+        return {
+            "temperature": jnp.float32(self.temperature),
+            "top_k": jnp.int32(self.top_k),
+            "top_p": jnp.float32(self.top_p),
+        }
+
 
 def filter_logits(logits_BV: Array, *, temperature: Array, top_k: Array, top_p: Array) -> Array:
     """Temperature-scaled float32 logits with everything outside the top-k / top-p set at ``-inf``."""
@@ -64,6 +73,10 @@ def sample(logits_BV: Array, key: Array, *, do_sample: bool, temperature: Array,
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     filtered_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+
+
+# ``sample`` on its own (the first token of an answer, chosen from the prefill's logits outside the decode loop)
+jit_sample = jax.jit(sample, static_argnames=("do_sample",))
 
 
 def sampling_loop(

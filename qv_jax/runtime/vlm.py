@@ -33,7 +33,7 @@ from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.runtime import steps
-from qv_jax.runtime.sampling import SamplingParams, sample
+from qv_jax.runtime.sampling import SamplingParams, jit_sample
 from qv_jax.sharding import (
     ShardingPlan,
     encode_frames_by_frames,
@@ -42,8 +42,6 @@ from qv_jax.sharding import (
     splits_frames,
     to_host,
 )
-
-_sample = jax.jit(sample, static_argnames=("do_sample",))
 
 # Default prompt chunk of `generate`: prompts up to this many tokens prefill in one call.
 DEFAULT_PREFILL_CHUNK = 2048
@@ -478,13 +476,9 @@ class VisionLanguageModel:
 
         stop = _ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
         pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
-        knobs = {
-            "temperature": jnp.float32(params.temperature),
-            "top_k": jnp.int32(params.top_k),
-            "top_p": jnp.float32(params.top_p),
-        }
+        knobs = params.knobs()
         rng, key = jax.random.split(jax.random.key(seed))
-        first = _sample(logits, key, do_sample=params.do_sample, **knobs)
+        first = jit_sample(logits, key, do_sample=params.do_sample, **knobs)
         stop_ids = jnp.asarray(stop, jnp.int32)
         done = jnp.isin(first, stop_ids)
         new = [to_host(first)[:, None]]
