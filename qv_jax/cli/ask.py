@@ -1,8 +1,8 @@
 """``qv-jax ask``: answer a question about a video (or a saved video memory), with progress bars per stage and a
 timing table.
 
-This module also holds what ``ask``, ``encode`` and ``demo`` share: the QuickPrefill / sampling options, building a
-:class:`~qv_jax.VideoQA` from them, and the per-stage progress bars.
+This module also holds what ``ask``, ``encode`` and ``demo`` share: the model placement, sparse decoding,
+QuickPrefill and sampling options, building a :class:`~qv_jax.VideoQA` from them, and the per-stage progress bars.
 """
 
 from __future__ import annotations
@@ -33,6 +33,92 @@ def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer-decay", type=float, help="per-layer decay of the retention (default: none)")
     group.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """``DATAxMODEL`` (e.g. ``1x8``) as ``(data, model)``; an argparse ``type``."""
+    data, sep, model = text.lower().partition("x")
+    if not (sep and data.isdigit() and model.isdigit() and int(data) > 0 and int(model) > 0):
+        raise argparse.ArgumentTypeError(f"expected DATAxMODEL with positive sizes, e.g. 1x8, got {text!r}")
+    return int(data), int(model)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs and how it decodes: ``--mesh`` and the sparse decoding options."""
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        metavar="DATAxMODEL",
+        help="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor "
+        "parallel over 8 devices (default: one device)",
+    )
+    group = parser.add_argument_group(
+        "sparse decoding (DuoAttention streaming heads, LServe page selection)",
+        "On when --duo-attention or --token-budget is given. A memory made with --duo-attention is answered only "
+        "with the same heads streaming.",
+    )
+    group.add_argument(
+        "--duo-attention",
+        type=Path,
+        metavar="TSV",
+        help="DuoAttention pattern of this model (full_attention_heads.tsv, or its directory): its lowest-gated "
+        "heads become streaming heads",
+    )
+    group.add_argument(
+        "--streaming-fraction",
+        type=float,
+        help="fraction of the KV heads that stream, with --duo-attention (default 0.5)",
+    )
+    group.add_argument(
+        "--token-budget",
+        type=int,
+        help="tokens a retrieval head reads per decode step, chosen page by page (default 4096; 0 reads every page)",
+    )
+    group.add_argument("--sink", type=int, help="first tokens a streaming head keeps (default 64)")
+    group.add_argument("--local", type=int, help="most recent tokens a streaming head keeps (default 256)")
+    group.add_argument("--page-size", type=int, help="tokens per KV page of a retrieval head (default 64)")
+    group.add_argument("--logical-page-size", type=int, help="sub-page whose key min / max scores a page (default 16)")
+
+
+SPARSE_LAYOUT = ("sink", "local", "page_size", "logical_page_size")
+
+
+def sparsity_config(args: argparse.Namespace):
+    """The :class:`~qv_jax.attention.SparsityConfig` the options ask for, or ``None`` for dense decoding."""
+    from qv_jax.attention import SparsityConfig
+
+    layout = {name: getattr(args, name) for name in SPARSE_LAYOUT if getattr(args, name) is not None}
+    if args.duo_attention is None and args.streaming_fraction is not None:
+        raise InputError("--streaming-fraction chooses heads of a --duo-attention pattern: give the pattern too")
+    if args.duo_attention is None and args.token_budget is None:
+        if layout:
+            flags = ", ".join("--" + name.replace("_", "-") for name in layout)
+            raise InputError(f"{flags} configure sparse decoding: give --duo-attention or --token-budget as well")
+        return None
+    if args.token_budget is not None:
+        if args.token_budget < 0:
+            raise InputError(f"--token-budget must be >= 0, got {args.token_budget}")
+        layout["token_budget"] = args.token_budget or None
+    if args.duo_attention is None:
+        return SparsityConfig(**layout)
+    fraction = 0.5 if args.streaming_fraction is None else args.streaming_fraction
+    return SparsityConfig.from_duo_attention(args.duo_attention, sparsity=fraction, **layout)
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """``mesh`` and ``sparsity`` keywords of ``VideoQA.from_pretrained`` / ``VisionLanguageModel.random``."""
+    mesh = None
+    if args.mesh is not None:
+        import jax
+
+        from qv_jax.sharding import make_mesh
+
+        data, model = args.mesh
+        devices = jax.devices()
+        if data * model > len(devices):
+            raise InputError(f"--mesh {data}x{model} needs {data * model} devices, {len(devices)} visible")
+        mesh = make_mesh(data=data, model=model, devices=devices[: data * model])
+    return {"mesh": mesh, "sparsity": sparsity_config(args)}
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +225,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("question", help="the question")
     parser.add_argument("--model", type=Path, required=True, help="model directory (HF or qv-jax checkpoint)")
     parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_model_options(parser)
     add_videoqa_options(parser)
     add_generation_options(parser)
     parser.set_defaults(func=run)
@@ -149,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.video.exists():
         raise InputError(f"{args.video}: no such video file or memory directory")
-    qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **videoqa_options(args))
+    qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **model_options(args), **videoqa_options(args))
     answer = run_with_bars(
         qa, args.video, lambda bars: qa.ask(args.video, args.question, progress=bars, **generation_options(args))
     )

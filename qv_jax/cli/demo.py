@@ -16,8 +16,10 @@ from pathlib import Path
 
 from qv_jax.cli.ask import (
     add_generation_options,
+    add_model_options,
     add_videoqa_options,
     generation_options,
+    model_options,
     print_answer,
     run_with_bars,
     videoqa_options,
@@ -41,13 +43,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--question", default=QUESTION, help=f"the question (default: {QUESTION!r})")
     parser.add_argument("--model", type=Path, help="model directory (default: a tiny random-weight model)")
     parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_model_options(parser)
     add_videoqa_options(parser)
     add_generation_options(parser)
     parser.set_defaults(func=run, max_new_tokens=16)
 
 
-def _random_videoqa(scratch: Path, options: dict):
-    """A VideoQA over a tiny random-weight Qwen2.5-VL with a trained test tokenizer (no downloads, no torch)."""
+def _random_videoqa(scratch: Path, dtype: str | None, placement: dict, options: dict):
+    """A VideoQA over a tiny random-weight Qwen2.5-VL with a trained test tokenizer (no downloads, no torch);
+    ``placement``: its ``mesh`` and ``sparsity``."""
     from qv_jax.model.config import ModelConfig
     from qv_jax.model.tokenizer import build_test_tokenizer, special_ids_from_config
     from qv_jax.runtime import VisionLanguageModel
@@ -57,7 +61,8 @@ def _random_videoqa(scratch: Path, options: dict):
     tokenizer = build_test_tokenizer(
         scratch / "tokenizer", config.text.vocab_size, special_ids=special_ids_from_config(config.to_hf_config())
     )
-    return VideoQA(VisionLanguageModel.random(config, seed=0, tokenizer=tokenizer), **options)
+    model = VisionLanguageModel.random(config, dtype=dtype or "float32", seed=0, tokenizer=tokenizer, **placement)
+    return VideoQA(model, **options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.video is not None and not args.video.is_file():
         raise InputError(f"{args.video}: no such video file")
-    options = videoqa_options(args)
+    options, placement = videoqa_options(args), model_options(args)
     default_pool().prestart(args.workers or os.cpu_count() or 1)  # decoders boot while the model is built
     with tempfile.TemporaryDirectory(prefix="qv-jax-demo-") as scratch:
         video = args.video
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             seconds = time.perf_counter() - started
             print(f"generated {video.name}: {SAMPLE['seconds']:g} s of 640x360 H.264 in {seconds:.1f} s")
         if args.model is None:
-            qa = _random_videoqa(Path(scratch), options)
+            qa = _random_videoqa(Path(scratch), args.dtype, placement, options)
             print(
                 "model: a tiny RANDOM-WEIGHT Qwen2.5-VL (2 layers, 64 wide) with a toy tokenizer — the answer below "
                 "is noise; the stages and timings are real. Pass --model DIR for a real model."
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from qv_jax.videoqa import VideoQA
 
-            qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **options)
+            qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **placement, **options)
             print(f"model: {args.model}")
         frame_plan, plan = qa.plan(video)
         print(
