@@ -1,0 +1,84 @@
+"""Every benchmark script runs end to end at a tiny size and writes its JSON record, with the correctness columns
+it reports (exact frames, same tokens as the baseline) holding. Timings are only recorded, never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qv_jax.video.samples import make_sample_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check_attention(record: dict) -> None:
+    """Streaming heads skip tiles once the sequence is longer than what they see (sink + local)."""
+    assert record["visited"] and record["timings"]
+    window = record["config"]["sink"] + record["config"]["local"]
+    for row in record["visited"]:
+        streams = not row["streaming_heads"].startswith("0/")
+        assert (row["work_fraction"] < 1.0) == (streams and row["tokens"] > window), row
+
+
+def _check_decode(record: dict) -> None:
+    ours = [row for row in record["rows"] if row["method"] == "QuickDecoder"]
+    assert ours and all(row["exact"] == "yes" for row in ours)
+
+
+def _check_e2e(record: dict) -> None:
+    assert record["frames"] == 8 and record["speedup"] > 0
+    assert record["quick"]["kv_bytes"] < record["baseline"]["kv_bytes"]  # retention 0.5
+
+
+def _check_model(record: dict) -> None:
+    assert record["same_greedy_tokens"] is True
+    assert {row["stage"] for row in record["rows"]} >= {"vision", "prefill", "decode"}
+
+
+def _check_sharding(record: dict) -> None:
+    meshed = [row for row in record["meshes"] if row["mesh"] != "1 device"]
+    assert meshed and all(row["same_tokens"] is True for row in meshed)
+
+
+def _check_sparse_decode(record: dict) -> None:
+    assert [row["variant"] for row in record["rows"]] == ["dense", "streaming", "streaming+select"]
+
+
+CASES = {
+    "attention": (["--cpu-lengths", "256", "--lengths", "1024", "--repeats", "1"], _check_attention),
+    "decode": (["--workers", "2", "--repeats", "1"], _check_decode),
+    "e2e": (["--max-frames", "8", "--group-frames", "4", "--max-new-tokens", "2", "--repeats", "1"], _check_e2e),
+    "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
+    "sharding": (
+        ["--size", "small", "--batch", "2", "--prompt-len", "32", "--new-tokens", "2", "--capacity", "64"],
+        _check_sharding,
+    ),
+    "sparse_decode": (["--contexts", "512", "--layers", "2", "--steps", "2", "--repeats", "1"], _check_sparse_decode),
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, list[str]]:
+    """Short clips for the video benchmarks (their defaults generate minutes of 720p / 1080p)."""
+    root = tmp_path_factory.mktemp("bench-videos")
+    clip = str(make_sample_video(root / "clip.mp4", seconds=4, size=(180, 320), gop=12))
+    long = str(make_sample_video(root / "long.mp4", seconds=12, size=(180, 320), gop=24))
+    return {"decode": ["--video", clip, "--sparse-video", long], "e2e": ["--video", long]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_and_writes_its_record(name, videos, tmp_path):
+    args, check = CASES[name]
+    out = tmp_path / f"{name}.json"
+    command = [sys.executable, "-m", f"benchmarks.{name}", *args, *videos.get(name, []), "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"wrote {out}" in proc.stdout
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == name and record["machine"]["cpu_count"]
+    check(record)
