@@ -23,18 +23,15 @@ the visible tokens of a row are contiguous (left / right padding only), which ``
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from qv_jax.attention import HeadPattern, dot_product_attention, sparse_attention
 from qv_jax.attention.decode import merge_attention, paged_decode_attention
 from qv_jax.attention.page_selection import needs_selection, page_scores, top_pages, visit_list
 from qv_jax.cache.sparse import SparseKVCache
 from qv_jax.runtime import steps
-from qv_jax.runtime.sampling import sampling_loop
 
 Array = jax.Array
 
@@ -245,68 +242,6 @@ class SparseDecodeAttention:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# jitted steps (same signatures as qv_jax.runtime.steps, over a SparseKVCache)
+# jitted steps (the functions of qv_jax.runtime.steps, over a SparseKVCache)
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
-def prefill(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    cache: SparseKVCache,
-    x_BTD: Array,
-    positions_3BT: Array,
-    segment_ids_BT: Array,
-    logits_index_B: Array | None = None,
-    all_logits: bool = False,
-) -> tuple[Array, SparseKVCache]:
-    """A chunk of ``T`` embeddings at the cache's fill offset (see :func:`qv_jax.runtime.steps.prefill`)."""
-    model = nnx.merge(graphdef, state)
-    return steps.prefill_chunk(
-        model, SparsePrefillAttention, cache, x_BTD, positions_3BT, segment_ids_BT, logits_index_B, all_logits
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(
-    graphdef: nnx.GraphDef, state: nnx.State, cache: SparseKVCache, tokens_B: Array, positions_B: Array
-) -> tuple[Array, SparseKVCache]:
-    """One text token per row at rotary position ``positions_B`` -> float32 logits ``[B, V]``."""
-    return steps.decode_tokens(nnx.merge(graphdef, state), SparseDecodeAttention, cache, tokens_B, positions_B)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
-def decode_loop(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    cache: SparseKVCache,
-    tokens_B: Array,
-    positions_B: Array,
-    done_B: Array,
-    rng: Array,
-    stop_ids: Array,
-    pad_id: Array,
-    temperature: Array,
-    top_k: Array,
-    top_p: Array,
-    *,
-    num_steps: int,
-    do_sample: bool,
-) -> tuple[Array, Array, SparseKVCache]:
-    """Generate up to ``num_steps`` tokens on device (see :func:`qv_jax.runtime.steps.decode_loop`)."""
-    step = functools.partial(steps.decode_tokens, nnx.merge(graphdef, state), SparseDecodeAttention)
-    out_BS, done_B, _, cache = sampling_loop(
-        step,
-        cache,
-        tokens_B,
-        positions_B,
-        done_B,
-        rng,
-        stop_ids,
-        pad_id,
-        temperature,
-        top_k,
-        top_p,
-        num_steps=num_steps,
-        do_sample=do_sample,
-    )
-    return out_BS, done_B, cache
+prefill, decode_step, decode_loop = steps.jitted_steps(SparsePrefillAttention, SparseDecodeAttention)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qv_jax.cache.dense import DenseCacheAttention, KVCache
+from qv_jax.cache.dense import DenseCacheAttention
 from qv_jax.model.preprocess import patchify
 from qv_jax.model.qwen2_5_vl import ChunkAttention, KVHandler, QwenVL
 from qv_jax.model.vision_layout import Grid
@@ -108,41 +108,43 @@ def decode_tokens(
     return prefill_chunk(model, handler_type, cache, x_B1D, positions_31B, jnp.zeros_like(tokens_B, jnp.int32)[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
-def prefill(
+def _prefill(
+    handler_type: Callable[[Cache, Array], KVHandler],
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    cache: KVCache,
+    cache: Cache,
     x_BTD: Array,
     positions_3BT: Array,
     segment_ids_BT: Array,
     logits_index_B: Array | None = None,
     all_logits: bool = False,
-) -> tuple[Array, KVCache]:
+) -> tuple[Array, Cache]:
     """Run a chunk of ``T`` embeddings at the cache's fill offset; the cache advances by ``T`` slots.
 
     Returns float32 logits ``[B, T, V]`` with ``all_logits``, else ``[B, V]`` at chunk index ``logits_index_B``
     (default: the last token), and the updated cache. Needs ``cache.length + T <= cache.capacity``.
     """
     model = nnx.merge(graphdef, state)
-    return prefill_chunk(
-        model, DenseCacheAttention, cache, x_BTD, positions_3BT, segment_ids_BT, logits_index_B, all_logits
-    )
+    return prefill_chunk(model, handler_type, cache, x_BTD, positions_3BT, segment_ids_BT, logits_index_B, all_logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(
-    graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens_B: Array, positions_B: Array
-) -> tuple[Array, KVCache]:
-    """One text token per row (segment 0) at rotary position ``positions_B`` -> float32 logits ``[B, V]``."""
-    return decode_tokens(nnx.merge(graphdef, state), DenseCacheAttention, cache, tokens_B, positions_B)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
-def decode_loop(
+def _decode_step(
+    handler_type: Callable[[Cache, Array], KVHandler],
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    cache: KVCache,
+    cache: Cache,
+    tokens_B: Array,
+    positions_B: Array,
+) -> tuple[Array, Cache]:
+    """One text token per row (segment 0) at rotary position ``positions_B`` -> float32 logits ``[B, V]``."""
+    return decode_tokens(nnx.merge(graphdef, state), handler_type, cache, tokens_B, positions_B)
+
+
+def _decode_loop(
+    handler_type: Callable[[Cache, Array], KVHandler],
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: Cache,
     tokens_B: Array,
     positions_B: Array,
     done_B: Array,
@@ -155,14 +157,14 @@ def decode_loop(
     *,
     num_steps: int,
     do_sample: bool,
-) -> tuple[Array, Array, KVCache]:
+) -> tuple[Array, Array, Cache]:
     """Feed ``tokens_B`` (already sampled) and generate up to ``num_steps`` more tokens per row on device.
 
     A row is done once it has produced one of ``stop_ids``; its later tokens are ``pad_id``. The loop ends early
     when every row is done. Returns ``(tokens [B, num_steps], done [B], cache)``; columns after an early end hold
     ``pad_id``. Needs ``num_steps`` free cache slots.
     """
-    step = functools.partial(decode_tokens, nnx.merge(graphdef, state), DenseCacheAttention)
+    step = functools.partial(decode_tokens, nnx.merge(graphdef, state), handler_type)
     out_BS, done_B, _, cache = sampling_loop(
         step,
         cache,
@@ -179,3 +181,24 @@ def decode_loop(
         do_sample=do_sample,
     )
     return out_BS, done_B, cache
+
+
+def jitted_steps(
+    prefill_handler: Callable[[Cache, Array], KVHandler], decode_handler: Callable[[Cache, Array], KVHandler]
+) -> tuple[Callable, Callable, Callable]:
+    """``(prefill, decode_step, decode_loop)`` through the given KV handlers, jitted with ``graphdef`` and the
+    flags static and the cache donated (see :func:`_prefill`, :func:`_decode_step`, :func:`_decode_loop`)."""
+    donate = {"donate_argnames": ("cache",)}
+    return (
+        jax.jit(functools.partial(_prefill, prefill_handler), static_argnames=("graphdef", "all_logits"), **donate),
+        jax.jit(functools.partial(_decode_step, decode_handler), static_argnames=("graphdef",), **donate),
+        jax.jit(
+            functools.partial(_decode_loop, decode_handler),
+            static_argnames=("graphdef", "num_steps", "do_sample"),
+            **donate,
+        ),
+    )
+
+
+# over a dense KVCache
+prefill, decode_step, decode_loop = jitted_steps(DenseCacheAttention, DenseCacheAttention)
