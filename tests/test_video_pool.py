@@ -58,22 +58,39 @@ def test_workers_are_fresh_interpreters_without_jax():
         assert "jaxlib" not in maps and "libjax" not in maps
 
 
-def _interfere_after_first_group(path: Path, action, timeout_s: float = 60.0, workers: int = 2) -> list[int]:
-    """Stream ``path``; after the first group, apply ``action(pid)`` to each worker of the read; read on."""
-    touched = []
-    with VideoReader(path, workers=workers, timeout_s=timeout_s) as r:
-        for i, _ in enumerate(r.stream(num_frames=r.info.frame_count, group_size=4)):
-            if i == 0:
-                touched = POOL.pids(busy=True)
-                for pid in touched:
-                    action(pid)
-    return touched
+def _read_with_a_stopped_worker(path: Path, on_first_group, timeout_s: float = 60.0) -> int:
+    """Stream all of ``path`` with two workers, the second stopped (SIGSTOP) before the read so that it cannot
+    finish its intervals however fast the other one is; ``on_first_group(pid)`` gets that worker once the first
+    group arrives (or after 2 s, should the stopped worker hold the first interval). Returns its pid."""
+    for worker in POOL.acquire(max(2, len(POOL.pids(busy=False)))):  # every idle worker ready, in a known order
+        POOL.release(worker)
+    stopped = POOL.pids(busy=False)[1]  # a read takes the first idle workers: this one is its second
+    os.kill(stopped, signal.SIGSTOP)
+    once = threading.Lock()
+
+    def fire():
+        if once.acquire(blocking=False):
+            on_first_group(stopped)
+
+    timer = threading.Timer(2.0, fire)
+    timer.start()
+    try:
+        with VideoReader(path, workers=2, timeout_s=timeout_s) as r:
+            for _ in r.stream(num_frames=r.info.frame_count, group_size=4):
+                fire()
+    finally:
+        timer.cancel()
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return stopped
 
 
 def test_worker_crash_fails_the_read_and_the_pool_recovers():
     path = long_video()
     with pytest.raises(DecodeWorkerError, match=r"was killed by SIGKILL (while|before) decoding frames") as caught:
-        _interfere_after_first_group(path, lambda pid: os.kill(pid, signal.SIGKILL))
+        _read_with_a_stopped_worker(path, lambda pid: os.kill(pid, signal.SIGKILL))
     assert str(path) in str(caught.value)
     assert not buffer_files()
     assert not POOL.pids(busy=True)
@@ -82,24 +99,12 @@ def test_worker_crash_fails_the_read_and_the_pool_recovers():
 
 def test_worker_hang_times_out_and_the_pool_recovers():
     path = long_video()
-    stopped: list[int] = []
-
-    def stop(pid):
-        stopped.append(pid)
-        os.kill(pid, signal.SIGSTOP)
-
     started = time.monotonic()
-    try:
-        with pytest.raises(DecodeWorkerError, match="sent nothing for 1 s"):
-            _interfere_after_first_group(path, stop, timeout_s=1.0)
-    finally:
-        for pid in stopped:  # workers the read did not need to kill go back to work
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+    with pytest.raises(DecodeWorkerError, match="sent nothing for 1 s"):
+        _read_with_a_stopped_worker(path, lambda pid: None, timeout_s=1.0)
     assert time.monotonic() - started < 30
     assert not buffer_files()
+    assert not POOL.pids(busy=True)
     _assert_next_read_exact(path)
 
 
