@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from qv_jax.errors import InputError
-
-PRUNE_RULES = ("key_norms_small", "key_norms", "value_norms", "random", "question_attention", "none")
+from qv_jax.pipeline.plan import PRUNE_RULES
 
 
 def add_videoqa_options(parser: argparse.ArgumentParser) -> None:

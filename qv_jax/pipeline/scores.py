@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.errors import ConfigError
+from qv_jax.pipeline.plan import PRUNE_RULES
 
 Array = jax.Array
 
-SCORE_RULES = ("key_norms_small", "key_norms", "value_norms", "random", "question_attention")
+SCORE_RULES = tuple(rule for rule in PRUNE_RULES if rule != "none")  # "none" keeps every token, scoring none
 
 
 def _norm_BT(x_BKTH: Array) -> Array:
