@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from qv_jax.errors import CheckpointError, InputError
 from qv_jax.model.checkpoint import save_checkpoint
@@ -227,13 +227,7 @@ def load_hf_state(
         )
     if plan is not None:
         return plan.config, *plan.build(values)
-    pure: dict = {}
-    for path, value in values.items():
-        node = pure
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    nnx.replace_by_pure_dict(abstract, pure)
+    nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(values))
     return config, graphdef, abstract
 
 

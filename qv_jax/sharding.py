@@ -45,7 +45,7 @@ from typing import TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -201,17 +201,6 @@ def _flat_specs(state: nnx.State) -> dict[ParamPath, P]:
     return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(nnx.get_partition_spec(state))}
 
 
-def _nest(flat: dict[ParamPath, object]) -> dict:
-    """``{path: value}`` as the nested pure dict ``nnx.replace_by_pure_dict`` takes."""
-    pure: dict = {}
-    for path, value in flat.items():
-        node = pure
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return pure
-
-
 def _kv_head_axis(path: ParamPath) -> int | None:
     return _KV_HEAD_AXIS.get(path[-1]) if path and path[0] == "text" and isinstance(path[-1], str) else None
 
@@ -361,7 +350,7 @@ class ShardingPlan:
     def build(self, values: dict[ParamPath, jax.Array]) -> tuple[nnx.GraphDef, nnx.State]:
         """``(graphdef, state)`` of the running model from placed arrays (one per parameter path)."""
         graphdef, abstract = abstract_model(self.config)
-        nnx.replace_by_pure_dict(abstract, _nest(values))
+        nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(values))
         return graphdef, abstract
 
     def place_state(self, state: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
@@ -375,15 +364,10 @@ class ShardingPlan:
     def checkpoint_state(self, state: nnx.State) -> nnx.State:
         """The running ``state`` in the checkpoint layout (for saving); arrays stay where they are."""
         _, abstract = abstract_model(self.checkpoint_config)
-        nnx.replace_by_pure_dict(
-            abstract,
-            _nest(
-                {
-                    tuple(path): self.checkpoint_value(tuple(path), var.get_value())
-                    for path, var in nnx.to_flat_state(state)
-                }
-            ),
-        )
+        values = {
+            tuple(path): self.checkpoint_value(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(state)
+        }
+        nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(values))
         return abstract
 
     def reshard(self, state: nnx.State) -> nnx.State:
