@@ -135,9 +135,7 @@ def convert_tensor(kind: str, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndar
     """An HF tensor in our layout (a view where possible; the caller casts and copies)."""
     if kind == "same":
         return hf
-    if kind == "linear":
-        return hf.T.reshape(shape)
-    if kind == "linear_in":
+    if kind in ("linear", "linear_in"):  # [out, in] -> [in, out], then split into our shape
         return hf.T.reshape(shape)
     if kind == "split":
         return hf.reshape(shape)

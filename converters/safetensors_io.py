@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -118,9 +117,3 @@ def open_checkpoint(model_dir: str | os.PathLike) -> dict[str, SafetensorsFile]:
                 )
             where[name] = f
     return where
-
-
-def iter_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, view)`` for every tensor of the checkpoint, one at a time."""
-    for name, f in open_checkpoint(model_dir).items():
-        yield name, f.get(name)
