@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qv_jax.errors import ConfigError
@@ -407,10 +407,11 @@ def _rope(text: Mapping[str, Any]) -> tuple[float, tuple[int, int, int]]:
     return theta, tuple(int(s) for s in rope["mrope_section"])
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def token_ids(value: Any) -> tuple[int, ...]:
+    """``None``, one token id or several (HF files write ``eos_token_id`` either way) as a tuple of ints."""
     if value is None:
         return ()
-    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
+    return tuple(int(v) for v in value) if isinstance(value, Iterable) else (int(value),)
 
 
 def _from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
@@ -482,7 +483,7 @@ def _from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
         text=text_cfg,
         vision=vision_cfg,
         bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=_eos_ids(text.get("eos_token_id", QWEN_TOKEN_IDS["eos_token_ids"][0])),
+        eos_token_ids=token_ids(text.get("eos_token_id", QWEN_TOKEN_IDS["eos_token_ids"][0])),
         pad_token_id=None if pad is None else int(pad),
         **ids,
     )

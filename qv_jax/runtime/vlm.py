@@ -27,7 +27,7 @@ from qv_jax.cache.dense import KVCache
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
 from qv_jax.errors import CheckpointError, ConfigError, InputError
 from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, save_checkpoint
-from qv_jax.model.config import ModelConfig
+from qv_jax.model.config import ModelConfig, token_ids
 from qv_jax.model.qwen2_5_vl import QwenVL, random_state
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
@@ -58,12 +58,6 @@ class GenerationOutput:
     sequences: np.ndarray  # prompt plus generated ids [B, T + n], as generate returns by default
     kv_bytes: int  # bytes of the KV cache buffers allocated for the run (dense or sparse)
     kv_capacity: int  # cache slots allocated
-
-
-def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (int(value),) if np.isscalar(value) else tuple(int(v) for v in value)
 
 
 class VisionLanguageModel:
@@ -474,7 +468,7 @@ class VisionLanguageModel:
                     self._batch(last_index),
                 )
 
-        stop = _ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
+        stop = token_ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
         pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         knobs = params.knobs()
         rng, key = jax.random.split(jax.random.key(seed))
@@ -518,7 +512,7 @@ def _generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int |
         gen = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    eos = _ids(gen.get("eos_token_id")) or None
+    eos = token_ids(gen.get("eos_token_id")) or None
     pad = gen.get("pad_token_id")
     return eos, None if pad is None else int(pad)
 
