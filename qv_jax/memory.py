@@ -168,7 +168,7 @@ class VideoMemory:
     @property
     def kv_bytes(self) -> int:
         """Bytes of the keys and values the memory holds (filled slots of every layer)."""
-        return int(self.tokens_per_layer.sum()) * _token_bytes(self.cache)
+        return self.cache.kv_bytes
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the memory to ``directory`` (orbax arrays + a JSON description); returns the directory."""
@@ -226,12 +226,6 @@ class VideoMemory:
             lengths=tree["lengths"],
         )
         return cls(cache=cache, plan=info.group_plan(config), info=info, fingerprint=fingerprint)
-
-
-def _token_bytes(cache: LayeredKV) -> int:
-    """Bytes one token takes in one layer: keys and values over every KV head."""
-    _, heads, _, head_dim = cache.k[0].shape
-    return 2 * heads * head_dim * jnp.dtype(cache.dtype).itemsize
 
 
 def _as_tree(cache: LayeredKV) -> dict:

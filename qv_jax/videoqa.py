@@ -407,9 +407,7 @@ class VideoQA:
                 **knobs,
             )
             tokens.append(np.asarray(rest)[: int(generated)])
-        held = int(np.asarray(cache.lengths).sum())
-        _, heads, _, head_dim = cache.k[0].shape
-        return np.concatenate(tokens).astype(np.int32), held * 2 * heads * head_dim * jnp.dtype(cache.dtype).itemsize
+        return np.concatenate(tokens).astype(np.int32), cache.kv_bytes
 
     def _generate_sparse(self, memory, chunk, count, need, max_new_tokens, params, knobs, rng, key, *, consume):
         """The memory as a sparse decode state, then sparse question prefill and decoding (``qv_jax.runtime.sparse``);

@@ -69,6 +69,12 @@ class LayeredKV:
     def dtype(self):
         return self.k[0].dtype
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values in filled slots, over every layer and KV head."""
+        _, heads, _, head_dim = self.k[0].shape
+        return int(jax.device_get(self.lengths).sum()) * 2 * heads * head_dim * jnp.dtype(self.dtype).itemsize
+
     def write_kv(self, layer: int, start: Array, k_BKTH: Array, v_BKTH: Array) -> LayeredKV:
         """Store keys / values of one layer in slots ``[start, start + T)``."""
         k = jax.lax.dynamic_update_slice(self.k[layer], k_BKTH.astype(self.dtype), (0, 0, start, 0))
