@@ -63,6 +63,11 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.k)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the cache holds."""
+        return int(sum(x.nbytes for x in jax.tree.leaves(self)))
+
     def with_segments(self, start: Array, segment_ids_BT: Array) -> KVCache:
         """Mark slots ``[start, start + T)`` with the segment ids of a chunk about to be written."""
         seg = jax.lax.dynamic_update_slice(self.segment_ids, segment_ids_BT.astype(jnp.int32), (0, start))

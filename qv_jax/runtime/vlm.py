@@ -453,8 +453,7 @@ class VisionLanguageModel:
         capacity = _round_up(padded + max_new_tokens - 1, 128)
         run = steps if self.sparsity is None else sparse_steps
         cache = self.new_cache(batch, capacity) if self.sparsity is None else self.new_sparse_cache(batch, capacity)
-        kv_bytes = int(sum(a.nbytes for a in jax.tree.leaves(cache)))
-        kv_capacity = int(cache.segment_ids.shape[1])
+        kv_bytes, kv_capacity = cache.nbytes, cache.capacity
         last_index = np.full((batch,), (length - 1) % chunk, np.int32)
         for start in range(0, padded, chunk):
             with self.mesh_context():
