@@ -74,10 +74,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``state`` (of :class:`~qv_jax.model.QwenVL`) and ``config`` as a checkpoint directory."""
     out = fresh_directory(out_dir, overwrite=overwrite)
-    leaves = jax.tree.leaves(nnx.to_pure_dict(state))
+    params = nnx.to_pure_dict(state)
+    leaves = jax.tree.leaves(params)
     dtype = str(jnp.dtype(leaves[0].dtype)) if leaves else "float32"
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "params", nnx.to_pure_dict(state))
+    checkpointer.save(out / "params", params)
     checkpointer.wait_until_finished()
     (out / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2) + "\n")
     if tokenizer_dir is not None:
