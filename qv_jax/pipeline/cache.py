@@ -168,7 +168,11 @@ class AppendAttention:
     def cache(self) -> LayeredKV:
         return dataclasses.replace(self._cache, lengths=self._cache.lengths + self.num_valid)
 
-    def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
+    def append(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> tuple[Array, Array, Array]:
+        """Write the chunk behind the layer's memory and attend over both; ``(start slot, out, lse)``."""
         start = self._cache.lengths[layer]
         self._cache = self._cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
-        return self._cache.attend(layer, q_BNTH, self.q_index, start + k_BKTH.shape[2])[0]
+        return start, *self._cache.attend(layer, q_BNTH, self.q_index, start + k_BKTH.shape[2])
+
+    def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
+        return self.append(layer, q_BNTH, k_BKTH, v_BKTH)[1]

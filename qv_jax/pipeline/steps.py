@@ -53,13 +53,13 @@ def text_after_video(plan: GroupPlan, ids: np.ndarray, length: int) -> TextChunk
     )
 
 
-class GroupPruneAttention:
+class GroupPruneAttention(AppendAttention):
     """:class:`~qv_jax.model.KVHandler` of one group: attend over ``[memory ; group]``, keep the best tokens.
 
     The chunk is the group's ``group_tokens`` tokens, followed — for ``question_attention`` only — by the question
     tokens, whose queries score the group and whose keys are dropped afterwards. Per layer: the whole chunk is
-    written behind the memory, attends (causal by token index), then the ``keep[l]`` best group tokens are written
-    back over the chunk's slots in prompt order and the rest of those slots are marked empty.
+    appended behind the memory and attends (causal by token index), then the ``keep[l]`` best group tokens are
+    written back over the chunk's slots in prompt order and the rest of those slots are marked empty.
     """
 
     def __init__(
@@ -74,9 +74,7 @@ class GroupPruneAttention:
         max_keep: tuple[int, ...],
         key: Array,
     ):
-        self._cache = cache
-        self.q_index = token_index_BT
-        self.kv_index = jnp.where(valid_BT, token_index_BT, -1)
+        super().__init__(cache, token_index_BT, valid_BT)
         self.valid = valid_BT
         self.keep = keep_L
         self.n = group_tokens
@@ -89,29 +87,27 @@ class GroupPruneAttention:
         return dataclasses.replace(self._cache, lengths=self._cache.lengths + self.keep)
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
-        n, cache = self.n, self._cache
-        start = cache.lengths[layer]
-        cache = cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
-        out, lse_BNT = cache.attend(layer, q_BNTH, self.q_index, start + k_BKTH.shape[2])
+        start, out, lse_BNT = self.append(layer, q_BNTH, k_BKTH, v_BKTH)
+        if self.rule == "none":
+            return out
+        n = self.n
         question = None
         if self.rule == "question_attention":
             question = (q_BNTH[:, :, n:], lse_BNT[:, :, n:], self.valid[:, n:])
-        if self.rule != "none":
-            scores_Bn = token_scores(
-                self.rule,
-                k_BKTH[:, :, :n],
-                v_BKTH[:, :, :n],
-                self.valid[:, :n],
-                key=jax.random.fold_in(self.key, layer),
-                question=question,
-            )
-            chosen_BM, kept_BM = select_tokens(scores_Bn, self.keep[layer], self.max_keep[layer])
-            k_BKMH, v_BKMH = (_gather_tokens(x[:, :, :n], chosen_BM) for x in (k_BKTH, v_BKTH))
-            index_BM = jnp.where(kept_BM, jnp.take_along_axis(self.q_index[:, :n], chosen_BM, axis=1), -1)
-            empty_BR = jnp.full((index_BM.shape[0], k_BKTH.shape[2] - index_BM.shape[1]), -1, jnp.int32)
-            cache = cache.write_kv(layer, start, k_BKMH, v_BKMH)
-            cache = cache.write_index(layer, start, jnp.concatenate([index_BM, empty_BR], axis=1))
-        self._cache = cache
+        scores_Bn = token_scores(
+            self.rule,
+            k_BKTH[:, :, :n],
+            v_BKTH[:, :, :n],
+            self.valid[:, :n],
+            key=jax.random.fold_in(self.key, layer),
+            question=question,
+        )
+        chosen_BM, kept_BM = select_tokens(scores_Bn, self.keep[layer], self.max_keep[layer])
+        k_BKMH, v_BKMH = (_gather_tokens(x[:, :, :n], chosen_BM) for x in (k_BKTH, v_BKTH))
+        index_BM = jnp.where(kept_BM, jnp.take_along_axis(self.q_index[:, :n], chosen_BM, axis=1), -1)
+        empty_BR = jnp.full((index_BM.shape[0], k_BKTH.shape[2] - index_BM.shape[1]), -1, jnp.int32)
+        cache = self._cache.write_kv(layer, start, k_BKMH, v_BKMH)
+        self._cache = cache.write_index(layer, start, jnp.concatenate([index_BM, empty_BR], axis=1))
         return out
 
 
