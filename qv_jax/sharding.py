@@ -538,12 +538,11 @@ def describe(plan: ShardingPlan, dtype=jnp.float32) -> dict:
     """A summary of a plan for logs and benchmarks, from shapes alone (nothing is allocated): mesh, KV replication,
     parameters split along another dimension than annotated (:meth:`ShardingPlan.moved`), parameter bytes in all
     and per device."""
-    _, abstract = abstract_model(plan.config, jnp.dtype(dtype))
+    _, abstract = plan._runtime  # shapes only: the dtype enters through its item size
     total = 0
     per_device = 0
     for path, var in nnx.to_flat_state(abstract):
-        shape = var.get_value().shape
-        nbytes = int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
+        nbytes = int(np.prod(var.get_value().shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
         total += nbytes
         sharding = plan.param_shardings[tuple(path)]
         per_device += nbytes // _shard_count(sharding)
