@@ -12,7 +12,7 @@ CONFIG = ModelConfig.tiny()
 PREFIX = np.array([7, 8, 9, CONFIG.vision_start_token_id], np.int32)
 
 
-def _plan(config=CONFIG, **kw):
+def _plan(config=CONFIG, prefix=PREFIX, **kw):
     args = dict(
         num_frames=20,
         height=112,
@@ -22,7 +22,7 @@ def _plan(config=CONFIG, **kw):
         retention=0.5,
         prune="key_norms_small",
     )
-    return make_group_plan(config, PREFIX, **(args | kw))
+    return make_group_plan(config, prefix, **(args | kw))
 
 
 @pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen2_vl"])
@@ -100,14 +100,4 @@ def test_bad_settings_raise(kwargs, error, message):
 
 def test_prefix_must_end_with_vision_start():
     with pytest.raises(InputError, match="vision_start"):
-        make_group_plan(
-            CONFIG,
-            PREFIX[:-1],
-            num_frames=4,
-            height=56,
-            width=56,
-            sample_fps=2.0,
-            group_frames=4,
-            retention=0.5,
-            prune="key_norms_small",
-        )
+        _plan(prefix=PREFIX[:-1])
