@@ -79,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             video = make_sample_video(Path(scratch) / "sample.mp4", **SAMPLE)
             seconds = time.perf_counter() - started
-            print(f"generated {video.name}: {SAMPLE['seconds']:g} s of 640x360 H.264 in {seconds:.1f} s")
+            height, width = SAMPLE["size"]
+            print(f"generated {video.name}: {SAMPLE['seconds']:g} s of {width}x{height} H.264 in {seconds:.1f} s")
         if args.model is None:
             qa = _random_videoqa(Path(scratch), args.dtype, placement, options)
+            text = qa.model.config.text
             print(
-                "model: a tiny RANDOM-WEIGHT Qwen2.5-VL (2 layers, 64 wide) with a toy tokenizer — the answer below "
-                "is noise; the stages and timings are real. Pass --model DIR for a real model."
+                f"model: a tiny RANDOM-WEIGHT Qwen2.5-VL ({text.num_layers} layers, {text.hidden_size} wide) with a "
+                "toy tokenizer — the answer below is noise; the stages and timings are real. Pass --model DIR for a "
+                "real model."
             )
         else:
             from qv_jax.videoqa import VideoQA
