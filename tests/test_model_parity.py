@@ -58,6 +58,27 @@ def _video_kwargs(model, grids, seconds):
     return kw
 
 
+def _mixed_vision(model, seconds):
+    """The image and the two videos of :func:`_mixed_batch`, the videos ``seconds`` apart per temporal patch."""
+    return {
+        "pixel_values": _pixels(((1, 4, 6),), 2),
+        "image_grid_thw": np.array([(1, 4, 6)]),
+        **_video_kwargs(model, [(3, 4, 6), (2, 4, 4)], seconds),
+    }
+
+
+def _positions(model, ids, vision, mask=None):
+    """Our M-RoPE positions ``[3, B, T]`` of a prompt with the visual inputs ``vision``."""
+    positions, _ = model.position_ids(
+        ids,
+        image_grid_thw=vision.get("image_grid_thw"),
+        video_grid_thw=vision.get("video_grid_thw"),
+        second_per_grid_ts=vision.get("second_per_grid_ts"),
+        attention_mask=mask,
+    )
+    return positions
+
+
 def _mixed_batch():
     """Two prompts, left padded: row 0 text-image-text-video-text, row 1 text-video-text."""
     row0 = [5, 6, *image_block((1, 4, 6)), 7, *video_prompt((3, 4, 6), before=(), after=(8, 9))]
@@ -95,19 +116,9 @@ def test_uint8_video_frames_encode_like_hf_on_the_processed_pixels(pair):
 def test_forward_matches_hf_on_padded_batch_with_images_and_videos(pair):
     hf, m = pair
     ids, mask = _mixed_batch()
-    vision = {
-        "pixel_values": _pixels(((1, 4, 6),), 2),
-        "image_grid_thw": np.array([(1, 4, 6)]),
-        **_video_kwargs(m, [(3, 4, 6), (2, 4, 4)], [1.0, 0.5]),
-    }
+    vision = _mixed_vision(m, [1.0, 0.5])
     logits = m.forward(ids, attention_mask=mask, **vision)
-    positions, _ = m.position_ids(
-        ids,
-        image_grid_thw=vision["image_grid_thw"],
-        video_grid_thw=vision["video_grid_thw"],
-        second_per_grid_ts=vision.get("second_per_grid_ts"),
-        attention_mask=mask,
-    )
+    positions = _positions(m, ids, vision, mask)
     ref = hf_logits(hf, ids, positions, attention_mask=mask, **vision)
     assert logits.shape == ref.shape == (*ids.shape, 320)
     valid = mask.astype(bool)
@@ -131,19 +142,9 @@ def _hf_greedy_loop(hf, ids, mask, positions, steps_, **vision):
 def test_greedy_generation_matches_hf_forward_loop(pair):
     hf, m = pair
     ids, mask = _mixed_batch()
-    vision = {
-        "pixel_values": _pixels(((1, 4, 6),), 2),
-        "image_grid_thw": np.array([(1, 4, 6)]),
-        **_video_kwargs(m, [(3, 4, 6), (2, 4, 4)], [2.0, 0.25]),
-    }
+    vision = _mixed_vision(m, [2.0, 0.25])
     got = m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=[], **vision)
-    positions, _ = m.position_ids(
-        ids,
-        image_grid_thw=vision["image_grid_thw"],
-        video_grid_thw=vision["video_grid_thw"],
-        second_per_grid_ts=vision.get("second_per_grid_ts"),
-        attention_mask=mask,
-    )
+    positions = _positions(m, ids, vision, mask)
     ref = _hf_greedy_loop(hf, ids, mask, positions, 6, **vision)
     np.testing.assert_array_equal(got, ref)
 
@@ -152,11 +153,7 @@ def test_greedy_generation_matches_hf_forward_loop(pair):
 def test_right_padded_prompts_generate_like_left_padded(pair):
     _, m = pair
     ids, mask = _mixed_batch()
-    vision = {
-        "pixel_values": _pixels(((1, 4, 6),), 2),
-        "image_grid_thw": np.array([(1, 4, 6)]),
-        **_video_kwargs(m, [(3, 4, 6), (2, 4, 4)], [1.0, 1.0]),
-    }
+    vision = _mixed_vision(m, [1.0, 1.0])
     left = m.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[], **vision)
     # move row 1's padding to the right
     right_ids, right_mask = ids.copy(), mask.copy()
@@ -198,9 +195,7 @@ def test_prefill_and_decode_steps_equal_full_forward(pair):
     vision = _video_kwargs(m, [grid], [0.5])
     continuation = np.array([[11, 12, 13, 14]])
     full = np.concatenate([prompt, continuation], axis=1)
-    positions, _ = m.position_ids(
-        prompt, video_grid_thw=vision["video_grid_thw"], second_per_grid_ts=vision.get("second_per_grid_ts")
-    )
+    positions = _positions(m, prompt, vision)
     next_pos = int(positions.max()) + 1
     cont_pos = np.arange(next_pos, next_pos + continuation.shape[1])
     full_positions = np.concatenate([positions, np.broadcast_to(cont_pos, (3, 1, len(cont_pos)))], axis=2)
