@@ -474,7 +474,7 @@ class VisionLanguageModel:
         first = jit_sample(logits, key, do_sample=params.do_sample, **knobs)
         stop_ids = jnp.asarray(stop, jnp.int32)
         done = jnp.isin(first, stop_ids)
-        new = [to_host(first)[:, None]]
+        new = [first]
         if max_new_tokens > 1:
             with self.mesh_context():
                 rest, _, cache = run.decode_loop(
@@ -491,8 +491,9 @@ class VisionLanguageModel:
                     do_sample=params.do_sample,
                     **knobs,
                 )
-            new.append(to_host(rest))
-        new_tokens = np.concatenate(new, axis=1)
+            new.append(rest)
+        # fetched only now: the decode loop is dispatched without waiting for the prefill to finish
+        new_tokens = np.concatenate([to_host(t).reshape(batch, -1) for t in new], axis=1)
         # like transformers: stop at the step where the last row ended
         ended = np.isin(new_tokens, stop)
         ends = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, new_tokens.shape[1])
