@@ -126,6 +126,17 @@ class SparsityConfig:
         """Pages a retrieval head reads per step once the context exceeds the budget (the newest included)."""
         return None if self.token_budget is None else self.token_budget // self.page_size
 
+    def padded_capacity(self, slots: int) -> int:
+        """Cache slots actually allocated for ``slots``: rounded up to :attr:`capacity_multiple`."""
+        return _round_up(max(int(slots), 1), self.capacity_multiple)
+
+    def stored_selection(self, capacity: int) -> int:
+        """Selected pages a retrieval head stores besides the newest in a cache of ``capacity`` (padded) slots; a
+        budget past the capacity never selects, and its page list is every page."""
+        if self.token_budget is None:
+            return 0
+        return min(self.num_selected_pages, capacity // self.page_size) - 1
+
     def streaming_mask(self, num_layers: int, num_kv_heads: int) -> np.ndarray:
         """``[layers, kv_heads]`` bool; raises :class:`ConfigError` if the shape does not fit the model."""
         if self.streaming_heads is None:

@@ -38,23 +38,19 @@ from qv_jax.errors import InputError
 Array = jax.Array
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class SparseLayout:
     """The static shape of sparse decoding: pool geometry, selection rule and the backend that runs it."""
 
     sink: int
     local: int
+    stream_slots: int
     page_size: int
     logical_page_size: int
     token_budget: int | None
     reselect_every: int
     backend: str
     kernel: str | None
-    capacity_multiple: int
     # consecutive KV heads that are replicas of one stored head (set on a mesh by qv_jax.sharding): they score pages
     # with their whole query group together, so they select what the unreplicated head would
     kv_repeat: int = 1
@@ -65,26 +61,14 @@ class SparseLayout:
         return cls(
             sink=sparsity.sink,
             local=sparsity.local,
+            stream_slots=sparsity.stream_slots,
             page_size=sparsity.page_size,
             logical_page_size=sparsity.logical_page_size,
             token_budget=sparsity.token_budget,
             reselect_every=sparsity.reselect_every,
             backend=backend,
             kernel=kernel,
-            capacity_multiple=sparsity.capacity_multiple,
         )
-
-    @property
-    def stream_slots(self) -> int:
-        return _round_up(self.sink + self.local, self.page_size)
-
-    @property
-    def num_selected(self) -> int | None:
-        return None if self.token_budget is None else self.token_budget // self.page_size
-
-    def capacity(self, slots: int) -> int:
-        """Capacity actually allocated for ``slots`` slots: rounded up to ``capacity_multiple``."""
-        return _round_up(max(int(slots), 1), self.capacity_multiple)
 
 
 def sparse_kv_bytes(
@@ -105,10 +89,10 @@ def sparse_kv_bytes(
     ``n = min(budget, C) / P``.
     """
     item = jnp.dtype(dtype).itemsize
-    C = _round_up(max(int(capacity), 1), sparsity.capacity_multiple)
+    C = sparsity.padded_capacity(capacity)
     W = sparsity.stream_slots
     lp = sparsity.logical_page_size
-    n_older = 0 if sparsity.token_budget is None else min(sparsity.num_selected_pages, C // sparsity.page_size) - 1
+    n_older = sparsity.stored_selection(C)
     total = 0
     for R in sparsity.retrieval_heads(num_layers, num_kv_heads):
         S = num_kv_heads - R
@@ -159,10 +143,9 @@ class SparseKVCache:
         retrieval = _retrieval_counts(sparsity, num_layers, num_kv_heads)
         if min(batch, capacity, head_dim) <= 0:
             raise InputError(f"cache sizes must be positive: batch={batch} capacity={capacity} head_dim={head_dim}")
-        C = layout.capacity(capacity)
+        C = sparsity.padded_capacity(capacity)
         W = layout.stream_slots
-        # a budget past the capacity never selects; its page list is every page
-        n_older = 0 if layout.num_selected is None else min(layout.num_selected, C // layout.page_size) - 1
+        n_older = sparsity.stored_selection(C)
         pool = [(batch, R, C, head_dim) for R in retrieval]
         stats = [(batch, R, C // layout.logical_page_size, head_dim) for R in retrieval]
         stream = [(batch, num_kv_heads - R, W, head_dim) for R in retrieval]
