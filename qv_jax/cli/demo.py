@@ -24,10 +24,9 @@ from qv_jax.cli.ask import (
     run_with_bars,
     videoqa_options,
 )
+from qv_jax.cli.decode import SAMPLE  # the clip the demo generates: 20 s of 640x360 H.264 (40 frames at 2 fps)
 from qv_jax.errors import InputError
 
-# The clip the demo generates: 20 s of 640x360 H.264 at 24 fps (40 frames at 2 fps, 3 groups of 16).
-SAMPLE = {"seconds": 20.0, "fps": 24.0, "size": (360, 640), "gop": 48, "bframes": 2}
 QUESTION = "What happens in the video?"
 
 
