@@ -320,7 +320,7 @@ class ShardingPlan:
                 out[".".join(map(str, path))] = "replicated" if where is None else f"dim {where}"
         return out
 
-    def checkpoint_sharding(self, path: ParamPath, shape: Sequence[int]) -> NamedSharding:
+    def checkpoint_sharding(self, path: ParamPath) -> NamedSharding:
         """Where a parameter of the checkpoint layout is restored before :meth:`runtime_value` (same as the
         running layout, except the KV projections of a replicated-KV plan: whole, they are small)."""
         if self.kv_repeat > 1 and _kv_head_axis(path) is not None:
@@ -564,6 +564,6 @@ def restore_checkpoint(path: str | os.PathLike, mesh: Mesh, dtype=None) -> tuple
     into its shard; KV projections of a replicated-KV plan are restored whole and then repeated per device."""
     config, _ = read_config(path)
     plan = ShardingPlan.create(config, mesh)
-    _, _, state = load_checkpoint(path, dtype, sharding=lambda p, s: plan.checkpoint_sharding(p, s.shape))
+    _, _, state = load_checkpoint(path, dtype, sharding=lambda p, _: plan.checkpoint_sharding(p))
     values = {tuple(p): plan.runtime_value(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(state)}
     return plan, *plan.build(values)
