@@ -139,7 +139,6 @@ class VideoQA:
         self.workers = workers
         self.seed = seed
         self.system_prompt = system_prompt
-        self._sharding = getattr(model, "plan", None)  # the model's ShardingPlan when it lies on a mesh
         # what memories made here carry and memories used here must match
         self.fingerprint = ModelFingerprint.of(model.config, model.state)
 
@@ -261,7 +260,7 @@ class VideoQA:
             head_dim=text.head_dim,
             dtype=self.model.dtype,
         )
-        return create() if self._sharding is None else self._sharding.create_in_shards(create, MEMORY_LAYOUTS)
+        return create() if self.model.plan is None else self.model.plan.create_in_shards(create, MEMORY_LAYOUTS)
 
     def _memory_info(self, video: str | os.PathLike, frame_plan: FramePlan) -> MemoryInfo:
         """What a memory of ``video`` made with these settings records; its group plan is the one to run."""
@@ -347,7 +346,7 @@ class VideoQA:
                 group_frames=self.group_frames,
                 timeline=timeline,
                 before_first=prefill_prefix,
-                device=None if self._sharding is None else self._sharding.sharding(),  # frames on every device
+                device=None if self.model.plan is None else self.model.plan.sharding(),  # frames on every device
             )
         return VideoMemory(cache=cache, plan=plan, info=info, fingerprint=self.fingerprint, timings=timeline.timings())
 
@@ -387,8 +386,8 @@ class VideoQA:
         cache = memory.cache
         if not consume or cache.capacity < need:
             cache = cache.padded(_round_up(need, CAPACITY_BUCKET))
-        if self._sharding is not None:
-            cache = self._sharding.shard_memory(cache)  # a loaded memory arrives on one device
+        if self.model.plan is not None:
+            cache = self.model.plan.shard_memory(cache)  # a loaded memory arrives on one device
         logits, cache = pipeline_steps.prefill_text(m.graphdef, m.state, cache, chunk)
         first = jit_sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
         tokens = [np.asarray(first)[None]]
@@ -428,8 +427,8 @@ class VideoQA:
             length=jnp.int32(lengths[0]),
         )
         cache = SparseKVCache.from_dense(dense, sparsity, capacity=max(need, layered.capacity))
-        if self._sharding is not None:  # split by KV head; replicated heads select the pages their head would
-            cache = self._sharding.shard_sparse_cache(cache)
+        if self.model.plan is not None:  # split by KV head; replicated heads select the pages their head would
+            cache = self.model.plan.shard_sparse_cache(cache)
         x = model_steps.embed(m.graphdef, m.state, jnp.asarray(chunk.ids[None]))
         segments = jnp.asarray(np.where(chunk.valid, 0, -1)[None].astype(np.int32))
         with m.mesh_context():  # Pallas kernels run per shard
