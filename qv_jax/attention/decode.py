@@ -14,25 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.attention.sharded import per_shard
-from qv_jax.attention.sparse import BACKENDS, KERNELS, default_kernel
-from qv_jax.errors import InputError
+from qv_jax.attention.sparse import kernel_impl
 from qv_jax.kernels import paged_decode
 from qv_jax.kernels.flash import merge_by_lse
 
 Array = jax.Array
-
-
-def kernel_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
-    """``(impl, interpret)`` of the kernel entry points for a backend name and an optional kernel choice."""
-    if backend not in BACKENDS:
-        raise InputError(f"backend={backend!r}: expected one of {BACKENDS}")
-    if backend == "xla":
-        return "reference", False
-    if kernel is None:
-        kernel = default_kernel() if backend == "pallas" else "tpu"
-    if kernel not in KERNELS:
-        raise InputError(f"kernel={kernel!r}: expected one of {KERNELS}")
-    return kernel, backend == "interpret"
 
 
 def paged_decode_attention(

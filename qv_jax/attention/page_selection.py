@@ -24,8 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention.decode import kernel_impl
 from qv_jax.attention.sharded import per_shard
+from qv_jax.attention.sparse import kernel_impl
 from qv_jax.kernels.page_select import logical_page_scores
 
 Array = jax.Array

@@ -42,6 +42,22 @@ def default_kernel() -> str:
     raise InputError(f"backend='pallas' needs a TPU or GPU, but jax runs on {platform!r}; use 'xla' or 'interpret'")
 
 
+def kernel_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
+    """``(impl, interpret)`` of the kernel entry points for a backend name and an optional kernel choice.
+
+    ``"reference"`` for ``xla``; else ``kernel``, by default the device's (``pallas``) or ``"tpu"`` (``interpret``).
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "xla":
+        return "reference", False
+    if kernel is None:
+        kernel = default_kernel() if backend == "pallas" else "tpu"
+    if kernel not in KERNELS:
+        raise InputError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    return kernel, backend == "interpret"
+
+
 def _split_segment_ids(segment_ids, B: int, T: int, S: int):
     if segment_ids is None:
         return None, None
@@ -135,14 +151,13 @@ def sparse_attention(
     a query that sees nothing gets zeros and ``lse = -inf``.
     """
     _check(q, k, v)
-    if backend not in BACKENDS:
-        raise InputError(f"backend={backend!r}: expected one of {BACKENDS}")
+    impl, interpret = kernel_impl(backend, kernel)
     B, _, T, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     patterns = normalize_patterns(patterns, Hkv)
     q_seg, kv_seg = _split_segment_ids(segment_ids, B, T, S)
 
-    if backend == "xla":
+    if impl == "reference":
         for p in dict.fromkeys(patterns):
             p.validate(S)
         mask = None
@@ -160,10 +175,6 @@ def sparse_attention(
             return_lse=return_lse,
         )
 
-    if kernel is None:
-        kernel = default_kernel() if backend == "pallas" else "tpu"
-    if kernel not in KERNELS:
-        raise InputError(f"kernel={kernel!r}: expected one of {KERNELS}")
     from qv_jax.attention.sharded import context_mesh, sharded_sparse_attention  # sharded imports this module
 
     mesh = context_mesh()
@@ -179,11 +190,11 @@ def sparse_attention(
             block_q,
             block_kv,
             mesh=mesh,
-            kernel=kernel,
+            kernel=impl,
             scale=scale,
             return_lse=return_lse,
         )
-    default_q, default_kv = DEFAULT_BLOCKS[kernel]
+    default_q, default_kv = DEFAULT_BLOCKS[impl]
     tables = block_tables(
         patterns,
         T,
@@ -201,7 +212,7 @@ def sparse_attention(
         q_segment_ids=q_seg,
         kv_segment_ids=kv_seg,
         scale=scale,
-        impl=kernel,
-        interpret=backend == "interpret",
+        impl=impl,
+        interpret=interpret,
     )
     return (out, lse) if return_lse else out

@@ -22,12 +22,12 @@ import math
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from qv_jax.attention.sparse import BACKENDS, KERNELS, kernel_impl
 from qv_jax.errors import ConfigError
 
-BACKENDS = ("xla", "interpret", "pallas")
-KERNELS = ("tpu", "gpu")
 TSV_NAME = "full_attention_heads.tsv"
 
 
@@ -161,19 +161,9 @@ class SparsityConfig:
 
     def resolve_backend(self) -> tuple[str, str | None]:
         """``(backend, kernel)`` to run: ``None`` entries filled in from the current JAX platform."""
-        import jax
-
-        platform = jax.default_backend()
-        backend = self.backend or ("xla" if platform == "cpu" else "pallas")
-        if backend == "xla":
-            return backend, None
-        if self.kernel is not None:
-            return backend, self.kernel
-        if backend == "interpret" or platform == "tpu":
-            return backend, "tpu"
-        if platform in ("gpu", "cuda", "rocm"):
-            return backend, "gpu"
-        raise ConfigError(f"backend='pallas' needs a TPU or GPU (jax runs on {platform!r}); use 'xla' or 'interpret'")
+        backend = self.backend or ("xla" if jax.default_backend() == "cpu" else "pallas")
+        impl, _ = kernel_impl(backend, self.kernel)
+        return backend, None if impl == "reference" else impl
 
 
 # ---------------------------------------------------------------------------------------------------------------
