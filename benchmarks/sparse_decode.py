@@ -29,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import format_table, time_call, write_json
 from qv_jax.attention import SparsityConfig, reorder_heads
@@ -154,7 +153,7 @@ def main(argv=None) -> None:
             if sparsity is not None:
                 cache = to_sparse(cache, sparsity, capacity)
                 module = sparse_steps
-            kv_bytes = int(sum(a.nbytes for a in jax.tree.leaves(cache)))
+            kv_bytes = cache.nbytes
             per_step = time_steps(
                 module,
                 model.graphdef,
@@ -203,5 +202,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()
