@@ -389,14 +389,14 @@ class VideoQA:
         if self.model.plan is not None:
             cache = self.model.plan.shard_memory(cache)  # a loaded memory arrives on one device
         logits, cache = pipeline_steps.prefill_text(m.graphdef, m.state, cache, chunk)
-        first = jit_sample(logits[None], key, do_sample=params.do_sample, **knobs)[0]
-        tokens = [np.asarray(first)[None]]
+        first_B = jit_sample(logits[None], key, do_sample=params.do_sample, **knobs)
+        tokens = [first_B]  # fetched once the decode loop is queued, not before
         if max_new_tokens > 1:
             rest, generated, cache = pipeline_steps.decode_loop(
                 m.graphdef,
                 m.state,
                 cache,
-                first,
+                first_B[0],
                 jnp.int32(plan.text_start + count),
                 jnp.int32(plan.suffix_start + count),
                 rng,
@@ -437,7 +437,7 @@ class VideoQA:
             )
         first = jit_sample(logits, key, do_sample=params.do_sample, **knobs)
         stop = jnp.asarray(m.eos_token_ids, jnp.int32)
-        tokens = np.asarray(first)
+        tokens = [first]  # fetched once the decode loop is queued, not before
         if max_new_tokens > 1:
             with m.mesh_context():
                 rest, _, cache = sparse_steps.decode_loop(
@@ -454,7 +454,8 @@ class VideoQA:
                     do_sample=params.do_sample,
                     **knobs,
                 )
-            tokens = np.concatenate([tokens, np.asarray(rest)[0]])
+            tokens.append(np.asarray(rest)[0])
+        tokens = np.concatenate(tokens)
         ended = np.flatnonzero(np.isin(tokens, np.asarray(m.eos_token_ids)))
         token_ids = (tokens if ended.size == 0 else tokens[: ended[0] + 1]).astype(np.int32)
         # tokens in the cache: the memory, the question and every generated token but the last
