@@ -87,6 +87,32 @@ def _decode(steps_ref, n):
     return row, col, head, mask, flags
 
 
+def _row_map(b, n, steps_ref, *_):
+    """Block index of the step's row in a ``[B, Hkv, G, T, ...]`` operand (q, dO, outputs, per-row statistics)."""
+    row, _, h, _, _ = _decode(steps_ref, n)
+    return b, h, 0, row, 0
+
+
+def _col_map(b, n, steps_ref, *_):
+    """Block index of the step's visited block in a ``[B, Hkv, S, D]`` operand (k, v)."""
+    _, col, h, _, _ = _decode(steps_ref, n)
+    return b, h, col, 0
+
+
+def _mask_map(b, n, steps_ref, *_):
+    """The step's element mask (any one for a full tile, which never reads it)."""
+    return jnp.maximum(_decode(steps_ref, n)[3], 0), 0, 0
+
+
+def _segment_specs(rows: int, cols: int) -> list:
+    """Segment ids of the step's row block (lane-replicated ``[rows, 128]``) and of its visited block
+    (sublane-replicated ``[8, cols]``)."""
+    return [
+        pl.BlockSpec((None, rows, LANES), lambda b, n, s, *_: (b, _decode(s, n)[0], 0)),
+        pl.BlockSpec((None, SUBLANES, cols), lambda b, n, s, *_: (b, 0, _decode(s, n)[1])),
+    ]
+
+
 def _segments_overlap(seg_ranges_ref, b, q_blk, kv_blk, num_q_blocks):
     """Whether the segment-id ranges of a query block and a key block can share an id (conservative)."""
     q_lo = seg_ranges_ref[b, 0, q_blk]
@@ -164,30 +190,15 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
     steps = jnp.asarray(_fwd_steps(tables, Hkv))
     nq = tables.num_q_blocks
 
-    def q_map(b, n, steps_ref, *_):
-        row, _, h, _, _ = _decode(steps_ref, n)
-        return b, h, 0, row, 0
-
-    def kv_map(b, n, steps_ref, *_):
-        _, col, h, _, _ = _decode(steps_ref, n)
-        return b, h, col, 0
-
-    def mask_map(b, n, steps_ref, *_):
-        _, _, _, m, _ = _decode(steps_ref, n)
-        return jnp.maximum(m, 0), 0, 0
-
     in_specs = [
-        pl.BlockSpec((None, None, G, bq, Dp), q_map),
-        pl.BlockSpec((None, None, bkv, Dp), kv_map),
-        pl.BlockSpec((None, None, bkv, Dp), kv_map),
-        pl.BlockSpec((None, bq, bkv), mask_map),
+        pl.BlockSpec((None, None, G, bq, Dp), _row_map),
+        pl.BlockSpec((None, None, bkv, Dp), _col_map),
+        pl.BlockSpec((None, None, bkv, Dp), _col_map),
+        pl.BlockSpec((None, bq, bkv), _mask_map),
     ]
     operands = [q, k, v, jnp.asarray(tables.masks)]
     if segments is not None:
-        in_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, n, s, *_: (b, _decode(s, n)[0], 0)),
-            pl.BlockSpec((None, SUBLANES, bkv), lambda b, n, s, *_: (b, 0, _decode(s, n)[1])),
-        ]
+        in_specs += _segment_specs(bq, bkv)
         operands += [segments["q_lanes"], segments["kv_sublanes"]]
         prefetch = [steps, segments["ranges"]]
     else:
@@ -211,8 +222,8 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
             grid=(B, steps.shape[1]),
             in_specs=in_specs,
             out_specs=[
-                pl.BlockSpec((None, None, G, bq, Dp), q_map),
-                pl.BlockSpec((None, None, G, bq, LANES), q_map),
+                pl.BlockSpec((None, None, G, bq, Dp), _row_map),
+                pl.BlockSpec((None, None, G, bq, LANES), _row_map),
             ],
             scratch_shapes=[
                 tpu_vmem((G, bq, LANES), jnp.float32),
@@ -371,27 +382,15 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
 
     # dq: by query block, like the forward
     steps = jnp.asarray(_fwd_steps(tables, Hkv))
-
-    def q_map(b, n, s, *_):
-        row, _, h, _, _ = _decode(s, n)
-        return b, h, 0, row, 0
-
-    def kv_map(b, n, s, *_):
-        _, col, h, _, _ = _decode(s, n)
-        return b, h, col, 0
-
-    def mask_map(b, n, s, *_):
-        return jnp.maximum(_decode(s, n)[3], 0), 0, 0
-
     lanes_shape = (B, Hkv, G, Tp, LANES)
     in_specs = [
-        pl.BlockSpec((None, None, G, bq, Dp), q_map),
-        pl.BlockSpec((None, None, bkv, Dp), kv_map),
-        pl.BlockSpec((None, None, bkv, Dp), kv_map),
-        pl.BlockSpec((None, bq, bkv), mask_map),
-        pl.BlockSpec((None, None, G, bq, Dp), q_map),
-        pl.BlockSpec((None, None, G, bq, LANES), q_map),
-        pl.BlockSpec((None, None, G, bq, LANES), q_map),
+        pl.BlockSpec((None, None, G, bq, Dp), _row_map),
+        pl.BlockSpec((None, None, bkv, Dp), _col_map),
+        pl.BlockSpec((None, None, bkv, Dp), _col_map),
+        pl.BlockSpec((None, bq, bkv), _mask_map),
+        pl.BlockSpec((None, None, G, bq, Dp), _row_map),
+        pl.BlockSpec((None, None, G, bq, LANES), _row_map),
+        pl.BlockSpec((None, None, G, bq, LANES), _row_map),
     ]
     operands = [
         q,
@@ -404,10 +403,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     ]
     prefetch = [steps]
     if segments is not None:
-        in_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, n, s, *_: (b, _decode(s, n)[0], 0)),
-            pl.BlockSpec((None, SUBLANES, bkv), lambda b, n, s, *_: (b, 0, _decode(s, n)[1])),
-        ]
+        in_specs += _segment_specs(bq, bkv)
         operands += [segments["q_lanes"], segments["kv_sublanes"]]
         prefetch.append(segments["ranges"])
     kw = dict(scale=scale, groups=G, num_q_blocks=nq, precision=prec)
@@ -418,7 +414,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
             num_scalar_prefetch=len(prefetch),
             grid=(B, steps.shape[1]),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, G, bq, Dp), q_map),
+            out_specs=pl.BlockSpec((None, None, G, bq, Dp), _row_map),
             scratch_shapes=[tpu_vmem((G, bq, Dp), jnp.float32)],
         ),
         compiler_params=tpu_compiler_params(("parallel", "arbitrary")),
@@ -446,7 +442,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
         pl.BlockSpec((None, None, G, bq, Dp), q_map_t),
         pl.BlockSpec((None, None, bkv, Dp), kv_map_t),
         pl.BlockSpec((None, None, bkv, Dp), kv_map_t),
-        pl.BlockSpec((None, bkv, bq), mask_map),
+        pl.BlockSpec((None, bkv, bq), _mask_map),
         pl.BlockSpec((None, None, G, bq, Dp), q_map_t),
         pl.BlockSpec((None, None, G, SUBLANES, bq), row_map_t),
         pl.BlockSpec((None, None, G, SUBLANES, bq), row_map_t),
@@ -462,10 +458,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     ]
     prefetch = [steps_t]
     if segments is not None:
-        in_specs += [
-            pl.BlockSpec((None, bkv, LANES), lambda b, n, s, *_: (b, _decode(s, n)[0], 0)),
-            pl.BlockSpec((None, SUBLANES, bq), lambda b, n, s, *_: (b, 0, _decode(s, n)[1])),
-        ]
+        in_specs += _segment_specs(bkv, bq)
         operands += [segments["kv_lanes"], segments["q_sublanes"]]
         prefetch.append(segments["ranges"])
     kv_spec = pl.BlockSpec((None, None, bkv, Dp), kv_map_t)
