@@ -417,17 +417,21 @@ class ShardingPlan:
                 changes[field] = self.layout_sharding(value.shape, layout)
         return dataclasses.replace(cache, **changes)
 
-    def create_in_shards(self, create: Callable[[], T], layouts: dict[str, str]) -> T:
-        """``create()`` (a cache constructor of static shapes) run so that every field comes out in its shards, laid
-        out by ``layouts`` (:meth:`tree_shardings`): no device ever holds the whole cache."""
-        return jax.jit(create, out_shardings=self.tree_shardings(jax.eval_shape(create), layouts))()
+    def create_in_shards(self, create: Callable[..., T], layouts: dict[str, str], **kwargs) -> T:
+        """``create(**kwargs)`` (a cache constructor whose arguments fix every shape) run so that every field comes
+        out in its shards, laid out by ``layouts`` (:meth:`tree_shardings`): no device ever holds the whole cache.
+
+        Compiled once per constructor, arguments and layouts: pass the arguments here (hashable), not bound into a
+        fresh ``functools.partial``, which would compile on every call."""
+        return _constructor_in_shards(self, create, tuple(sorted(kwargs.items())), tuple(layouts.items()))()
 
     def new_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
         """An empty dense cache created directly in its shards (no device ever holds the whole of it): k / v
         ``[B, K, S, H]`` by KV head on ``"model"`` and rows on ``"data"``, slot segment ids by row."""
         text = self.config.text
-        create = functools.partial(
+        return self.create_in_shards(
             KVCache.create,
+            DENSE_CACHE_LAYOUTS,
             num_layers=text.num_layers,
             batch=batch,
             capacity=capacity,
@@ -435,7 +439,6 @@ class ShardingPlan:
             head_dim=text.head_dim,
             dtype=dtype,
         )
-        return self.create_in_shards(create, DENSE_CACHE_LAYOUTS)
 
     def shard_cache(self, cache: KVCache) -> KVCache:
         """A dense cache built elsewhere (e.g. unsharded) moved to the layout of :meth:`new_cache`."""
@@ -448,9 +451,10 @@ class ShardingPlan:
         from qv_jax.cache.sparse import SparseKVCache
 
         text = self.config.text
-        create = functools.partial(
+        cache = self.create_in_shards(
             SparseKVCache.create,
-            sparsity,
+            SPARSE_CACHE_LAYOUTS,
+            sparsity=sparsity,
             num_kv_heads=text.num_kv_heads,
             batch=batch,
             capacity=capacity,
@@ -458,7 +462,7 @@ class ShardingPlan:
             dtype=dtype,
             num_layers=text.num_layers,
         )
-        return self._with_replicas(self.create_in_shards(create, SPARSE_CACHE_LAYOUTS))
+        return self._with_replicas(cache)
 
     def shard_sparse_cache(self, cache):
         """A ``SparseKVCache`` built elsewhere (e.g. ``SparseKVCache.from_dense`` of a video memory) moved to the
@@ -472,6 +476,14 @@ class ShardingPlan:
     def _with_replicas(self, cache):
         # replicas of a KV head must select the pages the head would (see SparseLayout.kv_repeat)
         return dataclasses.replace(cache, layout=dataclasses.replace(cache.layout, kv_repeat=self.kv_repeat))
+
+
+@functools.lru_cache(maxsize=32)
+def _constructor_in_shards(plan: ShardingPlan, create: Callable, kwargs: tuple, layouts: tuple) -> Callable:
+    """``create(**kwargs)`` jitted to return its fields in the shards of ``layouts`` (see
+    :meth:`ShardingPlan.create_in_shards`); kept, so that a cache of a shape already made does not compile again."""
+    bound = functools.partial(create, **dict(kwargs))
+    return jax.jit(bound, out_shardings=plan.tree_shardings(jax.eval_shape(bound), dict(layouts)))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
