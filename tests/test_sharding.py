@@ -443,6 +443,23 @@ def test_head_rule_without_devices():
             kv_head_repeat(heads, kv, model)
 
 
+def test_caches_on_a_mesh_compile_once_per_shape():
+    from qv_jax.runtime import VisionLanguageModel
+
+    m = VisionLanguageModel.random(ModelConfig.tiny(), mesh=qv_jax.make_mesh())
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        counts = []
+        for batch in (2, 2, 2, 4):
+            jax.block_until_ready(m.new_cache(batch, 128))
+            counts.append(compiles.count("/jax/core/compile/backend_compile_duration"))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[0] >= 1 and counts[1] == counts[2] == counts[0] and counts[3] > counts[0], counts
+
+
 def test_mesh_errors_on_one_device():
     with pytest.raises(ShardingError, match="does not divide the 1 devices"):
         qv_jax.make_mesh(data=2)
