@@ -114,18 +114,8 @@ class VideoReader:
         """Decode a plan's frames (or plan them from ``options``, the keywords of :meth:`plan`) and return them
         all. Sorted, distinct indices come back as a view of the shared buffer, without a copy."""
         plan = self._resolve(plan, options)
-        schedule = make_schedule(self._table, plan.indices, self.workers)
-        start = time.perf_counter()
-        buffer, job, stats = self._start(plan, schedule)
-        try:
-            for _ in job:
-                pass
-        finally:
-            job.close()
-            buffer.unlink()
-        self._record(plan, schedule, stats, start)
-        frames = buffer.frames if _is_identity(schedule, plan) else buffer.frames[schedule.inverse]
-        return Frames(frames=frames, indices=plan.indices, times_s=plan.times_s)
+        (frames,) = self._stream(plan, plan.num_frames)  # one group of everything
+        return frames
 
     def stream(
         self, plan: FramePlan | None = None, *, group_size: int = DEFAULT_GROUP_SIZE, **options
@@ -134,11 +124,10 @@ class VideoReader:
         soon as all its frames are decoded. Closing the generator early cancels the remaining work."""
         if not isinstance(group_size, int) or group_size < 1:
             raise InputError(f"group_size must be a positive integer, got {group_size!r}")
-        plan = self._resolve(plan, options)
-        schedule = make_schedule(self._table, plan.indices, self.workers)
-        return self._stream(plan, schedule, group_size)
+        return self._stream(self._resolve(plan, options), group_size)
 
-    def _stream(self, plan: FramePlan, schedule: Schedule, group_size: int) -> Iterator[Frames]:
+    def _stream(self, plan: FramePlan, group_size: int) -> Iterator[Frames]:
+        schedule = make_schedule(self._table, plan.indices, self.workers)
         start = time.perf_counter()
         buffer, job, stats = self._start(plan, schedule)
         identity = _is_identity(schedule, plan)
