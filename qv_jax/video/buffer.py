@@ -62,7 +62,6 @@ class FrameBuffer:
             finally:
                 os.close(fd)
             self.path = path
-            self.shared_memory = directory == SHM_DIR
             self.frames = np.frombuffer(self._mapping, np.uint8).reshape(self.shape)
             return
         raise MemoryError(f"cannot allocate a {self.nbytes}-byte frame buffer: {'; '.join(errors)}")
