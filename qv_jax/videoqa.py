@@ -17,7 +17,6 @@ accepts in place of a video (or a saved memory's directory), so one encode serve
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -252,15 +251,16 @@ class VideoQA:
     def _new_memory(self, capacity: int) -> LayeredKV:
         """An empty memory, created in its shards when the model lies on a mesh."""
         text = self.model.config.text
-        create = functools.partial(
-            LayeredKV.create,
-            num_layers=text.num_layers,
-            capacity=capacity,
-            num_kv_heads=text.num_kv_heads,
-            head_dim=text.head_dim,
-            dtype=self.model.dtype,
-        )
-        return create() if self.model.plan is None else self.model.plan.create_in_shards(create, MEMORY_LAYOUTS)
+        shape = {
+            "num_layers": text.num_layers,
+            "capacity": capacity,
+            "num_kv_heads": text.num_kv_heads,
+            "head_dim": text.head_dim,
+            "dtype": self.model.dtype,
+        }
+        if self.model.plan is None:
+            return LayeredKV.create(**shape)
+        return self.model.plan.create_in_shards(LayeredKV.create, MEMORY_LAYOUTS, **shape)
 
     def _memory_info(self, video: str | os.PathLike, frame_plan: FramePlan) -> MemoryInfo:
         """What a memory of ``video`` made with these settings records; its group plan is the one to run."""
