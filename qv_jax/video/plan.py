@@ -24,7 +24,8 @@ class FramePlan:
 
     ``indices`` are presentation-order frame indices (int64 [N]), ``times_s`` their timestamps in seconds (pts ×
     time base, so they include the stream's start time), ``height`` × ``width`` the output size of every frame,
-    ``sample_fps`` the rate qwen-vl-utils reports for the sample (``N / frame_count × video_fps``).
+    ``sample_fps`` the rate qwen-vl-utils reports for the sample (N / ``frame_count`` × the video's average fps),
+    ``frame_count`` the frames in the video it was made for.
     """
 
     indices: np.ndarray
@@ -33,7 +34,6 @@ class FramePlan:
     width: int
     sample_fps: float
     frame_count: int
-    video_fps: float
     interpolation: str = "bicubic"
 
     @property
@@ -132,6 +132,5 @@ def make_plan(
         width=width,
         sample_fps=sampling.sample_fps(n, total, info.avg_fps),
         frame_count=total,
-        video_fps=info.avg_fps,
         interpolation=interpolation,
     )
