@@ -17,6 +17,18 @@ from qv_jax.errors import InputError
 SAMPLE = {"seconds": 20.0, "fps": 24.0, "size": (360, 640), "gop": 48, "bframes": 2}
 
 
+def generate_sample(directory: Path) -> Path:
+    """Encode SAMPLE as ``directory/sample.mp4`` (what a command given no video works on), say so, return its path."""
+    from qv_jax.video.samples import make_sample_video
+
+    started = time.perf_counter()
+    video = make_sample_video(directory / "sample.mp4", **SAMPLE)
+    seconds = time.perf_counter() - started
+    height, width = SAMPLE["size"]
+    print(f"generated {video.name}: {SAMPLE['seconds']:g} s of {width}x{height} H.264 in {seconds:.1f} s")
+    return video
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
@@ -52,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
 
     from qv_jax.video import VideoReader
     from qv_jax.video.pool import default_pool
-    from qv_jax.video.samples import make_sample_video
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be positive, got {args.workers}")
@@ -60,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--out must name a .npy file, got {args.out}")
     default_pool().prestart(args.workers or os.cpu_count() or 1)  # workers boot while we encode or probe
     with tempfile.TemporaryDirectory(prefix="qv-jax-sample-") as scratch:
-        video = args.video
-        if video is None:
-            started = time.perf_counter()
-            video = make_sample_video(Path(scratch) / "sample.mp4", **SAMPLE)
-            print(f"generated {video.name}: {SAMPLE['seconds']:g} s of H.264 in {time.perf_counter() - started:.1f} s")
+        video = args.video if args.video is not None else generate_sample(Path(scratch))
         started = time.perf_counter()
         with VideoReader(video, workers=args.workers) as reader:
             info = reader.info
