@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from qv_jax.errors import InputError
 from qv_jax.kernels import block_sparse_gpu, block_sparse_reference, block_sparse_tpu
 from qv_jax.kernels.block_tables import BlockTables
+from qv_jax.kernels.padding import pad_axis, triton_dot_size
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 _INT_MAX = int(jnp.iinfo(jnp.int32).max)
@@ -30,7 +31,7 @@ def padded_head_dim(head_dim: int, impl: str) -> int:
     if impl == "tpu":
         return -(-head_dim // 128) * 128
     if impl == "gpu":
-        return max(16, 1 << (head_dim - 1).bit_length())
+        return triton_dot_size(head_dim)
     return head_dim
 
 
@@ -49,17 +50,6 @@ def _check_tiles(impl: str, block_q: int, block_kv: int) -> None:
             )
 
 
-def _pad_axis(x, axis: int, size: int, value=0, mode: str = "constant"):
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    if mode == "edge":
-        return jnp.pad(x, widths, mode="edge")
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def segment_operands(q_seg, kv_seg, tables: BlockTables):
     """Segment ids padded to the tiles, in the layouts the kernels read, plus per-block id ranges.
 
@@ -74,8 +64,8 @@ def segment_operands(q_seg, kv_seg, tables: BlockTables):
     # the kernels only test equality: give negative ids values that can never be equal across q and kv
     q_seg = jnp.where(q_seg < 0, _INT_MIN + 1, q_seg.astype(jnp.int32))
     kv_seg = jnp.where(kv_seg < 0, _INT_MIN, kv_seg.astype(jnp.int32))
-    q_seg = _pad_axis(q_seg, 1, nq * bq, mode="edge")
-    kv_seg = _pad_axis(kv_seg, 1, nk * bkv, value=_INT_MIN)
+    q_seg = pad_axis(q_seg, 1, nq * bq, mode="edge")
+    kv_seg = pad_axis(kv_seg, 1, nk * bkv, value=_INT_MIN)
     q_blocks = q_seg.reshape(B, nq, bq)
     kv_blocks = kv_seg.reshape(B, nk, bkv)
     lo = jnp.concatenate([q_blocks.min(-1), jnp.where(kv_blocks >= 0, kv_blocks, _INT_MAX).min(-1)], axis=1)
@@ -169,9 +159,9 @@ def block_sparse_attention(
     Sp = tables.num_kv_blocks * tables.block_kv
     Dp = padded_head_dim(D, impl)
 
-    q5 = _pad_axis(_pad_axis(q.reshape(B, Hkv, G, T, D), 3, Tp), 4, Dp)
-    kp = _pad_axis(_pad_axis(k, 2, Sp), 3, Dp)
-    vp = _pad_axis(_pad_axis(v, 2, Sp), 3, Dp)
+    q5 = pad_axis(pad_axis(q.reshape(B, Hkv, G, T, D), 3, Tp), 4, Dp)
+    kp = pad_axis(pad_axis(k, 2, Sp), 3, Dp)
+    vp = pad_axis(pad_axis(v, 2, Sp), 3, Dp)
     segs = None
     if q_segment_ids is not None:
         segs = segment_operands(

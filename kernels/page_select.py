@@ -13,17 +13,13 @@ import jax.numpy as jnp
 
 from qv_jax.errors import InputError
 from qv_jax.kernels import page_select_gpu, page_select_reference, page_select_tpu
+from qv_jax.kernels.padding import pad_axis, triton_dot_size
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 TPU_BLOCKS = (1024, 512, 256, 128)
 # the whole page axis in one TPU block only while its min/max tiles stay small in VMEM
 TPU_MAX_UNBLOCKED = 2048
 GPU_MAX_BLOCK = 128
-
-
-def _pad_rows(q, rows: int):
-    extra = rows - q.shape[2]
-    return q if extra <= 0 else jnp.pad(q, ((0, 0), (0, 0), (0, extra), (0, 0)))
 
 
 def tpu_block(num_logical_pages: int) -> int:
@@ -80,7 +76,7 @@ def logical_page_scores(
     valid = jnp.where(page_valid.astype(bool), 0, -1).astype(jnp.int32)
     if impl == "tpu":
         out = page_select_tpu.forward(
-            _pad_rows(q, -(-G // 8) * 8),
+            pad_axis(q, 2, -(-G // 8) * 8),
             k_min,
             k_max,
             valid[:, None],
@@ -92,7 +88,7 @@ def logical_page_scores(
     if D & (D - 1) or D < 16:
         raise InputError(f"GPU page selection: head dim {D} must be a power of two >= 16")
     return page_select_gpu.forward(
-        _pad_rows(q, max(16, 1 << (G - 1).bit_length())),
+        pad_axis(q, 2, triton_dot_size(G)),
         k_min,
         k_max,
         valid,

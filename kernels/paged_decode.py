@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from qv_jax.errors import InputError
 from qv_jax.kernels import paged_decode_gpu, paged_decode_reference, paged_decode_tpu
 from qv_jax.kernels.flash import merge_by_lse
+from qv_jax.kernels.padding import next_pow2, pad_axis, triton_dot_size
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 # split-K: about this many pages per split, at most this many splits
@@ -33,10 +34,6 @@ GPU_TOKENS_PER_BLOCK = 128
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def default_splits(num_listed: int) -> int:
@@ -60,15 +57,6 @@ def _check(q, k_pages, v_pages, token_valid, page_indices, page_counts) -> None:
             f"page_indices must be [B, K, N] and page_counts [B, K] with B, K = {(B, K)}; got "
             f"{page_indices.shape}, {page_counts.shape}"
         )
-
-
-def _pad_axis(x, axis: int, size: int):
-    extra = size - x.shape[axis]
-    if extra <= 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
 
 
 def clamp_lists(page_indices, page_counts, length: int):
@@ -136,12 +124,11 @@ def paged_decode_attention(
     else:
         if P & (P - 1) or D & (D - 1) or D < 16:
             raise InputError(f"GPU kernel: page size {P} and head dim {D} must be powers of two (head dim >= 16)")
-        per_block = max(1, min(_next_pow2(_cdiv(N, splits)), GPU_TOKENS_PER_BLOCK // P))
+        per_block = max(1, min(next_pow2(_cdiv(N, splits)), GPU_TOKENS_PER_BLOCK // P))
         per_split = _cdiv(_cdiv(N, splits), per_block) * per_block
         indices = clamp_lists(page_indices, page_counts, splits * per_split)
-        Gp = max(16, _next_pow2(G))
         out, lse = paged_decode_gpu.forward(
-            _pad_axis(q, 2, Gp),
+            pad_axis(q, 2, triton_dot_size(G)),
             k_pages,
             v_pages,
             valid,
