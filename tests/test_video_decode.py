@@ -6,7 +6,17 @@ swscale call the workers make; the parallel read must match it bit for bit, at n
 
 import numpy as np
 import pytest
-from video_helpers import DERIVED, VIDEOS, buffer_files, long_video, remux, scratch, sequential_decode, video
+from video_helpers import (
+    DERIVED,
+    VIDEOS,
+    assert_full_read_exact,
+    buffer_files,
+    long_video,
+    remux,
+    scratch,
+    sequential_decode,
+    video,
+)
 
 from qv_jax.video import VideoReader, frame_number, make_sample_video, sampling
 from qv_jax.video import buffer as buffer_module
@@ -80,10 +90,7 @@ def test_unsorted_and_repeated_indices():
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_worker_count_does_not_change_frames(workers):
-    path = video("mpegts")
-    _, expected = sequential_decode(path)
-    with VideoReader(path, workers=workers) as r:
-        np.testing.assert_array_equal(r.read(indices=np.arange(len(expected))).frames, expected)
+    assert_full_read_exact(video("mpegts"), workers)
 
 
 def test_video_info_from_packets():
@@ -139,10 +146,7 @@ def test_dense_sampling_decodes_each_frame_once():
 
 def test_file_backed_buffer_when_shared_memory_is_short(monkeypatch):
     monkeypatch.setattr(buffer_module, "_free_bytes", lambda directory: 0)
-    path = video("h264_bframes")
-    _, expected = sequential_decode(path)
-    with VideoReader(path, workers=2) as r:
-        np.testing.assert_array_equal(r.read(indices=np.arange(len(expected))).frames, expected)
+    assert_full_read_exact(video("h264_bframes"))
     assert not buffer_files()
 
 

@@ -13,19 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from video_helpers import buffer_files, long_video, scratch, sequential_decode, video
+from video_helpers import assert_full_read_exact, buffer_files, long_video, scratch, sequential_decode, video
 
 from qv_jax.errors import DecodeWorkerError
 from qv_jax.video import VideoReader, frame_number, prefetch
 from qv_jax.video.pool import default_pool
 
 POOL = default_pool()
-
-
-def _assert_next_read_exact(path: Path, workers: int = 2):
-    _, expected = sequential_decode(path)
-    with VideoReader(path, workers=workers) as r:
-        np.testing.assert_array_equal(r.read(indices=np.arange(len(expected))).frames, expected)
 
 
 def test_workers_persist_across_reads_and_readers():
@@ -94,7 +88,7 @@ def test_worker_crash_fails_the_read_and_the_pool_recovers():
     assert str(path) in str(caught.value)
     assert not buffer_files()
     assert not POOL.pids(busy=True)
-    _assert_next_read_exact(path)
+    assert_full_read_exact(path)
 
 
 def test_worker_hang_times_out_and_the_pool_recovers():
@@ -105,7 +99,7 @@ def test_worker_hang_times_out_and_the_pool_recovers():
     assert time.monotonic() - started < 30
     assert not buffer_files()
     assert not POOL.pids(busy=True)
-    _assert_next_read_exact(path)
+    assert_full_read_exact(path)
 
 
 def test_keyboard_interrupt_cleans_up():
@@ -147,7 +141,7 @@ def test_keyboard_interrupt_cleans_up():
                 pass
     assert not buffer_files()
     assert not POOL.pids(busy=True)
-    _assert_next_read_exact(path)
+    assert_full_read_exact(path)
 
 
 def test_closing_a_stream_early_cancels_the_rest():
@@ -172,7 +166,7 @@ def test_decoding_failure_in_a_worker_is_reported():
             r.read(indices=np.arange(r.info.frame_count))
     assert str(path) in str(caught.value)
     assert not buffer_files()
-    _assert_next_read_exact(video("vfr_mkv"))
+    assert_full_read_exact(video("vfr_mkv"))
 
 
 def test_prefetch_puts_groups_on_device_in_order():

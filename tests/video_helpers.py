@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from qv_jax.video import VideoReader
 from qv_jax.video._worker import convert_frame
 from qv_jax.video.buffer import SHM_DIR, buffer_prefix
 from qv_jax.video.samples import make_sample_video
@@ -122,6 +123,13 @@ def sequential_decode(
             pts.append(frame.pts)
             frames.append(out)
     return pts, np.stack(frames)
+
+
+def assert_full_read_exact(path: Path, workers: int = 2) -> None:
+    """Read every frame of ``path`` with ``workers`` processes and check them against the sequential decode."""
+    _, expected = sequential_decode(path)
+    with VideoReader(path, workers=workers) as r:
+        np.testing.assert_array_equal(r.read(indices=np.arange(len(expected))).frames, expected)
 
 
 def buffer_files() -> list[str]:
