@@ -51,7 +51,7 @@ def _check_tiles(impl: str, block_q: int, block_kv: int) -> None:
 
 
 def segment_operands(q_seg, kv_seg, tables: BlockTables):
-    """Segment ids padded to the tiles, in the layouts the kernels read, plus per-block id ranges.
+    """Segment ids padded to the tiles (``q [B, Tp]``, ``kv [B, Sp]`` int32) plus per-block id ranges.
 
     Negative key ids (padding, empty cache slots) and padded key columns become ``INT_MIN`` and negative query ids
     ``INT_MIN + 1``, so an equality test alone masks them; padded query rows repeat the last real id so they do
@@ -70,16 +70,7 @@ def segment_operands(q_seg, kv_seg, tables: BlockTables):
     kv_blocks = kv_seg.reshape(B, nk, bkv)
     lo = jnp.concatenate([q_blocks.min(-1), jnp.where(kv_blocks >= 0, kv_blocks, _INT_MAX).min(-1)], axis=1)
     hi = jnp.concatenate([q_blocks.max(-1), kv_blocks.max(-1)], axis=1)
-    lanes, sublanes = block_sparse_tpu.LANES, block_sparse_tpu.SUBLANES
-    return {
-        "q": q_seg,
-        "kv": kv_seg,
-        "ranges": jnp.stack([lo, hi], axis=1),
-        "q_lanes": jnp.broadcast_to(q_seg[:, :, None], (*q_seg.shape, lanes)),
-        "kv_sublanes": jnp.broadcast_to(kv_seg[:, None, :], (B, sublanes, kv_seg.shape[1])),
-        "kv_lanes": jnp.broadcast_to(kv_seg[:, :, None], (*kv_seg.shape, lanes)),
-        "q_sublanes": jnp.broadcast_to(q_seg[:, None, :], (B, sublanes, q_seg.shape[1])),
-    }
+    return {"q": q_seg, "kv": kv_seg, "ranges": jnp.stack([lo, hi], axis=1)}
 
 
 def _run_forward(q, k, v, segs, tables, scale, impl, interpret):

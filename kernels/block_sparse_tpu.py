@@ -104,13 +104,18 @@ def _mask_map(b, n, steps_ref, *_):
     return jnp.maximum(_decode(steps_ref, n)[3], 0), 0, 0
 
 
-def _segment_specs(rows: int, cols: int) -> list:
-    """Segment ids of the step's row block (lane-replicated ``[rows, 128]``) and of its visited block
-    (sublane-replicated ``[8, cols]``)."""
-    return [
+def _segment_inputs(row_ids, col_ids, rows: int, cols: int) -> tuple[list, list]:
+    """Block specs and operands for the segment ids ``[B, N]`` of the step's row block, lane-replicated
+    ``[rows, 128]``, and of its visited block, sublane-replicated ``[8, cols]`` (whole vregs for the equality test)."""
+    specs = [
         pl.BlockSpec((None, rows, LANES), lambda b, n, s, *_: (b, _decode(s, n)[0], 0)),
         pl.BlockSpec((None, SUBLANES, cols), lambda b, n, s, *_: (b, 0, _decode(s, n)[1])),
     ]
+    operands = [
+        jnp.broadcast_to(row_ids[:, :, None], (*row_ids.shape, LANES)),
+        jnp.broadcast_to(col_ids[:, None, :], (col_ids.shape[0], SUBLANES, col_ids.shape[1])),
+    ]
+    return specs, operands
 
 
 def _segments_overlap(seg_ranges_ref, b, q_blk, kv_blk, num_q_blocks):
@@ -198,8 +203,9 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
     ]
     operands = [q, k, v, jnp.asarray(tables.masks)]
     if segments is not None:
-        in_specs += _segment_specs(bq, bkv)
-        operands += [segments["q_lanes"], segments["kv_sublanes"]]
+        seg_specs, seg_operands = _segment_inputs(segments["q"], segments["kv"], bq, bkv)
+        in_specs += seg_specs
+        operands += seg_operands
         prefetch = [steps, segments["ranges"]]
     else:
         prefetch = [steps]
@@ -403,8 +409,9 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     ]
     prefetch = [steps]
     if segments is not None:
-        in_specs += _segment_specs(bq, bkv)
-        operands += [segments["q_lanes"], segments["kv_sublanes"]]
+        seg_specs, seg_operands = _segment_inputs(segments["q"], segments["kv"], bq, bkv)
+        in_specs += seg_specs
+        operands += seg_operands
         prefetch.append(segments["ranges"])
     kw = dict(scale=scale, groups=G, num_q_blocks=nq, precision=prec)
     dq = pl.pallas_call(
@@ -458,8 +465,9 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     ]
     prefetch = [steps_t]
     if segments is not None:
-        in_specs += _segment_specs(bkv, bq)
-        operands += [segments["kv_lanes"], segments["q_sublanes"]]
+        seg_specs, seg_operands = _segment_inputs(segments["kv"], segments["q"], bkv, bq)
+        in_specs += seg_specs
+        operands += seg_operands
         prefetch.append(segments["ranges"])
     kv_spec = pl.BlockSpec((None, None, bkv, Dp), kv_map_t)
     dk, dv = pl.pallas_call(
