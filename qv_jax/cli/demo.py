@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from qv_jax.cli.ask import (
@@ -24,7 +23,7 @@ from qv_jax.cli.ask import (
     run_with_bars,
     videoqa_options,
 )
-from qv_jax.cli.decode import SAMPLE  # the clip the demo generates: 20 s of 640x360 H.264 (40 frames at 2 fps)
+from qv_jax.cli.decode import generate_sample  # the clip the demo makes: 20 s of 640x360 H.264 (40 frames at 2 fps)
 from qv_jax.errors import InputError
 
 QUESTION = "What happens in the video?"
@@ -66,20 +65,13 @@ def _random_videoqa(scratch: Path, dtype: str | None, placement: dict, options: 
 
 def run(args: argparse.Namespace) -> int:
     from qv_jax.video.pool import default_pool
-    from qv_jax.video.samples import make_sample_video
 
     if args.video is not None and not args.video.is_file():
         raise InputError(f"{args.video}: no such video file")
     options, placement = videoqa_options(args), model_options(args)
     default_pool().prestart(args.workers or os.cpu_count() or 1)  # decoders boot while the model is built
     with tempfile.TemporaryDirectory(prefix="qv-jax-demo-") as scratch:
-        video = args.video
-        if video is None:
-            started = time.perf_counter()
-            video = make_sample_video(Path(scratch) / "sample.mp4", **SAMPLE)
-            seconds = time.perf_counter() - started
-            height, width = SAMPLE["size"]
-            print(f"generated {video.name}: {SAMPLE['seconds']:g} s of {width}x{height} H.264 in {seconds:.1f} s")
+        video = generate_sample(Path(scratch)) if args.video is None else args.video
         if args.model is None:
             qa = _random_videoqa(Path(scratch), args.dtype, placement, options)
             text = qa.model.config.text
