@@ -39,7 +39,7 @@ def paged_decode_attention(
     ``k_pages``/``v_pages [B, K, NP, P, D]``; ``token_valid [B, NP, P]`` bool marks visible tokens (shared by the
     heads); the first ``page_counts [B, K]`` entries of ``page_indices [B, K, N]`` are the distinct pages read.
     Returns ``out [B, K, G, D]`` in ``q.dtype`` and the log-sum-exp ``[B, K, G]`` float32. The Pallas kernels
-    split the list (split-K) and merge the parts by log-sum-exp (see ``kernels/paged_decode.py``).
+    split the list (split-K) and merge the parts by log-sum-exp (see ``qv_jax.kernels.paged_decode``).
     """
     impl, interpret = kernel_impl(backend, kernel)
     run = functools.partial(
