@@ -41,7 +41,7 @@ VIDEO = {"seconds": 60.0, "fps": 30.0, "size": (720, 1280), "gop": 60, "bframes"
 
 
 def default_video() -> Path:
-    from qv_jax.video.samples import make_sample_video
+    from qv_jax.testing.videos import make_sample_video
 
     path = RESULTS_DIR / "videos" / "e2e_720p_60s.mp4"
     if not path.is_file():
@@ -53,14 +53,10 @@ def default_video() -> Path:
 def random_model(preset: str, dtype: str, scratch: Path):
     """A random-weight model of a preset size with a trained test tokenizer."""
     from qv_jax.model.config import ModelConfig
-    from qv_jax.model.tokenizer import build_test_tokenizer, special_ids_from_config
-    from qv_jax.runtime import VisionLanguageModel
+    from qv_jax.testing import random_model, tiny_config
 
-    config = {"tiny": ModelConfig.tiny, "3b": ModelConfig.qwen2_5_vl_3b, "7b": ModelConfig.qwen2_5_vl_7b}[preset]()
-    tokenizer = build_test_tokenizer(
-        scratch / "tokenizer", config.text.vocab_size, special_ids=special_ids_from_config(config.to_hf_config())
-    )
-    return VisionLanguageModel.random(config, dtype=dtype, seed=0, tokenizer=tokenizer)
+    config = {"tiny": tiny_config, "3b": ModelConfig.qwen2_5_vl_3b, "7b": ModelConfig.qwen2_5_vl_7b}[preset]()
+    return random_model(config, tokenizer_dir=scratch / "tokenizer", dtype=dtype)
 
 
 def peak_device_bytes() -> int | None:

@@ -44,9 +44,9 @@ def _parse() -> argparse.Namespace:
 
 
 def _config(size: str):
-    from qv_jax.model.config import ModelConfig
+    from qv_jax.testing import tiny_config
 
-    base = ModelConfig.tiny(vocab_size=32768 if size == "base" else 4096)
+    base = tiny_config(vocab_size=32768 if size == "base" else 4096)
     if size == "base":  # ~250M parameters, the shape of benchmarks/model.py's "base" model
         text = dataclasses.replace(
             base.text,

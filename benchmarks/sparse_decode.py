@@ -36,13 +36,14 @@ from qv_jax.cache import KVCache, SparseKVCache
 from qv_jax.model.config import ModelConfig, TextConfig
 from qv_jax.runtime import SamplingParams, VisionLanguageModel, steps
 from qv_jax.runtime import sparse as sparse_steps
+from qv_jax.testing import tiny_config
 
 DEFAULT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
 
 
 def bench_config(layers: int) -> ModelConfig:
     """Qwen2.5-VL-7B's attention (28 x 128 query heads, 4 KV heads) with a narrow MLP and a 1K vocabulary."""
-    base = ModelConfig.tiny(vocab_size=1024)
+    base = tiny_config(vocab_size=1024)
     text = TextConfig(
         vocab_size=1024,
         hidden_size=28 * 128,

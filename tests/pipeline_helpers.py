@@ -15,17 +15,15 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from qv_jax.model.config import ModelConfig
 from qv_jax.model.preprocess import patchify
-from qv_jax.model.tokenizer import build_test_tokenizer, special_ids_from_config
 from qv_jax.runtime import VisionLanguageModel
+from qv_jax.testing import make_sample_video, tiny_config, write_tokenizer
 from qv_jax.video import VideoReader
-from qv_jax.video.samples import make_sample_video
 
 _ROOT = Path(tempfile.mkdtemp(prefix="qv-jax-pipeline-tests-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
-CONFIG = ModelConfig.tiny()
+CONFIG = tiny_config()
 SIDE = 112  # frame side after smart_resize: 4x4 merged tokens per temporal patch
 # VideoQA keywords that sample the test video to 20 frames of 112x112
 VIDEO_OPTIONS = {"fps": 4.0, "min_pixels": SIDE * SIDE, "max_pixels": SIDE * SIDE, "workers": 2}
@@ -34,7 +32,7 @@ VIDEO_OPTIONS = {"fps": 4.0, "min_pixels": SIDE * SIDE, "max_pixels": SIDE * SID
 @functools.cache
 def tokenizer_dir() -> Path:
     out = _ROOT / "tokenizer"
-    build_test_tokenizer(out, CONFIG.text.vocab_size, special_ids=special_ids_from_config(CONFIG.to_hf_config()))
+    write_tokenizer(out, CONFIG)
     return out
 
 
@@ -42,7 +40,7 @@ def tokenizer_dir() -> Path:
 def tiny_model(seed: int = 1, dtype: str = "float32", variant: str = "qwen2_5_vl") -> VisionLanguageModel:
     from qv_jax.model.tokenizer import Tokenizer
 
-    config = CONFIG if variant == "qwen2_5_vl" else ModelConfig.tiny(variant)  # same special token ids
+    config = CONFIG if variant == "qwen2_5_vl" else tiny_config(variant)  # same special token ids
     return VisionLanguageModel.random(config, seed=seed, dtype=dtype, tokenizer=Tokenizer.from_dir(tokenizer_dir()))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qv_jax.video.samples import make_sample_video
+from qv_jax.testing.videos import make_sample_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

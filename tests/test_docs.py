@@ -134,7 +134,7 @@ from qv_jax.video import VideoReader
 
 with VideoReader("match.mp4") as reader:
     frames = reader.read(num_frames=4, size=(112, 112)).frames
-pv, grid = patchify(jnp.asarray(frames), ModelConfig.from_hf_config("Qwen2.5-VL-7B-Instruct").vision)
+pv, grid = patchify(jnp.asarray(frames), config_from_hf("Qwen2.5-VL-7B-Instruct").vision)
 input_ids = Tokenizer.from_dir("Qwen2.5-VL-7B-Instruct").video_prompt("What happens?", grid[0]).input_ids[None]
 """,
 }
@@ -210,10 +210,8 @@ def hub_stand_in(repo_id: str, *args, **kwargs) -> str:
 
 def make_fixtures(root: Path) -> Path:
     """The shared scratch files: tiny models named like the real ones, videos, a DuoAttention pattern."""
-    from docs_helpers import CONFIG, write_hf_dir
-
     from qv_jax.converters.qwen2_5_vl import convert
-    from qv_jax.video import make_sample_video
+    from qv_jax.testing import make_sample_video, tiny_config, write_hf_dir
 
     shared = root / "shared"
     write_hf_dir(shared / "Qwen2.5-VL-7B-Instruct", seed=0)
@@ -222,7 +220,7 @@ def make_fixtures(root: Path) -> Path:
     make_sample_video(shared / "match.mp4", seconds=4, fps=24, size=(240, 320), gop=24)
     make_sample_video(shared / "movie.mp4", seconds=6, fps=24, size=(360, 640), gop=48, bframes=2)
     # one DuoAttention gate per layer and KV head, all different
-    layers, heads = CONFIG.text.num_layers, CONFIG.text.num_kv_heads
+    layers, heads = tiny_config().text.num_layers, tiny_config().text.num_kv_heads
     gates = [[0.9 - 0.3 * head + 0.1 * layer for head in range(heads)] for layer in range(layers)]
     (shared / "pattern_dir").mkdir()
     (shared / "pattern_dir" / "full_attention_heads.tsv").write_text(

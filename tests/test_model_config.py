@@ -5,8 +5,10 @@ import json
 import pytest
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
+from qv_jax.converters.hf_config import config_from_hf, config_to_hf
 from qv_jax.errors import ConfigError
 from qv_jax.model.config import ModelConfig
+from qv_jax.testing import tiny_config
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json (hub style: flat text fields, rope_scaling + rope_theta).
 HUB_3B = {
@@ -60,25 +62,25 @@ PRESETS = {
     "qwen2_5_vl_3b": ModelConfig.qwen2_5_vl_3b,
     "qwen2_5_vl_7b": ModelConfig.qwen2_5_vl_7b,
     "qwen2_vl_7b": ModelConfig.qwen2_vl_7b,
-    "tiny": ModelConfig.tiny,
-    "tiny_qwen2_vl": lambda: ModelConfig.tiny("qwen2_vl"),
+    "tiny": tiny_config,
+    "tiny_qwen2_vl": lambda: tiny_config("qwen2_vl"),
 }
 
 
 def test_hub_config_file_reads_as_the_3b_preset(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(HUB_3B))
-    assert ModelConfig.from_hf_config(tmp_path) == ModelConfig.qwen2_5_vl_3b()
+    assert config_from_hf(tmp_path) == ModelConfig.qwen2_5_vl_3b()
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_survive_both_transformers_config_styles(name):
     preset = PRESETS[name]()
-    ours = preset.to_hf_config()  # transformers 5 style: text_config + rope_parameters
-    assert ModelConfig.from_hf_config(ours) == preset
+    ours = config_to_hf(preset)  # transformers 5 style: text_config + rope_parameters
+    assert config_from_hf(ours) == preset
     hf_cls = Qwen2_5_VLConfig if preset.variant == "qwen2_5_vl" else Qwen2VLConfig
     hf = hf_cls(**ours)
     assert hf.text_config.num_key_value_heads == preset.text.num_kv_heads
-    assert ModelConfig.from_hf_config(hf.to_dict()) == preset
+    assert config_from_hf(hf.to_dict()) == preset
     # the same model in the hub's flat style
     flat = {**ours, **{k: v for k, v in ours["text_config"].items() if k != "rope_parameters"}}
     del flat["text_config"]
@@ -88,7 +90,7 @@ def test_presets_survive_both_transformers_config_styles(name):
         "rope_theta": rope["rope_theta"],
     }
     flat["model_type"] = preset.variant
-    assert ModelConfig.from_hf_config(flat) == preset
+    assert config_from_hf(flat) == preset
     assert ModelConfig.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
 
 
@@ -115,15 +117,15 @@ def test_presets_have_the_released_sizes():
 )
 def test_bad_configs_raise_config_errors(change, match):
     with pytest.raises(ConfigError, match=match):
-        ModelConfig.from_hf_config({**HUB_3B, **change})
+        config_from_hf({**HUB_3B, **change})
 
 
 def test_missing_or_broken_config_file_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match="no such config"):
-        ModelConfig.from_hf_config(tmp_path)
+        config_from_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
-        ModelConfig.from_hf_config(tmp_path)
+        config_from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in HUB_3B.items() if k != "vocab_size"}))
     with pytest.raises(ConfigError, match="vocab_size"):
-        ModelConfig.from_hf_config(tmp_path)
+        config_from_hf(tmp_path)

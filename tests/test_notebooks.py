@@ -102,8 +102,9 @@ def test_cpu_tour_runs_end_to_end_with_its_charts(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_runs_on_a_tiny_model_in_place_of_the_download(tmp_path):
-    from docs_helpers import write_hf_dir
     from nbformat.v4 import new_code_cell
+
+    from qv_jax.testing import write_hf_dir
 
     hf_dir = write_hf_dir(tmp_path / "Qwen2.5-VL-3B-Instruct")
     nb = read("quickstart.ipynb")

@@ -10,8 +10,8 @@ from pipeline_helpers import _ROOT
 
 from qv_jax.errors import VideoError
 from qv_jax.pipeline.executor import Timeline, pad_group, run_overlapped
+from qv_jax.testing.videos import make_sample_video
 from qv_jax.video import Frames, VideoReader
-from qv_jax.video.samples import make_sample_video
 
 SLOW_STEP_S = 0.5
 

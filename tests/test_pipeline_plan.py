@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from qv_jax.errors import ConfigError, InputError
-from qv_jax.model.config import ModelConfig
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.pipeline.plan import keep_counts, make_group_plan
+from qv_jax.testing import tiny_config
 
-CONFIG = ModelConfig.tiny()
+CONFIG = tiny_config()
 PREFIX = np.array([7, 8, 9, CONFIG.vision_start_token_id], np.int32)
 
 
@@ -27,7 +27,7 @@ def _plan(config=CONFIG, prefix=PREFIX, **kw):
 
 @pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen2_vl"])
 def test_group_positions_are_the_whole_prompt_positions(variant):
-    config = ModelConfig.tiny(variant)
+    config = tiny_config(variant)
     plan = _plan(config)
     assert plan.grid == (10, 8, 12) and plan.tokens_per_group == 4 * 4 * 6
     np.testing.assert_array_equal(plan.group_tokens, [96, 96, 48])  # 8 + 8 + 4 frames: the last group is short

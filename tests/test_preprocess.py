@@ -9,11 +9,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from qv_jax.errors import InputError
-from qv_jax.model.config import ModelConfig
 from qv_jax.model.preprocess import CLIP_MEAN, CLIP_STD, frames_grid, patchify
 from qv_jax.model.vision_layout import vision_layout
+from qv_jax.testing import tiny_config
 
-VISION = ModelConfig.tiny().vision
+VISION = tiny_config().vision
 
 
 def _frames(t, h, w, seed=0):

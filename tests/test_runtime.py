@@ -15,13 +15,13 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from qv_jax.cache import KVCache
 from qv_jax.errors import InputError
-from qv_jax.model.config import ModelConfig
 from qv_jax.model.preprocess import patchify
 from qv_jax.model.qwen2_5_vl import random_state
 from qv_jax.runtime import SamplingParams, VisionLanguageModel
 from qv_jax.runtime.sampling import filter_logits, sample
+from qv_jax.testing import tiny_config
 
-CONFIG = ModelConfig.tiny()
+CONFIG = tiny_config()
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +169,11 @@ def test_random_model_saves_and_loads_without_torch(tmp_path):
         import sys
         import numpy as np
         import qv_jax
-        from qv_jax.model.config import ModelConfig
-        from qv_jax.model.tokenizer import build_test_tokenizer, special_ids_from_config
         from qv_jax.runtime import VisionLanguageModel
+        from qv_jax.testing import tiny_config, write_tokenizer
 
-        config = ModelConfig.tiny()
-        build_test_tokenizer(r"{tmp_path}/tok", config.text.vocab_size,
-                             special_ids=special_ids_from_config(config.to_hf_config()))
+        config = tiny_config()
+        write_tokenizer(r"{tmp_path}/tok", config)
         m = VisionLanguageModel.random(config, seed=3)
         m.save(r"{tmp_path}/ckpt", tokenizer_dir=r"{tmp_path}/tok")
         loaded = qv_jax.load_model(r"{tmp_path}/ckpt")

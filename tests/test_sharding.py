@@ -26,6 +26,7 @@ import qv_jax
 from qv_jax.errors import ShardingError
 from qv_jax.model.config import ModelConfig
 from qv_jax.sharding import ShardingPlan, kv_head_repeat, valid_model_axes
+from qv_jax.testing import tiny_config
 
 MESHES = ((1, 8), (2, 4), (8, 1))
 TOL = 1e-5
@@ -35,7 +36,7 @@ def sharding_config() -> ModelConfig:
     """The tiny model with 8 query heads over 2 KV heads (so model=8 replicates each KV head 4 times) and a
     4-head vision tower (split on model=4, kept whole on model=8: the fallback for dimensions the axis does not
     divide)."""
-    base = ModelConfig.tiny()
+    base = tiny_config()
     text = dataclasses.replace(base.text, hidden_size=128, num_heads=8, num_kv_heads=2)
     vision = dataclasses.replace(base.vision, num_heads=4, out_hidden_size=128)
     return dataclasses.replace(base, text=text, vision=vision)
@@ -446,7 +447,7 @@ def test_head_rule_without_devices():
 def test_caches_on_a_mesh_compile_once_per_shape():
     from qv_jax.runtime import VisionLanguageModel
 
-    m = VisionLanguageModel.random(ModelConfig.tiny(), mesh=qv_jax.make_mesh())
+    m = VisionLanguageModel.random(tiny_config(), mesh=qv_jax.make_mesh())
     compiles = []
     listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -468,7 +469,7 @@ def test_mesh_errors_on_one_device():
     with pytest.raises(ShardingError, match="positive"):
         qv_jax.make_mesh(model=0)
     with pytest.raises(ShardingError, match="needs"):
-        ShardingPlan.create(ModelConfig.tiny(), Mesh(np.array(jax.devices()[:1]), ("x",)))
+        ShardingPlan.create(tiny_config(), Mesh(np.array(jax.devices()[:1]), ("x",)))
     mesh = qv_jax.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "model": 1}
 

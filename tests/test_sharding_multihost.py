@@ -16,6 +16,7 @@ import pytest
 from process_helpers import free_port, run_ranks
 
 from qv_jax.model.config import ModelConfig
+from qv_jax.testing import tiny_config
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -63,7 +64,7 @@ def _process(workdir: Path, port: int, rank: int) -> None:
 def test_two_processes_answer_like_one(tmp_path):
     from qv_jax.runtime import VisionLanguageModel
 
-    config = ModelConfig.tiny()
+    config = tiny_config()
     single = VisionLanguageModel.random(config, seed=5)
     single.save(tmp_path / "ckpt")
     inputs = _inputs(config)

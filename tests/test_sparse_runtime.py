@@ -13,11 +13,11 @@ from flax import nnx
 from qv_jax.attention import SparsityConfig, dot_product_attention
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
 from qv_jax.errors import ConfigError
-from qv_jax.model.config import ModelConfig
 from qv_jax.runtime import VisionLanguageModel, load_model, steps
 from qv_jax.runtime import sparse as sparse_steps
+from qv_jax.testing import tiny_config
 
-CONFIG = ModelConfig.tiny()
+CONFIG = tiny_config()
 T_CFG = CONFIG.text
 SINK, LOCAL = 3, 6
 SMALL = dict(page_size=8, logical_page_size=4, backend="xla")

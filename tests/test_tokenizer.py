@@ -15,9 +15,8 @@ from qv_jax.model.tokenizer import (
     ImageBlock,
     Tokenizer,
     VideoBlock,
-    build_test_tokenizer,
-    special_ids_from_config,
 )
+from qv_jax.testing import build_test_tokenizer, special_ids_from_config
 
 # The chat template shipped in Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json (identical to Qwen2-VL-7B-Instruct's
 # before its `generation` tags), kept here as the reference our Python rendering must reproduce. transformers'

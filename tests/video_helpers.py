@@ -13,10 +13,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from qv_jax.testing.videos import make_sample_video
 from qv_jax.video import VideoReader
 from qv_jax.video._worker import convert_frame
 from qv_jax.video.buffer import SHM_DIR, buffer_prefix
-from qv_jax.video.samples import make_sample_video
 
 os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration otherwise; keep errors only
 

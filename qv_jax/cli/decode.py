@@ -19,7 +19,7 @@ SAMPLE = {"seconds": 20.0, "fps": 24.0, "size": (360, 640), "gop": 48, "bframes"
 
 def generate_sample(directory: Path) -> Path:
     """Encode SAMPLE as ``directory/sample.mp4`` (what a command given no video works on), say so, return its path."""
-    from qv_jax.video.samples import make_sample_video
+    from qv_jax.testing.videos import make_sample_video
 
     started = time.perf_counter()
     video = make_sample_video(directory / "sample.mp4", **SAMPLE)

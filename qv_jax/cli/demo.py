@@ -50,16 +50,10 @@ def add_parser(subparsers) -> None:
 def _random_videoqa(scratch: Path, dtype: str | None, placement: dict, options: dict):
     """A VideoQA over a tiny random-weight Qwen2.5-VL with a trained test tokenizer (no downloads, no torch);
     ``placement``: its ``mesh`` and ``sparsity``."""
-    from qv_jax.model.config import ModelConfig
-    from qv_jax.model.tokenizer import build_test_tokenizer, special_ids_from_config
-    from qv_jax.runtime import VisionLanguageModel
+    from qv_jax.testing import random_model
     from qv_jax.videoqa import VideoQA
 
-    config = ModelConfig.tiny()
-    tokenizer = build_test_tokenizer(
-        scratch / "tokenizer", config.text.vocab_size, special_ids=special_ids_from_config(config.to_hf_config())
-    )
-    model = VisionLanguageModel.random(config, dtype=dtype or "float32", seed=0, tokenizer=tokenizer, **placement)
+    model = random_model(tokenizer_dir=scratch / "tokenizer", dtype=dtype or "float32", **placement)
     return VideoQA(model, **options)
 
 

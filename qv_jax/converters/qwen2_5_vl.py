@@ -12,6 +12,7 @@ and misshaped tensors are collected and reported together in one :class:`~qv_jax
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -23,51 +24,58 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from qv_jax.converters.hf_config import config_from_hf
+from qv_jax.converters.safetensors_io import open_checkpoint
 from qv_jax.errors import CheckpointError, InputError
 from qv_jax.model.checkpoint import save_checkpoint
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
 
-from .safetensors_io import open_checkpoint
-
 if TYPE_CHECKING:
     from qv_jax.sharding import ShardingPlan
 
-# Layout transforms. For each: how a target shape maps to the expected HF shape, and how to convert.
-#   same    — identical layout
-#   linear  — torch [out, in] -> ours [in, *out_split] (output features split into heads)
-#   linear_in — torch [out, in] -> ours [*in_split, out] (input features split into heads: o_proj, attn.proj)
-#   split   — a flat bias -> ours [*split]
-#   conv    — Conv3d [E, C, t, p, p] with kernel = stride -> ours [C*t*p*p, E]
-KEY_MAP: tuple[tuple[str, str, str], ...] = (
-    (r"visual\.patch_embed\.proj\.weight", "vision.patch_embed", "conv"),
-    (r"visual\.blocks\.(\d+)\.norm([12])\.weight", r"vision.blocks.\1.norm\2.scale", "same"),
-    (r"visual\.blocks\.(\d+)\.norm([12])\.bias", r"vision.blocks.\1.norm\2.bias", "same"),
-    (r"visual\.blocks\.(\d+)\.attn\.qkv\.weight", r"vision.blocks.\1.attn.qkv", "linear"),
-    (r"visual\.blocks\.(\d+)\.attn\.qkv\.bias", r"vision.blocks.\1.attn.qkv_bias", "split"),
-    (r"visual\.blocks\.(\d+)\.attn\.proj\.weight", r"vision.blocks.\1.attn.proj", "linear_in"),
-    (r"visual\.blocks\.(\d+)\.attn\.proj\.bias", r"vision.blocks.\1.attn.proj_bias", "same"),
-    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"vision.blocks.\1.mlp.\2", "linear"),
-    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"vision.blocks.\1.mlp.\2_bias", "same"),
-    (r"visual\.blocks\.(\d+)\.mlp\.(fc[12])\.weight", r"vision.blocks.\1.mlp.\2", "linear"),
-    (r"visual\.blocks\.(\d+)\.mlp\.(fc[12])\.bias", r"vision.blocks.\1.mlp.\2_bias", "same"),
-    (r"visual\.merger\.ln_q\.weight", "vision.merger.norm.scale", "same"),
-    (r"visual\.merger\.ln_q\.bias", "vision.merger.norm.bias", "same"),
-    (r"visual\.merger\.mlp\.0\.weight", "vision.merger.fc1", "linear"),
-    (r"visual\.merger\.mlp\.0\.bias", "vision.merger.fc1_bias", "same"),
-    (r"visual\.merger\.mlp\.2\.weight", "vision.merger.fc2", "linear"),
-    (r"visual\.merger\.mlp\.2\.bias", "vision.merger.fc2_bias", "same"),
-    (r"model\.embed_tokens\.weight", "text.embed", "same"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"text.layers.\1.\2", "linear"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"text.layers.\1.\2_bias", "split"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"text.layers.\1.o", "linear_in"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"text.layers.\1.mlp.\2", "linear"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"text.layers.\1.input_norm.scale", "same"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"text.layers.\1.post_attention_norm.scale", "same"),
-    (r"model\.norm\.weight", "text.norm.scale", "same"),
-    (r"lm_head\.weight", "text.lm_head", "linear"),
+
+class TensorLayout(enum.StrEnum):
+    """How an HF tensor is laid out relative to our parameter (torch ``Linear`` weights are ``[out, in]``)."""
+
+    SAME = "same"  # identical
+    LINEAR = "linear"  # [out, in] -> ours [in, *out split into heads]
+    LINEAR_IN = "linear_in"  # [out, in] -> ours [*in split into heads, out] (o_proj, the vision attn.proj)
+    SPLIT = "split"  # a flat bias -> ours [*split into heads]
+    CONV = "conv"  # Conv3d [E, C, t, p, p] with kernel = stride -> ours [C*t*p*p, E]
+
+
+_SAME, _LINEAR, _LINEAR_IN, _SPLIT, _CONV = TensorLayout
+
+KEY_MAP: tuple[tuple[str, str, TensorLayout], ...] = (
+    (r"visual\.patch_embed\.proj\.weight", "vision.patch_embed", _CONV),
+    (r"visual\.blocks\.(\d+)\.norm([12])\.weight", r"vision.blocks.\1.norm\2.scale", _SAME),
+    (r"visual\.blocks\.(\d+)\.norm([12])\.bias", r"vision.blocks.\1.norm\2.bias", _SAME),
+    (r"visual\.blocks\.(\d+)\.attn\.qkv\.weight", r"vision.blocks.\1.attn.qkv", _LINEAR),
+    (r"visual\.blocks\.(\d+)\.attn\.qkv\.bias", r"vision.blocks.\1.attn.qkv_bias", _SPLIT),
+    (r"visual\.blocks\.(\d+)\.attn\.proj\.weight", r"vision.blocks.\1.attn.proj", _LINEAR_IN),
+    (r"visual\.blocks\.(\d+)\.attn\.proj\.bias", r"vision.blocks.\1.attn.proj_bias", _SAME),
+    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"vision.blocks.\1.mlp.\2", _LINEAR),
+    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"vision.blocks.\1.mlp.\2_bias", _SAME),
+    (r"visual\.blocks\.(\d+)\.mlp\.(fc[12])\.weight", r"vision.blocks.\1.mlp.\2", _LINEAR),
+    (r"visual\.blocks\.(\d+)\.mlp\.(fc[12])\.bias", r"vision.blocks.\1.mlp.\2_bias", _SAME),
+    (r"visual\.merger\.ln_q\.weight", "vision.merger.norm.scale", _SAME),
+    (r"visual\.merger\.ln_q\.bias", "vision.merger.norm.bias", _SAME),
+    (r"visual\.merger\.mlp\.0\.weight", "vision.merger.fc1", _LINEAR),
+    (r"visual\.merger\.mlp\.0\.bias", "vision.merger.fc1_bias", _SAME),
+    (r"visual\.merger\.mlp\.2\.weight", "vision.merger.fc2", _LINEAR),
+    (r"visual\.merger\.mlp\.2\.bias", "vision.merger.fc2_bias", _SAME),
+    (r"model\.embed_tokens\.weight", "text.embed", _SAME),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"text.layers.\1.\2", _LINEAR),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"text.layers.\1.\2_bias", _SPLIT),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"text.layers.\1.o", _LINEAR_IN),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"text.layers.\1.mlp.\2", _LINEAR),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"text.layers.\1.input_norm.scale", _SAME),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"text.layers.\1.post_attention_norm.scale", _SAME),
+    (r"model\.norm\.weight", "text.norm.scale", _SAME),
+    (r"lm_head\.weight", "text.lm_head", _LINEAR),
 )
-_COMPILED = tuple((re.compile(pattern), target, kind) for pattern, target, kind in KEY_MAP)
+_COMPILED = tuple((re.compile(pattern), target, layout) for pattern, target, layout in KEY_MAP)
 
 # Buffers some exports include that are recomputed from the config.
 _DERIVED = re.compile(r".*(rotary_emb|rotary_pos_emb)\.inv_freq")
@@ -84,14 +92,14 @@ def normalize_key(name: str) -> str:
     return name
 
 
-def map_key(name: str) -> tuple[Path_, str] | None:
+def map_key(name: str) -> tuple[Path_, TensorLayout] | None:
     """Parameter path and transform for an HF tensor name (either naming), or None if it is not a parameter."""
     hub = normalize_key(name)
-    for pattern, target, kind in _COMPILED:
+    for pattern, target, layout in _COMPILED:
         m = pattern.fullmatch(hub)
         if m:
             path = tuple(int(p) if p.isdigit() else p for p in m.expand(target).split("."))
-            return path, kind
+            return path, layout
     return None
 
 
@@ -118,36 +126,52 @@ def hf_name(path: Path_) -> str:
     return dotted
 
 
-def expected_hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape that converts to a parameter of ``shape``."""
-    if kind == "same":
+def expected_hf_shape(layout: TensorLayout, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape that converts to a parameter of ``shape`` (not for ``CONV``, checked by its rank)."""
+    if layout is _SAME:
         return shape
-    if kind == "linear":
+    if layout is _LINEAR:
         return (int(np.prod(shape[1:])), shape[0])
-    if kind == "linear_in":
+    if layout is _LINEAR_IN:
         return (shape[-1], int(np.prod(shape[:-1])))
-    if kind == "split":
+    if layout is _SPLIT:
         return (int(np.prod(shape)),)
-    raise ValueError(kind)
+    raise ValueError(layout)
 
 
-def convert_tensor(kind: str, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def convert_tensor(layout: TensorLayout, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """An HF tensor in our layout (a view where possible; the caller casts and copies)."""
-    if kind == "same":
+    if layout is _SAME:
         return hf
-    if kind in ("linear", "linear_in"):  # [out, in] -> [in, out], then split into our shape
+    if layout in (_LINEAR, _LINEAR_IN):  # [out, in] -> [in, out], then split into our shape
         return hf.T.reshape(shape)
-    if kind == "split":
+    if layout is _SPLIT:
         return hf.reshape(shape)
-    if kind == "conv":
+    if layout is _CONV:
         return hf.reshape(hf.shape[0], -1).T
-    raise ValueError(kind)
+    raise ValueError(layout)
 
 
-def _shape_ok(kind: str, hf_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    if kind == "conv":
+def to_hf_tensor(layout: TensorLayout, value: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """One of our parameters as the HF tensor it came from: the inverse of :func:`convert_tensor`."""
+    if layout is _SAME:
+        return value
+    if layout is _LINEAR:
+        return value.reshape(value.shape[0], -1).T
+    if layout is _LINEAR_IN:
+        return value.reshape(-1, value.shape[-1]).T
+    if layout is _SPLIT:
+        return value.reshape(-1)
+    if layout is _CONV:
+        v = config.vision
+        return value.T.reshape(value.shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    raise ValueError(layout)
+
+
+def _shape_ok(layout: TensorLayout, hf_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if layout is _CONV:
         return len(hf_shape) == 5 and hf_shape[0] == shape[1] and int(np.prod(hf_shape[1:])) == shape[0]
-    return hf_shape == expected_hf_shape(kind, shape)
+    return hf_shape == expected_hf_shape(layout, shape)
 
 
 def load_hf_state(
@@ -169,7 +193,7 @@ def load_hf_state(
     """
     model_dir = Path(model_dir)
     if config is None:
-        config = plan.checkpoint_config if plan is not None else ModelConfig.from_hf_config(model_dir)
+        config = plan.checkpoint_config if plan is not None else config_from_hf(model_dir)
     if plan is not None and (place is not None or plan.checkpoint_config != config):
         raise InputError("load_hf_state: a plan replaces place=, and must be built for the same config")
     dtype = jnp.dtype(dtype)
@@ -191,11 +215,11 @@ def load_hf_state(
                 continue  # recomputed from the config / the tied embedding
             unexpected.append(name)
             continue
-        path, kind = mapped
+        path, layout = mapped
         target = wanted[path]
         hf_shape = f.shape(name)
-        if not _shape_ok(kind, hf_shape, tuple(target.shape)):
-            want = "[E, C, t, p, p]" if kind == "conv" else list(expected_hf_shape(kind, tuple(target.shape)))
+        if not _shape_ok(layout, hf_shape, tuple(target.shape)):
+            want = "[E, C, t, p, p]" if layout is _CONV else list(expected_hf_shape(layout, tuple(target.shape)))
             misshaped.append(f"{name}: {list(hf_shape)}, expected {want}")
             reported.add(path)
             continue
@@ -205,9 +229,9 @@ def load_hf_state(
         if progress:
             progress(name)
         if plan is not None:
-            values[path] = plan.place(path, convert_tensor(kind, f.get(name), tuple(target.shape)), dtype)
+            values[path] = plan.place(path, convert_tensor(layout, f.get(name), tuple(target.shape)), dtype)
             continue
-        array = np.ascontiguousarray(convert_tensor(kind, f.get(name), tuple(target.shape)).astype(dtype))
+        array = np.ascontiguousarray(convert_tensor(layout, f.get(name), tuple(target.shape)).astype(dtype))
         values[path] = place(array)
     missing = [hf_name(p) for p in wanted if p not in values and p not in reported]
     if missing or unexpected or misshaped or duplicated:
@@ -247,7 +271,7 @@ def convert(
     if mesh is not None:
         from qv_jax.sharding import ShardingPlan
 
-        plan = ShardingPlan.create(ModelConfig.from_hf_config(hf_dir), mesh)
+        plan = ShardingPlan.create(config_from_hf(hf_dir), mesh)
         _, _, state = load_hf_state(hf_dir, dtype=dtype, progress=progress, plan=plan)
         return save_checkpoint(
             out_dir, plan.checkpoint_config, plan.checkpoint_state(state), tokenizer_dir=hf_dir, overwrite=overwrite

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from qv_jax.converters.hf_config import config_to_hf
 from qv_jax.errors import CheckpointError
 from qv_jax.marker import fresh_directory, read_marker, write_marker
 from qv_jax.model.config import ModelConfig
@@ -80,7 +81,7 @@ def save_checkpoint(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / "params", params)
     checkpointer.wait_until_finished()
-    (out / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     write_marker(out, MARKER, {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config.to_dict()})

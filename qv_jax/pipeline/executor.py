@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qv_jax.errors import InputError
-from qv_jax.video.prefetch import prefetch
+from qv_jax.video.prefetcher import prefetch
 from qv_jax.video.reader import Frames
 
 # Stages in the order reports list them; "transfer" events are instants (when a copy started), not busy time.

@@ -25,6 +25,8 @@ from flax import nnx
 from qv_jax.attention.sparsity import SparsityConfig, reorder_heads
 from qv_jax.cache.dense import KVCache
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
+from qv_jax.converters.hf_config import config_from_hf
+from qv_jax.converters.qwen2_5_vl import load_hf_state
 from qv_jax.errors import CheckpointError, ConfigError, InputError
 from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, save_checkpoint
 from qv_jax.model.config import ModelConfig, token_ids
@@ -545,10 +547,8 @@ def load_model(
             plan, graphdef, state = restore_checkpoint(model_dir, mesh, dtype)
             config = plan.config
     elif (model_dir / "config.json").is_file():
-        from qv_jax.converters.qwen2_5_vl import load_hf_state
-
         if mesh is not None:
-            plan = ShardingPlan.create(ModelConfig.from_hf_config(model_dir), mesh)
+            plan = ShardingPlan.create(config_from_hf(model_dir), mesh)
         config, graphdef, state = load_hf_state(model_dir, dtype=dtype, plan=plan)
     else:
         raise CheckpointError(f"{model_dir}: neither a qv-jax checkpoint ({MARKER}) nor an HF model (config.json)")

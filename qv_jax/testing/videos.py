@@ -2,9 +2,9 @@
 
 ``make_sample_video`` encodes a video with PyAV in any codec / container / GOP layout the decoder must handle
 (B-frames, open GOP, non-zero start time, variable frame rate, odd sizes). Every frame carries its frame number as
-a 4×4 grid of bright / dark cells (bit b of the number in cell b, row-major), over a scrolling noise texture that
-gives the encoder real work. ``frame_number`` reads the number back from a decoded RGB frame, so a test or a
-demo can see which frame came back without trusting any timestamp.
+a 4×4 grid of bright / dark cells (bit b of the number in cell b, row-major) over a scrolling noise texture that
+gives the encoder real work; ``frame_number`` reads it back, so a test sees which frame came back without
+trusting any timestamp.
 """
 
 from __future__ import annotations
