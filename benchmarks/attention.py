@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import format_table, time_call, write_json
 from qv_jax.attention import HeadPattern, sparse_attention, visited_blocks
-from qv_jax.attention.sparse import DEFAULT_BLOCKS
+from qv_jax.attention.backends import DEFAULT_BLOCKS
 
 HQ, HKV, HEAD_DIM = 28, 4, 128
 

@@ -68,7 +68,7 @@ def run_baseline(model, video: Path, frame_plan, plan, max_new_tokens: int) -> d
     """Sequential decode, vision over all frames, one full prefill, then decoding; seconds per stage.
 
     ``plan`` is the quick variant's group plan of the same frames: the baseline takes its video grid from it."""
-    from qv_jax.runtime import steps
+    from qv_jax.runtime import SamplingParams, dense, encode
     from qv_jax.video import VideoReader
 
     stages, graphdef, state = {}, model.graphdef, model.state
@@ -82,7 +82,7 @@ def run_baseline(model, video: Path, frame_plan, plan, max_new_tokens: int) -> d
     with VideoReader(video, workers=1) as reader:
         frames = reader.read(frame_plan).frames
     mark = lap("decode", started)
-    embeds = steps.encode_frames(graphdef, state, jnp.asarray(frames))
+    embeds = encode.encode_frames(graphdef, state, jnp.asarray(frames))
     embeds.block_until_ready()
     mark = lap("vision", mark)
 
@@ -91,15 +91,15 @@ def run_baseline(model, video: Path, frame_plan, plan, max_new_tokens: int) -> d
     seconds = model.config.vision.temporal_patch_size / frame_plan.sample_fps
     positions, deltas = model.position_ids(ids, video_grid_thw=[grid], second_per_grid_ts=[seconds])
     length = ids.shape[1]
-    x = steps.embed(graphdef, state, jnp.asarray(ids, jnp.int32), None, embeds)
+    x = encode.embed(graphdef, state, jnp.asarray(ids, jnp.int32), None, embeds)
     cache = model.new_cache(1, -(-(length + max_new_tokens) // 128) * 128)
-    logits, cache = steps.prefill(graphdef, state, cache, x, jnp.asarray(positions), jnp.zeros((1, length), jnp.int32))
+    logits, cache = dense.prefill(graphdef, state, cache, x, jnp.asarray(positions), jnp.zeros((1, length), jnp.int32))
     logits.block_until_ready()
     mark = lap("prefill", mark)
 
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     stop = jnp.asarray(model.eos_token_ids, jnp.int32)
-    rest, _, cache = steps.decode_loop(
+    rest, _, cache = dense.decode_loop(
         graphdef,
         state,
         cache,
@@ -109,11 +109,8 @@ def run_baseline(model, video: Path, frame_plan, plan, max_new_tokens: int) -> d
         jax.random.key(0),
         stop,
         jnp.int32(model.pad_token_id),
-        jnp.float32(1.0),
-        jnp.int32(0),
-        jnp.float32(1.0),
+        SamplingParams(),
         num_steps=max_new_tokens - 1,
-        do_sample=False,
     )
     rest.block_until_ready()
     lap("answer", mark)

@@ -2,10 +2,10 @@
 
 Three measurements, each for both implementations in the same run:
 
-- vision: encoding one video's patches (patches/s), ours ``steps.encode_patches`` vs HF ``model.visual``;
+- vision: encoding one video's patches (patches/s), ours ``encode.encode_patches`` vs HF ``model.visual``;
 - prefill: the LLM over a text prompt of ``--prompt-len`` tokens into a fresh cache, logits of the last token
-  (tokens/s), ours ``steps.prefill`` vs HF's forward with ``use_cache=True``;
-- decode: ``--new-tokens`` greedy steps after the token the prefill chose (tokens/s), ours ``steps.decode_loop``
+  (tokens/s), ours ``dense.prefill`` vs HF's forward with ``use_cache=True``;
+- decode: ``--new-tokens`` greedy steps after the token the prefill chose (tokens/s), ours ``dense.decode_loop``
   (one on-device loop) vs an HF loop of cached forward calls, timed without the prefill.
 
 The model is a random config of a few hundred million parameters (``--size``), built with transformers, saved and
@@ -91,21 +91,21 @@ def _median_excluding_setup(setup, run, repeats: int) -> float:
 
 def time_qv_jax(ours, pixels, grid, ids, positions, new_tokens: int, repeats: int):
     """Median seconds of vision / prefill / decode with our jitted steps, and the greedy tokens decoded."""
-    from qv_jax.runtime import steps
+    from qv_jax.runtime import SamplingParams, dense, encode
 
     g, s = ours.graphdef, ours.state
     B, T = ids.shape
     pixels_j = jnp.asarray(pixels)
-    x = steps.embed(g, s, jnp.asarray(ids, jnp.int32))
+    x = encode.embed(g, s, jnp.asarray(ids, jnp.int32))
     pos_j, seg_j = jnp.asarray(positions), jnp.zeros((B, T), jnp.int32)
     capacity = -(-(T + new_tokens + 1) // 128) * 128
     out = {}
-    out["vision"] = time_call(lambda: steps.encode_patches(g, s, pixels_j, grid).block_until_ready(), repeats=repeats)[
+    out["vision"] = time_call(lambda: encode.encode_patches(g, s, pixels_j, grid).block_until_ready(), repeats=repeats)[
         "median_s"
     ]
 
     def prefill(cache):
-        logits, cache = steps.prefill(g, s, cache, x, pos_j, seg_j)
+        logits, cache = dense.prefill(g, s, cache, x, pos_j, seg_j)
         return jnp.argmax(logits, -1).astype(jnp.int32).block_until_ready(), cache
 
     out["prefill"] = _median_excluding_setup(lambda: ours.new_cache(B, capacity), prefill, repeats)
@@ -113,7 +113,7 @@ def time_qv_jax(ours, pixels, grid, ids, positions, new_tokens: int, repeats: in
 
     def decode(state):
         first, cache = state
-        rest, _, _ = steps.decode_loop(
+        rest, _, _ = dense.decode_loop(
             g,
             s,
             cache,
@@ -123,11 +123,8 @@ def time_qv_jax(ours, pixels, grid, ids, positions, new_tokens: int, repeats: in
             jax.random.key(0),
             jnp.zeros((0,), jnp.int32),
             jnp.int32(0),
-            jnp.float32(1),
-            jnp.int32(0),
-            jnp.float32(1),
+            SamplingParams(),
             num_steps=new_tokens,
-            do_sample=False,
         )
         tokens[:] = [np.concatenate([np.asarray(first)[:, None], np.asarray(rest)], axis=1)]
 

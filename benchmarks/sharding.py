@@ -125,7 +125,7 @@ def _measure(m, inputs, args, baseline_tokens=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from qv_jax.runtime import SamplingParams, steps
+    from qv_jax.runtime import SamplingParams, dense, encode
     from qv_jax.sharding import bytes_per_device
 
     B, T = inputs["ids"].shape
@@ -134,25 +134,22 @@ def _measure(m, inputs, args, baseline_tokens=None) -> dict:
         "param_bytes_per_device": max(bytes_per_device(m.state).values()),
         "kv_bytes_per_device": max(cache_bytes.values()),
     }
-    x = steps.embed(m.graphdef, m.state, m._batch(inputs["ids"]))
+    x = encode.embed(m.graphdef, m.state, m._batch(inputs["ids"]))
     positions, segments = m._batch(inputs["positions"], 1), m._batch(inputs["segments"])
 
     def prefill(cache):
-        return steps.prefill(m.graphdef, m.state, cache, x, positions, segments)
+        return dense.prefill(m.graphdef, m.state, cache, x, positions, segments)
 
     row["prefill_s"] = _timed(lambda: m.new_cache(B, args.capacity), prefill, args.repeats)
     filled = prefill(m.new_cache(B, args.capacity))
     first = jnp.argmax(filled[0], axis=-1).astype(jnp.int32)
     next_pos = m._batch(np.full((B,), T, np.int32))
-    knobs = SamplingParams().knobs()
 
     def decode(cache):
         done = jnp.zeros((B,), bool)
         key, stop, pad = jax.random.key(0), jnp.asarray([-1], jnp.int32), jnp.int32(0)
-        return steps.decode_loop(
-            m.graphdef, m.state, cache, first, next_pos, done, key, stop, pad,
-            num_steps=args.new_tokens, do_sample=False, **knobs,
-        )  # fmt: skip
+        loop = functools.partial(dense.decode_loop, m.graphdef, m.state, num_steps=args.new_tokens)
+        return loop(cache, first, next_pos, done, key, stop, pad, SamplingParams())
 
     row["decode_s"] = _timed(lambda: prefill(m.new_cache(B, args.capacity))[1], decode, args.repeats)
     tokens = np.asarray(decode(prefill(m.new_cache(B, args.capacity))[1])[0])
@@ -162,7 +159,7 @@ def _measure(m, inputs, args, baseline_tokens=None) -> dict:
 
     grid = (tuple(args.video_grid),)
     patches = jnp.asarray(inputs["patches"])
-    tensor_parallel = functools.partial(steps.encode_patches, m.graphdef, m.state, patches, grid)
+    tensor_parallel = functools.partial(encode.encode_patches, m.graphdef, m.state, patches, grid)
     row["vision_s"] = _timed(lambda: None, lambda _: m.encode_pixels(patches, np.array(grid)), args.repeats)
     if m.mesh is not None:
         row["vision_tp_only_s"] = _timed(lambda: None, lambda _: tensor_parallel(), args.repeats)

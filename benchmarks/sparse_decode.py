@@ -4,7 +4,7 @@
 
 One model, three decode paths measured in the same run at each context length:
 
-- ``dense``: ``qv_jax.runtime.steps.decode_loop`` over a dense :class:`~qv_jax.cache.KVCache`;
+- ``dense``: ``qv_jax.runtime.dense.decode_loop`` over a dense :class:`~qv_jax.cache.KVCache`;
 - ``streaming``: ``qv_jax.runtime.sparse.decode_loop`` with half of each layer's KV heads streaming (sink 64 + ring
   256, DuoAttention's deployment setting) and retrieval heads reading every page;
 - ``streaming+select``: the same plus LServe page selection for retrieval heads (``--budget`` tokens, selection
@@ -34,7 +34,7 @@ from benchmarks.common import format_table, time_call, write_json
 from qv_jax.attention import SparsityConfig, reorder_heads
 from qv_jax.cache import KVCache, SparseKVCache
 from qv_jax.model.config import ModelConfig, TextConfig
-from qv_jax.runtime import SamplingParams, VisionLanguageModel, steps
+from qv_jax.runtime import SamplingParams, VisionLanguageModel, dense
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.testing import tiny_config
 
@@ -92,7 +92,6 @@ def to_sparse(cache: KVCache, sparsity: SparsityConfig, capacity: int) -> Sparse
 def time_steps(module, graphdef, state, cache, *, batch, context, num_steps, repeats):
     """Median seconds per decode step of ``module.decode_loop`` (each call continues from the last one's cache)."""
     holder = {"cache": cache, "pos": jnp.full((batch,), context, jnp.int32)}
-    knobs = SamplingParams().knobs()
 
     def call():
         out, _, holder["cache"] = module.decode_loop(
@@ -105,9 +104,8 @@ def time_steps(module, graphdef, state, cache, *, batch, context, num_steps, rep
             jax.random.key(0),
             jnp.zeros((0,), jnp.int32),
             jnp.int32(0),
+            SamplingParams(),
             num_steps=num_steps,
-            do_sample=False,
-            **knobs,
         )
         holder["pos"] = holder["pos"] + num_steps
         jax.block_until_ready(out)
@@ -150,7 +148,7 @@ def main(argv=None) -> None:
         dense_ms = None
         for name, sparsity in variants.items():
             cache = filled_cache(text, args.batch, context, capacity, dtype, seed=context)
-            module = steps
+            module = dense
             if sparsity is not None:
                 cache = to_sparse(cache, sparsity, capacity)
                 module = sparse_steps

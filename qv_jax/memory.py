@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qv_jax.cache.layered import LayeredKV
 from qv_jax.errors import CheckpointError, MemoryMismatchError
 from qv_jax.marker import fresh_directory, read_marker, write_marker
 from qv_jax.model.config import ModelConfig
-from qv_jax.pipeline.cache import LayeredKV
 from qv_jax.pipeline.executor import Timings
 from qv_jax.pipeline.plan import GroupPlan, make_group_plan
 

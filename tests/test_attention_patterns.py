@@ -12,6 +12,7 @@ from qv_jax.attention import (
     sparse_attention,
     visited_blocks,
 )
+from qv_jax.attention.patterns import DensePattern, StreamingPattern, StridedPattern
 from qv_jax.errors import InputError
 from qv_jax.kernels.block_tables import EMPTY, FULL
 
@@ -47,11 +48,11 @@ def literal_mask(pattern: HeadPattern, q_len: int, kv_len: int, causal: bool) ->
             if causal and kp > qp:
                 continue
             d = qp - kp if causal else abs(qp - kp)
-            if pattern.kind == "dense":
+            if isinstance(pattern, DensePattern):
                 ok = True
-            elif pattern.kind == "streaming":
+            elif isinstance(pattern, StreamingPattern):
                 ok = kp < pattern.sink or d < pattern.local
-            elif pattern.kind == "strided":
+            elif isinstance(pattern, StridedPattern):
                 qb, kb = qp // pattern.block, kp // pattern.block
                 near = qb - kb if causal else abs(qb - kb)
                 ok = near < pattern.local_blocks or kb % pattern.vert_stride == pattern.offset

@@ -127,7 +127,7 @@ cache_length = input_ids.shape[1]
 """,
     "sharding.md": """
 import jax.numpy as jnp
-from qv_jax.model.config import ModelConfig
+from qv_jax.converters.hf_config import config_from_hf
 from qv_jax.model.preprocess import patchify
 from qv_jax.model.tokenizer import Tokenizer
 from qv_jax.video import VideoReader

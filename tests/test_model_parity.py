@@ -14,7 +14,7 @@ from hf_tiny import IDS, build_hf_model, hf_config, hf_logits, image_block, vide
 
 import qv_jax
 from qv_jax.model.preprocess import patchify
-from qv_jax.runtime import steps
+from qv_jax.runtime import dense, encode
 
 CONFIGS = {
     # GQA 2:1, untied head, 2-unit windows, block 1 full attention
@@ -202,7 +202,7 @@ def test_prefill_and_decode_steps_equal_full_forward(pair):
     ref = m.forward(full, position_ids=full_positions, **vision)
 
     video = m.encode_pixels(vision["pixel_values_videos"], vision["video_grid_thw"])
-    x = steps.embed(m.graphdef, m.state, jnp.asarray(prompt), None, video)
+    x = encode.embed(m.graphdef, m.state, jnp.asarray(prompt), None, video)
     chunk, length = 16, prompt.shape[1]
     padded = -(-length // chunk) * chunk
     x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
@@ -211,7 +211,7 @@ def test_prefill_and_decode_steps_equal_full_forward(pair):
     cache = m.new_cache(1, padded + 8)
     prefill_logits = []
     for start in range(0, padded, chunk):
-        logits, cache = steps.prefill(
+        logits, cache = dense.prefill(
             m.graphdef,
             m.state,
             cache,
@@ -225,7 +225,7 @@ def test_prefill_and_decode_steps_equal_full_forward(pair):
     np.testing.assert_allclose(got, ref[:, :length], atol=1e-5)
     # the first continuation token, then each next one, one decode step at a time
     for i in range(continuation.shape[1]):
-        logits, cache = steps.decode_step(
+        logits, cache = dense.decode_step(
             m.graphdef, m.state, cache, jnp.asarray(continuation[:, i]), jnp.asarray([cont_pos[i]])
         )
         np.testing.assert_allclose(np.asarray(logits), ref[:, length + i], atol=1e-5)
@@ -252,11 +252,11 @@ def test_vision_and_decoder_compile_once_per_shape(pair):
         seg = jnp.zeros((1, 16), jnp.int32)
         marks = []
         for _ in range(3):
-            logits, cache = steps.prefill(m.graphdef, m.state, cache, x, pos, seg)
+            logits, cache = dense.prefill(m.graphdef, m.state, cache, x, pos, seg)
             logits.block_until_ready()
             marks.append(len([e for e in compiles if e == "/jax/core/compile/backend_compile_duration"]))
         for _ in range(3):
-            logits, cache = steps.decode_step(m.graphdef, m.state, cache, jnp.array([3]), jnp.array([20]))
+            logits, cache = dense.decode_step(m.graphdef, m.state, cache, jnp.array([3]), jnp.array([20]))
             logits.block_until_ready()
             marks.append(len([e for e in compiles if e == "/jax/core/compile/backend_compile_duration"]))
         assert marks[1] == marks[0] == marks[2], marks

@@ -41,14 +41,14 @@ def test_decoding_and_transfers_run_ahead_of_a_slow_device():
     timeline = Timeline()
     seen = []
 
-    def slow_step(g: int, group: Frames) -> None:
+    def slow_step(state, g: int, group: Frames) -> None:
         with timeline.span("vision", g):
             seen.append((g, group.frames.shape, threading.current_thread() is threading.main_thread()))
             time.sleep(SLOW_STEP_S)
 
     with VideoReader(video, workers=1) as reader:
         plan = reader.plan(fps=3.0)  # 24 frames in 6 groups of 4, spread over 4 keyframe intervals
-        count = run_overlapped(reader.stream(plan, group_size=4), slow_step, group_frames=4, timeline=timeline)
+        _, count = run_overlapped(reader.stream(plan, group_size=4), slow_step, group_frames=4, timeline=timeline)
     assert count == 6 and [s[0] for s in seen] == list(range(6))
     assert all(shape == (4, 180, 320, 3) and on_main for _, shape, on_main in seen)
 
@@ -70,7 +70,7 @@ def test_stream_errors_reach_the_caller_and_stop_the_threads():
     before = threading.active_count()
     done = []
     with pytest.raises(VideoError, match="truncated packet"):
-        run_overlapped(failing_stream(), lambda g, group: done.append(g), group_frames=2, timeline=Timeline())
+        run_overlapped(failing_stream(), lambda state, g, group: done.append(g), group_frames=2, timeline=Timeline())
     assert done == [0, 1]
     assert threading.active_count() == before
 
@@ -87,7 +87,7 @@ def test_a_failing_step_closes_the_stream():
         finally:
             closed.set()
 
-    def step(g, group):
+    def step(state, g, group):
         if g == 1:
             raise RuntimeError("device step failed")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from pipeline_helpers import VIDEO_OPTIONS, reference_inputs, sample_video, tiny_model
 
-from qv_jax.pipeline import steps
-from qv_jax.pipeline.cache import AppendAttention, LayeredKV
-from qv_jax.pipeline.steps import GroupPruneAttention, text_after_video
+from qv_jax.cache.layered import AppendAttention, LayeredKV
+from qv_jax.pipeline import prefill
+from qv_jax.pipeline.prefill import GroupPruneAttention, text_after_video
 from qv_jax.videoqa import VideoQA
 
 B, N, K, H = 1, 4, 2, 8
@@ -151,7 +151,7 @@ def test_full_retention_matches_one_full_prefill(group_frames, variant):
     suffix = model.tokenizer.question_suffix(question)
     chunk = text_after_video(plan, suffix, 32)
     cache = memory.cache.padded(memory.cache.capacity + 64)
-    logits, cache = steps.prefill_text(model.graphdef, model.state, cache, chunk, all_logits=True)
+    logits, cache = prefill.prefill_text(model.graphdef, model.state, cache, chunk, all_logits=True)
     np.testing.assert_allclose(np.asarray(logits)[: suffix.size], ref_logits[plan.suffix_start :], atol=1e-4, rtol=1e-4)
 
     answer = qa.ask(memory, question, max_new_tokens=6)
@@ -181,7 +181,7 @@ def test_memory_holds_prefix_kept_tokens_and_question(model):
 
     suffix = model.tokenizer.question_suffix("Which object falls?")
     chunk = text_after_video(plan, suffix, 32)
-    _, cache = steps.prefill_text(model.graphdef, model.state, memory.cache.padded(256), chunk)
+    _, cache = prefill.prefill_text(model.graphdef, model.state, memory.cache.padded(256), chunk)
     np.testing.assert_array_equal(np.asarray(cache.lengths), expected + suffix.size)
     index = np.asarray(cache.token_index)[:, 0]
     for layer in range(2):

@@ -52,14 +52,14 @@ def test_filter_matches_transformers_warpers(temperature, top_k, top_p):
 
 def test_sampling_draws_only_kept_tokens_and_is_reproducible():
     logits = jnp.asarray(np.random.default_rng(1).standard_normal((2, 30)), jnp.float32)
-    knobs = {"temperature": 1.0, "top_k": 3, "top_p": 1.0}
+    top3 = SamplingParams(do_sample=True, temperature=1.0, top_k=3, top_p=1.0)
     allowed = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
-    draws = np.stack([np.asarray(sample(logits, jax.random.key(i), do_sample=True, **knobs)) for i in range(64)])
+    draws = np.stack([np.asarray(sample(logits, jax.random.key(i), top3)) for i in range(64)])
     for b in range(2):
         assert set(draws[:, b]) <= set(allowed[b]) and len(set(draws[:, b])) > 1
-    again = np.asarray(sample(logits, jax.random.key(5), do_sample=True, **knobs))
+    again = np.asarray(sample(logits, jax.random.key(5), top3))
     np.testing.assert_array_equal(again, draws[5])
-    top1 = sample(logits, jax.random.key(0), do_sample=True, temperature=1.0, top_k=1, top_p=1.0)
+    top1 = sample(logits, jax.random.key(0), SamplingParams(do_sample=True, temperature=1.0, top_k=1, top_p=1.0))
     np.testing.assert_array_equal(np.asarray(top1), np.asarray(logits).argmax(-1))
 
 

@@ -141,7 +141,8 @@ def _worker(workdir: Path) -> None:
     from qv_jax.attention.sharded import sharded_sparse_attention
     from qv_jax.converters.qwen2_5_vl import convert
     from qv_jax.runtime import VisionLanguageModel, load_model
-    from qv_jax.sharding import bytes_per_device, splits_frames
+    from qv_jax.runtime.encode import splits_frames
+    from qv_jax.sharding import bytes_per_device
 
     jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -167,7 +168,7 @@ def _worker(workdir: Path) -> None:
         arrays[f"video_{key}"] = np.asarray(m.encode_pixels(video_patches, np.array([[8, 4, 4]])))
         arrays[f"frames_{key}"] = np.asarray(m.encode_video(frames))
         cache = m.new_cache(8, 128)
-        moved_back = m.plan.shard_cache(jax.device_put(cache, jax.devices()[0]))
+        moved_back = m.plan.shard(jax.device_put(cache, jax.devices()[0]))
         out[key] = {
             "splits_frames": splits_frames(mesh, 8),
             "shard_cache_same": moved_back.k[0].sharding.is_equivalent_to(cache.k[0].sharding, 4),
@@ -226,7 +227,7 @@ def _worker(workdir: Path) -> None:
             out[f"sparse_specs_{data}x{model}"] = [
                 list(cache.k[0].sharding.spec),  # layer 0: retrieval heads only, split
                 list(cache.k[1].sharding.spec),  # layer 1: half and half, not divisible: whole per row shard
-                cache.layout.kv_repeat,
+                cache.geometry.kv_repeat,
             ]
 
     # the whole pipeline: group-wise QuickPrefill with pruning, then dense or sparse decoding, on meshes

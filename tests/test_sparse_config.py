@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from qv_jax.attention import SparsityConfig, load_duo_attention_heads, reorder_heads
-from qv_jax.attention.sparsity import head_permutations
+from qv_jax.attention.heads import head_permutations
 from qv_jax.errors import ConfigError
 from qv_jax.model.qwen2_5_vl import ChunkAttention, random_state
 from qv_jax.testing import tiny_config

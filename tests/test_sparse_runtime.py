@@ -13,7 +13,7 @@ from flax import nnx
 from qv_jax.attention import SparsityConfig, dot_product_attention
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
 from qv_jax.errors import ConfigError
-from qv_jax.runtime import VisionLanguageModel, load_model, steps
+from qv_jax.runtime import VisionLanguageModel, encode, load_model
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.testing import tiny_config
 
@@ -37,8 +37,8 @@ def make_batch(seed=0):
 
 def run_steps(m, cache, ids, seg, pos, run=sparse_steps):
     """Chunked prefill of the prompt, then teacher-forced decode steps, with the steps of ``run`` (sparse by
-    default, ``qv_jax.runtime.steps`` for a dense cache): logits per decoded step."""
-    x = steps.embed(m.graphdef, m.state, jnp.asarray(ids))
+    default, ``qv_jax.runtime.dense`` for a dense cache): logits per decoded step."""
+    x = encode.embed(m.graphdef, m.state, jnp.asarray(ids))
     for s in range(0, PROMPT, CHUNK):
         logits, cache = run.prefill(
             m.graphdef, m.state, cache, x[:, s : s + CHUNK], jnp.asarray(pos[:, :, s : s + CHUNK]),
@@ -59,7 +59,7 @@ def test_no_streaming_heads_and_budget_over_context_equal_dense_decoding():
     assert int(cache.selected_at) == -1  # the context never exceeded the budget
 
     dense = VisionLanguageModel.random(CONFIG, seed=1)
-    want, _ = run_steps(dense, dense.new_cache(2, 128), ids, seg, pos, run=steps)
+    want, _ = run_steps(dense, dense.new_cache(2, 128), ids, seg, pos, run=dense)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -102,8 +102,8 @@ def test_decoding_from_a_prefilled_dense_cache():
     cfg = SparsityConfig(streaming_heads=STREAMING, sink=SINK, local=LOCAL, token_budget=None, **SMALL)
     m = VisionLanguageModel.random(CONFIG, seed=3, sparsity=cfg)
     dense = m.new_cache(2, 64)
-    x = steps.embed(m.graphdef, m.state, jnp.asarray(ids[:, :PROMPT]))
-    logits, dense = steps.prefill(m.graphdef, m.state, dense, x, jnp.asarray(pos[:, :, :PROMPT]), jnp.asarray(
+    x = encode.embed(m.graphdef, m.state, jnp.asarray(ids[:, :PROMPT]))
+    logits, dense = dense.prefill(m.graphdef, m.state, dense, x, jnp.asarray(pos[:, :, :PROMPT]), jnp.asarray(
         seg[:, :PROMPT]))  # fmt: skip
     cache = SparseKVCache.from_dense(dense, m.sparsity, capacity=PROMPT + NEW)
     got = [np.asarray(logits)]
@@ -169,7 +169,7 @@ def test_greedy_generation_with_streaming_heads_and_page_selection(sparse_model)
     seg = np.where(amask != 0, 0, -1).astype(np.int32)
     seg = np.pad(seg, ((0, 0), (0, 34)), constant_values=-1)
     pos = np.broadcast_to(np.maximum(np.cumsum(seg >= 0, 1) - 1, 0), (3, 2, 64)).astype(np.int32)
-    x = jnp.pad(steps.embed(m.graphdef, m.state, jnp.asarray(aligned)), ((0, 0), (0, 34), (0, 0)))
+    x = jnp.pad(encode.embed(m.graphdef, m.state, jnp.asarray(aligned)), ((0, 0), (0, 34), (0, 0)))
     cache = m.new_sparse_cache(2, 128)
     logits, cache = sparse_steps.prefill(
         m.graphdef, m.state, cache, x, jnp.asarray(pos), jnp.asarray(seg), jnp.full((2,), 29, jnp.int32)

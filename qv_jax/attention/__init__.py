@@ -1,37 +1,40 @@
-"""Every attention in qv-jax goes through this package.
+"""Every attention in qv-jax goes through this package (docs/attention.md).
 
-``dot_product_attention`` is the dense jnp reference (the ``xla`` backend and the oracle for tests).
-``sparse_attention`` runs one :class:`HeadPattern` per KV head (dense, streaming, strided, any block mask) on the
-``xla`` reference or on the block-sparse Pallas kernels (``interpret`` on CPU, ``pallas`` on TPU / GPU); see
-docs/attention.md. Sparse decoding: :class:`SparsityConfig` (DuoAttention streaming heads, LServe page selection),
-``paged_decode_attention`` over KV pages and the page-selection rule in ``qv_jax.attention.page_selection``.
-On a device mesh, ``sharded_sparse_attention`` runs the kernels per shard (``qv_jax.attention.sharded``).
+- :mod:`~qv_jax.attention.reference` — ``dot_product_attention``, the jnp oracle every other path is checked against;
+- :mod:`~qv_jax.attention.patterns` / :mod:`~qv_jax.attention.tables` — what each KV head attends to
+  (:class:`HeadPattern`), compiled into the block tables the kernels walk;
+- :mod:`~qv_jax.attention.backends` — reference or Pallas kernel, compiled or interpreted;
+- :mod:`~qv_jax.attention.local` — one device; :mod:`~qv_jax.attention.sharded` — the entry points, per shard on
+  a mesh (``sparse_attention``, ``paged_decode_attention``);
+- :mod:`~qv_jax.attention.sparsity`, :mod:`~qv_jax.attention.heads`, :mod:`~qv_jax.attention.page_selection` —
+  sparse decoding: DuoAttention streaming heads and LServe page selection.
 """
 
-from qv_jax.attention.decode import merge_attention, paged_decode_attention
-from qv_jax.attention.dense import attention_mask, dot_product_attention
-from qv_jax.attention.page_selection import page_scores, top_pages
-from qv_jax.attention.patterns import BlockMask, HeadPattern, compile_block_tables, pattern_mask
-from qv_jax.attention.sharded import sharded_sparse_attention
-from qv_jax.attention.sparse import block_tables, sparse_attention, visited_blocks
-from qv_jax.attention.sparsity import SparsityConfig, load_duo_attention_heads, reorder_heads
+from __future__ import annotations
 
-__all__ = [
-    "BlockMask",
-    "HeadPattern",
-    "SparsityConfig",
-    "attention_mask",
-    "block_tables",
-    "compile_block_tables",
-    "dot_product_attention",
-    "load_duo_attention_heads",
-    "merge_attention",
-    "page_scores",
-    "paged_decode_attention",
-    "pattern_mask",
-    "reorder_heads",
-    "sharded_sparse_attention",
-    "sparse_attention",
-    "top_pages",
-    "visited_blocks",
-]
+from qv_jax._lazy import lazy_exports
+
+EXPORTS = {
+    "attention_mask": "qv_jax.attention.reference",
+    "dot_product_attention": "qv_jax.attention.reference",
+    "merge_attention": "qv_jax.attention.reference",
+    "BlockMask": "qv_jax.attention.patterns",
+    "HeadPattern": "qv_jax.attention.patterns",
+    "pattern_mask": "qv_jax.attention.patterns",
+    "block_tables": "qv_jax.attention.tables",
+    "compile_block_tables": "qv_jax.attention.tables",
+    "visited_blocks": "qv_jax.attention.tables",
+    "Backend": "qv_jax.attention.backends",
+    "Kernel": "qv_jax.attention.backends",
+    "paged_decode_attention": "qv_jax.attention.sharded",
+    "sharded_sparse_attention": "qv_jax.attention.sharded",
+    "sparse_attention": "qv_jax.attention.sharded",
+    "page_scores": "qv_jax.attention.page_selection",
+    "top_pages": "qv_jax.attention.page_selection",
+    "SparsityConfig": "qv_jax.attention.sparsity",
+    "load_duo_attention_heads": "qv_jax.attention.heads",
+    "reorder_heads": "qv_jax.attention.heads",
+}
+
+__all__ = list(EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)

@@ -1,15 +1,15 @@
 """LServe's query-aware page selection for retrieval heads (the jnp rule; scoring also on the Pallas kernels).
 
-The retrieval heads' cache is cut into physical pages of ``P`` tokens, each made of logical pages of ``P / lpp``
-tokens whose per-channel key minimum and maximum are kept up to date. At a decode step:
+The retrieval heads' cache is cut into physical pages of ``page_size`` tokens, each made of logical pages whose
+per-channel key minimum and maximum are kept up to date. At a decode step:
 
 1. **Score** every logical page with the current queries: ``sum_d max(q_d kmax_d, q_d kmin_d)`` per query head (an
    upper bound of ``q . k`` on the page); a KV head's logical-page score is the maximum over its ``G`` query heads
    and a physical page's score the maximum over its logical pages. Pages with no visible token score ``-inf``.
    (LServe selects per query head; one list per KV head lets the decode kernel read each page once for the whole
    GQA group.)
-2. **Select** the ``budget / P - 1`` best pages older than the newest page (ties: the lower page index wins), and
-   always read the newest page, which holds the current token.
+2. **Select** the ``budget / page_size - 1`` best pages older than the newest page (ties: the lower page index
+   wins), and always read the newest page, which holds the current token.
 3. **No selection while the context fits**: while ``length <= budget`` every page is read.
 4. **Reuse**: a selection is reused until ``reselect_every`` steps have passed or the newest page changes (a new
    page starts, and its predecessor must not drop out of the list).
@@ -19,14 +19,11 @@ tokens whose per-channel key minimum and maximum are kept up to date. At a decod
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention.sharded import per_shard
-from qv_jax.attention.sparse import kernel_impl
-from qv_jax.kernels.page_select import logical_page_scores
+from qv_jax.attention.backends import Backend
+from qv_jax.attention.sharded import logical_page_scores
 
 Array = jax.Array
 
@@ -38,24 +35,17 @@ def page_scores(
     page_valid: Array,
     *,
     logical_pages_per_page: int,
-    backend: str = "xla",
+    backend: str = Backend.XLA,
     kernel: str | None = None,
 ) -> Array:
-    """Physical-page scores ``[B, K, NP]`` float32 of ``q [B, K, G, D]`` (post-RoPE queries of a decode step).
+    """Physical-page scores ``[B, K, pages]`` float32 of ``q [B, K, G, H]`` (post-RoPE queries of a decode step).
 
-    ``k_min``/``k_max [B, K, NL, D]`` per logical page; ``page_valid [B, NL]`` bool (a visible token in the logical
-    page); ``NL = NP * logical_pages_per_page``.
+    ``k_min`` / ``k_max [B, K, logical_pages, H]`` per logical page; ``page_valid [B, logical_pages]`` bool (a
+    visible token in the logical page); ``logical_pages = pages * logical_pages_per_page``.
     """
-    impl, interpret = kernel_impl(backend, kernel)
-    score = functools.partial(logical_page_scores, impl=impl, interpret=interpret)
-    if impl == "reference":
-        logical = score(q, k_min, k_max, page_valid)
-    else:  # on a sharded model each device scores its own heads and rows (XLA cannot partition Pallas calls)
-        logical = per_shard(
-            score, q, k_min, k_max, page_valid, in_layouts=("BHGD", "BHLD", "BHLD", "BL"), out_layouts="BHL"
-        )
-    B, K, NL = logical.shape
-    return jnp.max(logical.reshape(B, K, NL // logical_pages_per_page, logical_pages_per_page), axis=-1)
+    logical_BKL = logical_page_scores(q, k_min, k_max, page_valid, backend=backend, kernel=kernel)
+    B, K, L = logical_BKL.shape
+    return jnp.max(logical_BKL.reshape(B, K, L // logical_pages_per_page, logical_pages_per_page), axis=-1)
 
 
 def top_pages(scores: Array, newest_page: Array, num_older: int) -> Array:
@@ -84,7 +74,7 @@ def needs_selection(length: Array, selected_at: Array, *, token_budget: int, pag
 
 
 def visit_list(top: Array, length: Array, *, token_budget: int, page_size: int) -> tuple[Array, Array]:
-    """Pages read at a step: ``(indices [B, K, budget / P], counts [B, K])``.
+    """Pages read at a step: ``(indices [B, K, budget / page_size], counts [B, K])``.
 
     Every page up to the newest while ``length <= token_budget``, otherwise the selected ``top`` pages plus the
     newest page.

@@ -1,113 +1,84 @@
-"""Attention kernels run per shard on a mesh: ``shard_map`` over KV heads (``"model"``) and rows (``"data"``).
+"""Attention entry points that work on one device and on a mesh: the mesh layer above ``qv_jax.attention.local``.
 
-XLA's partitioner splits the jnp attention of ``qv_jax.attention.dense`` by itself, but a Pallas kernel is opaque
-to it: left alone it would be gathered onto every device and run whole. Here each device runs the kernel on its
-own KV heads (and the query heads of their groups) and rows; attention never mixes heads or rows, so no
-communication is needed and the result is exactly the unsharded one.
-
-Per-head patterns differ from shard to shard (DuoAttention streaming heads, LongGen offsets), and a kernel's block
-tables are static. Each distinct set of local patterns gets its own kernel, and each device picks its own with
-``lax.switch`` on its position along ``"model"``: shards with the same patterns share one compiled kernel.
+XLA partitions the jnp reference by itself, but a Pallas call is opaque to it: left alone it would be gathered
+onto every device and run whole. Under a context mesh (``qv_jax.sharding.mesh.context_mesh``, set by the runtime
+around a sharded model's steps) each device runs the kernel on its own KV heads (with their query heads) and rows.
+Attention never mixes heads or rows, so the result is exactly the unsharded one. Calls only go down to ``local``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from qv_jax.attention import local
+from qv_jax.attention.backends import REFERENCE, Backend, Kernel, kernel_impl
 from qv_jax.attention.patterns import HeadPattern, normalize_patterns
-from qv_jax.attention.sparse import sparse_attention
-
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
+from qv_jax.sharding.layout import per_shard, shard_by_layouts
+from qv_jax.sharding.mesh import MODEL_AXIS, context_mesh
 
 Array = jax.Array
 
 
-def layout_spec(layout: str | None, mesh, batch: int, *, split_heads: bool = True) -> P:
-    """The partition spec of an array described by letters: ``B`` rows (on ``"data"`` when it divides ``batch``),
-    ``H`` KV or query heads (on ``"model"`` when ``split_heads``), anything else unsplit; ``None`` is a replicated
-    operand."""
-    if layout is None:
-        return P()
-    rows = DATA_AXIS if batch % mesh.shape[DATA_AXIS] == 0 else None
-    heads = MODEL_AXIS if split_heads else None
-    return P(*(rows if c == "B" else heads if c == "H" else None for c in layout))
-
-
-def _specs(layouts, mesh, batch: int, split_heads: bool):
-    if layouts is None or isinstance(layouts, str):
-        return layout_spec(layouts, mesh, batch, split_heads=split_heads)
-    return tuple(layout_spec(layout, mesh, batch, split_heads=split_heads) for layout in layouts)
-
-
-def shard_heads(
-    fn: Callable,
-    mesh,
+def sparse_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    patterns: HeadPattern | tuple[HeadPattern, ...] | list[HeadPattern],
+    segment_ids=None,
+    causal: bool = True,
+    backend: str = Backend.XLA,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     *,
-    batch: int,
-    in_layouts: Sequence[str | None],
-    out_layouts: str | Sequence[str],
-    split_heads: bool = True,
-) -> Callable:
-    """``fn`` run on each device's rows and heads: operands and results described by :func:`layout_spec` letters.
+    kernel: str | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Attention of ``q [B, N, T, H]`` over ``k`` / ``v [B, K, S, H]`` where each KV head follows its pattern.
 
-    ``fn`` sees local shapes (``H / model`` heads, ``B / data`` rows) and must not mix heads or rows.
-    """
-    # Pallas calls carry no varying-axes annotations, so the shard_map type check cannot follow them
-    return jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=_specs(tuple(in_layouts), mesh, batch, split_heads),
-        out_specs=_specs(out_layouts, mesh, batch, split_heads),
-        check_vma=False,
-    )
+    Args:
+      q, k, v: queries and keys / values; for ``T < S`` the queries are the last ``T`` positions (chunked
+        prefill after a cache).
+      patterns: one :class:`HeadPattern` for all KV heads, or one per KV head (a group's query heads share it).
+      segment_ids: ``None``, key ids ``[B, S]`` (queries take the last ``T``) or a pair ``(q ids [B, T], kv ids
+        [B, S])``; a query sees only keys with its id, and negative key ids never.
+      causal: ``False`` for vision.
+      backend: ``"xla"`` (jnp reference), ``"interpret"`` or ``"pallas"`` (``qv_jax.attention.backends``).
+      block_q, block_kv: kernel tiles, default the kernel's production tiles.
+      kernel: ``"tpu"`` or ``"gpu"``; default ``tpu`` when interpreting, the device's for ``pallas``.
+      scale: logit scale, default ``H ** -0.5``.
+      return_lse: also return the log-sum-exp.
 
-
-def context_mesh():
-    """The qv-jax mesh of the enclosing ``jax.set_mesh`` (as the runtime sets it for a sharded model), or ``None``:
-    no mesh, a single device, or already inside a ``shard_map``."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != (DATA_AXIS, MODEL_AXIS):
-        return None
-    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
-        return None
-    return mesh
-
-
-def per_shard(
-    fn: Callable, *operands: Array, in_layouts: Sequence[str | None], out_layouts: str | Sequence[str]
-) -> Array | tuple[Array, ...]:
-    """``fn(*operands)``, run per shard when a context mesh is set (see :func:`context_mesh`), else directly.
-
-    For kernels XLA cannot partition (Pallas calls). Layouts as in :func:`layout_spec`, ``B`` taken from the first
-    operand's leading dimension. Heads are split when the model axis divides every ``H`` dimension; otherwise each
-    device runs all heads of its rows (still correct; the partitioner gathers the heads first).
+    Returns:
+      ``[B, N, T, H]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32); a query that sees nothing gets zeros and
+      ``lse = -inf``.
     """
     mesh = context_mesh()
-    if mesh is None:
-        return fn(*operands)
-    model = mesh.shape[MODEL_AXIS]
-    split = all(
-        x.shape[i] % model == 0
-        for x, layout in zip(operands, in_layouts, strict=True)
-        if layout is not None
-        for i, c in enumerate(layout)
-        if c == "H"
+    impl, _ = kernel_impl(backend, kernel)
+    run = functools.partial(
+        local.sparse_attention, causal=causal, backend=backend, block_q=block_q, block_kv=block_kv, scale=scale
     )
-    run = shard_heads(
-        fn,
-        mesh,
-        batch=operands[0].shape[0],
-        in_layouts=in_layouts,
-        out_layouts=out_layouts,
-        split_heads=split,
+    if mesh is None or impl == REFERENCE:  # XLA partitions the reference by itself
+        return run(q, k, v, patterns, segment_ids, kernel=kernel, return_lse=return_lse)
+    return sharded_sparse_attention(
+        q,
+        k,
+        v,
+        patterns,
+        segment_ids,
+        causal,
+        backend,
+        block_q,
+        block_kv,
+        mesh=mesh,
+        kernel=impl,
+        scale=scale,
+        return_lse=return_lse,
     )
-    return run(*operands)
 
 
 def sharded_sparse_attention(
@@ -117,7 +88,7 @@ def sharded_sparse_attention(
     patterns: HeadPattern | Sequence[HeadPattern],
     segment_ids=None,
     causal: bool = True,
-    backend: str = "pallas",
+    backend: str = Backend.PALLAS,
     block_q: int | None = None,
     block_kv: int | None = None,
     *,
@@ -126,18 +97,19 @@ def sharded_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> Array | tuple[Array, Array]:
-    """:func:`~qv_jax.attention.sparse_attention` with each device running its own KV heads and rows.
+    """:func:`sparse_attention` with each device of ``mesh`` running its own KV heads and rows.
 
-    Same arguments and results as ``sparse_attention`` (``patterns`` one per KV head of the whole ``k``), plus the
-    ``mesh`` (a model axis that does not divide the KV heads leaves every device all heads of its rows). Segment
-    ids may be ``None``, key ids ``[B, S]`` or a pair ``(q ids [B, T], kv ids [B, S])``. On CPU,
-    ``backend="interpret"`` interprets the GPU kernel unless ``kernel`` says otherwise.
+    ``patterns`` name the KV heads of the whole ``k``; a model axis that does not divide them leaves every device
+    all heads of its rows. Per-head patterns differ from shard to shard and block tables are static, so each
+    distinct set of local patterns gets its own kernel and each device picks its own with ``lax.switch`` on its
+    position along ``"model"``. On CPU, ``backend="interpret"`` interprets the GPU kernel unless ``kernel`` says
+    otherwise.
     """
-    B, Hkv = k.shape[0], k.shape[1]
-    split_heads = Hkv % mesh.shape[MODEL_AXIS] == 0
-    local = Hkv // mesh.shape[MODEL_AXIS] if split_heads else Hkv
-    patterns = normalize_patterns(patterns, Hkv)
-    shard_patterns = [patterns[i * local : (i + 1) * local] for i in range(Hkv // local)]
+    B, K = k.shape[0], k.shape[1]
+    split_heads = K % mesh.shape[MODEL_AXIS] == 0
+    local_heads = K // mesh.shape[MODEL_AXIS] if split_heads else K
+    patterns = normalize_patterns(patterns, K)
+    shard_patterns = [patterns[i * local_heads : (i + 1) * local_heads] for i in range(K // local_heads)]
     variants = list(dict.fromkeys(shard_patterns))
     branch_of_shard = [variants.index(p) for p in shard_patterns]
 
@@ -150,12 +122,12 @@ def sharded_sparse_attention(
         segments = (jnp.broadcast_to(jnp.asarray(segment_ids), (B, segment_ids.shape[-1])),)
         seg_layouts = ("BS",)
 
-    if backend == "interpret" and kernel is None:
+    if backend == Backend.INTERPRET and kernel is None:
         # the TPU interpreter simulates every device of a shard_map with barriers between them, which hangs when
         # XLA's CPU client does not run all the shards at once; the GPU kernel interprets shard by shard
-        kernel = "gpu"
+        kernel = Kernel.GPU
     run = functools.partial(
-        sparse_attention,
+        local.sparse_attention,
         causal=causal,
         backend=backend,
         block_q=block_q,
@@ -173,13 +145,63 @@ def sharded_sparse_attention(
         index = jnp.asarray(branch_of_shard, jnp.int32)[jax.lax.axis_index(MODEL_AXIS)]
         return jax.lax.switch(index, branches)
 
-    fn = shard_heads(
+    operands = (q, k, v, *segments)
+    fn = shard_by_layouts(
         local_attention,
         mesh,
-        batch=B,
-        in_layouts=("BHTD", "BHSD", "BHSD", *seg_layouts),
-        out_layouts=("BHTD", "BHT"),
+        in_layouts=("BNTH", "BKSH", "BKSH", *seg_layouts),
+        out_layouts=("BNTH", "BNT"),
+        shapes=[x.shape for x in operands],
         split_heads=split_heads,
     )
-    out, lse = fn(q, k, v, *segments)
+    out, lse = fn(*operands)
     return (out, lse) if return_lse else out
+
+
+def paged_decode_attention(
+    q: Array,
+    k_pages: Array,
+    v_pages: Array,
+    token_valid: Array,
+    page_indices: Array,
+    page_counts: Array,
+    *,
+    backend: str = Backend.XLA,
+    kernel: str | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> tuple[Array, Array]:
+    """Attention of one decode token per row over listed KV pages.
+
+    Args:
+      q: ``[B, K, G, H]``, the ``G`` query heads of each KV head.
+      k_pages, v_pages: ``[B, K, pages, page_size, H]``.
+      token_valid: ``[B, pages, page_size]`` bool, the visible tokens (shared by the heads).
+      page_indices: ``[B, K, listed]``; the first ``page_counts [B, K]`` entries are the distinct pages read.
+      backend, kernel: as for :func:`sparse_attention`.
+      scale: logit scale, default ``H ** -0.5``.
+      num_splits: split-K parts of the Pallas kernels (merged by log-sum-exp), default by list length.
+
+    Returns:
+      ``out [B, K, G, H]`` in ``q.dtype`` and the log-sum-exp ``[B, K, G]`` float32.
+    """
+    run = functools.partial(
+        local.paged_decode_attention, backend=backend, kernel=kernel, scale=scale, num_splits=num_splits
+    )
+    operands = (q, k_pages, v_pages, token_valid, page_indices, page_counts)
+    if kernel_impl(backend, kernel)[0] == REFERENCE:
+        return run(*operands)
+    return per_shard(
+        run, *operands, in_layouts=("BKGH", "BK..H", "BK..H", "B..", "BK.", "BK"), out_layouts=("BKGH", "BKG")
+    )
+
+
+def logical_page_scores(
+    q: Array, k_min: Array, k_max: Array, page_valid: Array, *, backend: str = Backend.XLA, kernel: str | None = None
+) -> Array:
+    """LServe's bound of ``q [B, K, G, H] . k`` per KV head and logical page (``k_min`` / ``k_max [B, K,
+    logical_pages, H]``, ``page_valid [B, logical_pages]``): ``[B, K, logical_pages]`` float32."""
+    run = functools.partial(local.logical_page_scores, backend=backend, kernel=kernel)
+    if kernel_impl(backend, kernel)[0] == REFERENCE:
+        return run(q, k_min, k_max, page_valid)
+    return per_shard(run, q, k_min, k_max, page_valid, in_layouts=("BKGH", "BK.H", "BK.H", "B."), out_layouts="BK.")

@@ -1,18 +1,9 @@
-"""Unified sparse attention settings (DuoAttention static sparsity + LServe page selection) and head reordering.
+"""Sparse decoding settings: DuoAttention's streaming heads and LServe's page selection, in one frozen config.
 
-:class:`SparsityConfig` says which KV heads of each layer are *streaming* heads (they attend to the first ``sink``
-tokens and the ``local`` most recent ones, and keep a constant-size cache) and how *retrieval* heads decode over a
-paged cache (pages of ``page_size`` tokens, each cut into logical pages of ``logical_page_size`` tokens whose key
-minima / maxima score the page; ``token_budget`` tokens read per step, selection reused for ``reselect_every``
-steps). See docs/attention.md, "Sparse decoding".
-
-DuoAttention's released patterns (``full_attention_heads.tsv``: one row per layer, one gate in [0, 1] per KV head)
-become a streaming-head mask with :func:`load_duo_attention_heads` / :meth:`SparsityConfig.from_duo_attention`.
-
-:func:`reorder_heads` permutes a model's attention weights so that in every layer the retrieval heads come first;
-each group of heads is then one contiguous slice of the KV-head axis (no gathers at run time). The permutation
-changes nothing the model computes: a KV head moves together with its query heads, their biases and their rows of
-the output projection.
+Streaming heads attend to the first ``sink`` tokens and the ``local`` most recent ones and keep a constant-size
+cache; retrieval heads decode over a paged cache, reading ``token_budget`` tokens a step chosen page by page.
+Which heads stream comes from a DuoAttention pattern (``qv_jax.attention.heads``). See docs/attention.md, "Sparse
+decoding".
 """
 
 from __future__ import annotations
@@ -20,19 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from qv_jax.attention.sparse import BACKENDS, KERNELS, kernel_impl
+from qv_jax.attention.backends import REFERENCE, Backend, Kernel, kernel_impl
+from qv_jax.attention.heads import load_duo_attention_heads
 from qv_jax.errors import ConfigError
-
-TSV_NAME = "full_attention_heads.tsv"
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+from qv_jax.numeric import round_up
 
 
 def _mask_tuple(mask) -> tuple[tuple[bool, ...], ...]:
@@ -91,10 +77,10 @@ class SparsityConfig:
             )
         if self.reselect_every < 1:
             raise ConfigError(f"reselect_every must be >= 1, got {self.reselect_every}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r}: expected one of {BACKENDS} or None")
-        if self.kernel is not None and self.kernel not in KERNELS:
-            raise ConfigError(f"kernel={self.kernel!r}: expected one of {KERNELS} or None")
+        for name, kind in (("backend", Backend), ("kernel", Kernel)):
+            value = getattr(self, name)
+            if value is not None and value not in set(kind):
+                raise ConfigError(f"{name}={value!r}: expected one of {', '.join(kind)} or None")
 
     @classmethod
     def from_duo_attention(
@@ -119,7 +105,7 @@ class SparsityConfig:
     @property
     def stream_slots(self) -> int:
         """Slots of a streaming head's buffer: sink + ring, rounded up to whole pages."""
-        return _round_up(self.sink + self.local, self.page_size)
+        return round_up(self.sink + self.local, self.page_size)
 
     @property
     def num_selected_pages(self) -> int | None:
@@ -128,7 +114,7 @@ class SparsityConfig:
 
     def padded_capacity(self, slots: int) -> int:
         """Cache slots actually allocated for ``slots``: rounded up to :attr:`capacity_multiple`."""
-        return _round_up(max(int(slots), 1), self.capacity_multiple)
+        return round_up(max(int(slots), 1), self.capacity_multiple)
 
     def stored_selection(self, capacity: int) -> int:
         """Selected pages a retrieval head stores besides the newest in a cache of ``capacity`` (padded) slots; a
@@ -161,94 +147,6 @@ class SparsityConfig:
 
     def resolve_backend(self) -> tuple[str, str | None]:
         """``(backend, kernel)`` to run: ``None`` entries filled in from the current JAX platform."""
-        backend = self.backend or ("xla" if jax.default_backend() == "cpu" else "pallas")
+        backend = self.backend or (Backend.XLA if jax.default_backend() == "cpu" else Backend.PALLAS)
         impl, _ = kernel_impl(backend, self.kernel)
-        return backend, None if impl == "reference" else impl
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# DuoAttention patterns
-
-
-def load_duo_attention_heads(
-    path: str | os.PathLike, *, sparsity: float | None = None, threshold: float | None = None
-) -> np.ndarray:
-    """Streaming-head mask ``[layers, kv_heads]`` from DuoAttention's ``full_attention_heads.tsv``.
-
-    ``path`` is the file or a directory holding it. Gates are clipped to [0, 1]. Give exactly one of:
-
-    - ``sparsity`` (fraction of streaming heads, DuoAttention's deployment rule): the heads whose gate lies below
-      the ``sparsity`` quantile of all gates become streaming heads. DuoAttention breaks ties at the threshold with
-      random noise; here the same number of heads, ``ceil(sparsity * (n - 1))`` of ``n``, is taken in order of gate
-      and then of (layer, head), so the result is deterministic.
-    - ``threshold``: heads with a gate below it are streaming heads.
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / TSV_NAME
-    if not file.is_file():
-        raise ConfigError(f"{file}: no DuoAttention pattern file ({TSV_NAME})")
-    if (sparsity is None) == (threshold is None):
-        raise ConfigError("give exactly one of sparsity= (fraction of streaming heads) or threshold=")
-    try:
-        gates = np.loadtxt(file, dtype=np.float64, delimiter="\t", ndmin=2)
-    except ValueError as e:
-        raise ConfigError(f"{file}: not a tab-separated table of gates ({e})") from e
-    if gates.size == 0 or not np.all(np.isfinite(gates)):
-        raise ConfigError(f"{file}: expected one row of finite gates per layer, got shape {gates.shape}")
-    gates = np.clip(gates, 0.0, 1.0)
-    if threshold is not None:
-        return gates < threshold
-    if not 0.0 <= sparsity <= 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1], got {sparsity}")
-    n = gates.size
-    count = n if sparsity >= 1.0 else math.ceil(sparsity * (n - 1))
-    order = np.argsort(gates.reshape(-1), kind="stable")
-    mask = np.zeros(n, bool)
-    mask[order[:count]] = True
-    return mask.reshape(gates.shape)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# head reordering
-
-# per-layer attention parameters and the axis that indexes heads; "kv" axes hold KV heads, "q" axes query heads
-_HEAD_AXES = {"q": ("q", 1), "q_bias": ("q", 0), "o": ("q", 0), "k": ("kv", 1), "k_bias": ("kv", 0)}
-_HEAD_AXES |= {"v": ("kv", 1), "v_bias": ("kv", 0)}
-
-
-def head_permutations(streaming_mask: np.ndarray, num_heads: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Per layer, ``(kv_order, q_order)`` putting retrieval heads first (stable), or ``None`` if already ordered."""
-    mask = np.asarray(streaming_mask, bool)
-    groups = num_heads // mask.shape[1]
-    perms = []
-    for row in mask:
-        kv = np.argsort(row, kind="stable")
-        if np.array_equal(kv, np.arange(row.size)):
-            perms.append(None)
-            continue
-        q = (kv[:, None] * groups + np.arange(groups)[None, :]).reshape(-1)
-        perms.append((kv, q))
-    return perms
-
-
-def reorder_heads(state, streaming_mask, *, num_heads: int):
-    """A copy of an NNX model state with, in every decoder layer, the retrieval KV heads first.
-
-    Moves each KV head's k / v weights and biases together with its group's query weights, biases and output
-    projection rows, so the model computes the same function. The input state is not modified.
-    """
-    import jax.numpy as jnp
-    from flax import nnx
-
-    perms = head_permutations(streaming_mask, num_heads)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if len(path) == 4 and path[:2] == ("text", "layers") and path[3] in _HEAD_AXES:
-            perm = perms[path[2]]
-            if perm is not None:
-                which, axis = _HEAD_AXES[path[3]]
-                order = perm[0] if which == "kv" else perm[1]
-                var = var.replace(value=jnp.take(var.get_value(), jnp.asarray(order), axis=axis))
-        flat.append((path, var))
-    return nnx.from_flat_state(flat)
+        return str(backend), None if impl == REFERENCE else impl

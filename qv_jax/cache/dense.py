@@ -1,13 +1,9 @@
 """The dense KV cache: preallocated, fixed capacity, one ``[B, K, S, H]`` key and value array per layer.
 
-Slots are filled left to right and every row of the batch shares the write offset ``length`` (prompts of a batch
-are left-padded, so their last tokens line up and decoding appends to all rows at once). What a slot holds is
-described by ``segment_ids [B, S]``: a non-negative id for a real token, ``-1`` for padding and for slots not
-written yet, so attention never sees them. Causality is by slot index, not by rotary position (M-RoPE positions
-of vision tokens are not monotonic in the sequence).
-
-Keys are stored after RoPE; nothing here knows about positions. The cache is a pytree (a frozen dataclass of
-arrays), passed into and returned from jitted steps with its buffers donated, so a step updates it in place.
+Slots fill left to right at a write offset ``length`` shared by the rows (prompts are left-padded, so decoding
+appends to all rows at once). ``segment_ids [B, S]`` say what a slot holds: a non-negative id for a real token,
+``-1`` for padding and unwritten slots. Causality is by slot, not by rotary position (M-RoPE positions of vision
+tokens are not monotonic). Keys are stored after RoPE. A pytree that jitted steps donate and update in place.
 """
 
 from __future__ import annotations
@@ -17,21 +13,51 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention import dot_product_attention
+from qv_jax.attention.reference import dot_product_attention
 from qv_jax.errors import InputError
+from qv_jax.sharding.layout import layout_field
 
 Array = jax.Array
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Per-layer keys and values ``[B, K, S, H]``, slot segment ids ``[B, S]`` and the shared fill ``length``."""
+def replace_layer(per_layer: tuple, layer: int, value) -> tuple:
+    """``per_layer`` with entry ``layer`` replaced by ``value``."""
+    return (*per_layer[:layer], value, *per_layer[layer + 1 :])
+
+
+class CacheShape:
+    """Shape properties every cache shares: per-layer ``k``, slots on the last axis of ``segment_ids [B, S]``."""
 
     k: tuple[Array, ...]
-    v: tuple[Array, ...]
     segment_ids: Array
-    length: Array
+
+    @property
+    def batch(self) -> int:
+        return self.segment_ids.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.segment_ids.shape[-1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the cache holds."""
+        return int(sum(x.nbytes for x in jax.tree.leaves(self)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache(CacheShape):
+    """Per-layer keys and values ``[B, K, S, H]``, slot segment ids ``[B, S]`` and the shared fill ``length``."""
+
+    k: tuple[Array, ...] = layout_field("BKSH")
+    v: tuple[Array, ...] = layout_field("BKSH")
+    segment_ids: Array = layout_field("BS")
+    length: Array = layout_field("")
 
     @classmethod
     def create(
@@ -51,23 +77,6 @@ class KVCache:
             length=jnp.zeros((), jnp.int32),
         )
 
-    @property
-    def batch(self) -> int:
-        return self.segment_ids.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.segment_ids.shape[1]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds."""
-        return int(sum(x.nbytes for x in jax.tree.leaves(self)))
-
     def with_segments(self, start: Array, segment_ids_BT: Array) -> KVCache:
         """Mark slots ``[start, start + T)`` with the segment ids of a chunk about to be written."""
         seg = jax.lax.dynamic_update_slice(self.segment_ids, segment_ids_BT.astype(jnp.int32), (0, start))
@@ -77,9 +86,7 @@ class KVCache:
         """Store one layer's keys / values for slots ``[start, start + T)``."""
         k = jax.lax.dynamic_update_slice(self.k[layer], k_BKTH.astype(self.k[layer].dtype), (0, 0, start, 0))
         v = jax.lax.dynamic_update_slice(self.v[layer], v_BKTH.astype(self.v[layer].dtype), (0, 0, start, 0))
-        return dataclasses.replace(
-            self, k=(*self.k[:layer], k, *self.k[layer + 1 :]), v=(*self.v[:layer], v, *self.v[layer + 1 :])
-        )
+        return dataclasses.replace(self, k=replace_layer(self.k, layer, k), v=replace_layer(self.v, layer, v))
 
 
 class DenseCacheAttention:

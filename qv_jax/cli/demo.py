@@ -13,7 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from qv_jax.cli.ask import (
+from qv_jax.cli.decode import generate_sample  # the clip the demo makes: 20 s of 640x360 H.264 (40 frames at 2 fps)
+from qv_jax.cli.options import (
     add_generation_options,
     add_model_options,
     add_videoqa_options,
@@ -21,9 +22,8 @@ from qv_jax.cli.ask import (
     model_options,
     print_answer,
     run_with_bars,
-    videoqa_options,
+    videoqa_config,
 )
-from qv_jax.cli.decode import generate_sample  # the clip the demo makes: 20 s of 640x360 H.264 (40 frames at 2 fps)
 from qv_jax.errors import InputError
 
 QUESTION = "What happens in the video?"
@@ -47,14 +47,14 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run, max_new_tokens=16)
 
 
-def _random_videoqa(scratch: Path, dtype: str | None, placement: dict, options: dict):
+def _random_videoqa(scratch: Path, dtype: str | None, placement: dict, config):
     """A VideoQA over a tiny random-weight Qwen2.5-VL with a trained test tokenizer (no downloads, no torch);
     ``placement``: its ``mesh`` and ``sparsity``."""
     from qv_jax.testing import random_model
     from qv_jax.videoqa import VideoQA
 
     model = random_model(tokenizer_dir=scratch / "tokenizer", dtype=dtype or "float32", **placement)
-    return VideoQA(model, **options)
+    return VideoQA(model, config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,12 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.video is not None and not args.video.is_file():
         raise InputError(f"{args.video}: no such video file")
-    options, placement = videoqa_options(args), model_options(args)
+    config, placement = videoqa_config(args), model_options(args)
     default_pool().prestart(args.workers or os.cpu_count() or 1)  # decoders boot while the model is built
     with tempfile.TemporaryDirectory(prefix="qv-jax-demo-") as scratch:
         video = generate_sample(Path(scratch)) if args.video is None else args.video
         if args.model is None:
-            qa = _random_videoqa(Path(scratch), args.dtype, placement, options)
+            qa = _random_videoqa(Path(scratch), args.dtype, placement, config)
             text = qa.model.config.text
             print(
                 f"model: a tiny RANDOM-WEIGHT Qwen2.5-VL ({text.num_layers} layers, {text.hidden_size} wide) with a "
@@ -77,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             from qv_jax.videoqa import VideoQA
 
-            qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **placement, **options)
+            qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, config=config, **placement)
             print(f"model: {args.model}")
         frame_plan, plan = qa.plan(video)
         print(
             f"{video}: {frame_plan.num_frames} frames at {frame_plan.width}x{frame_plan.height}, {plan.num_groups} "
-            f"groups of {plan.group_frames} frames ({plan.tokens_per_group} tokens each), retention {qa.retention} "
-            f"by {qa.prune}"
+            f"groups of {plan.group_frames} frames ({plan.tokens_per_group} tokens each), retention {config.retention} "
+            f"by {config.prune}"
         )
         print(f"question: {args.question}")
         answer = run_with_bars(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qv_jax.cli.ask import add_model_options, add_videoqa_options, model_options, run_with_bars, videoqa_options
+from qv_jax.cli.options import add_model_options, add_videoqa_options, model_options, run_with_bars, videoqa_config
 from qv_jax.errors import InputError
 
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.video.is_file():
         raise InputError(f"{args.video}: no such video file")
-    qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, **model_options(args), **videoqa_options(args))
+    qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, config=videoqa_config(args), **model_options(args))
     memory = run_with_bars(qa, args.video, lambda bars: qa.encode(args.video, progress=bars))
     out = memory.save(args.out, overwrite=args.overwrite)
     tokens = memory.tokens_per_layer

@@ -1,15 +1,18 @@
-"""Flax NNX reimplementation of Qwen2.5-VL and Qwen2-VL.
+"""Flax NNX reimplementation of Qwen2.5-VL and Qwen2-VL (frames -> visual tokens, and the text decoder).
 
-Submodules are imported on first use: ``config``, ``rope_index`` and ``tokenizer`` are free of JAX, and importing
-one of them must not pull in the modeling code.
+- :mod:`~qv_jax.model.config` — frozen configs and presets; :mod:`~qv_jax.model.qwen2_5_vl` — the modeling file;
+- :mod:`~qv_jax.model.preprocess` / :mod:`~qv_jax.model.vision_layout` — on-device patchify, window layout;
+- :mod:`~qv_jax.model.rope_index` — M-RoPE positions (docs/positions.md); :mod:`~qv_jax.model.tokenizer` — the
+  tokenizer and the chat prompt; :mod:`~qv_jax.model.checkpoint` — qv-jax's checkpoint format.
+
+``config``, ``rope_index`` and ``tokenizer`` are free of JAX.
 """
 
 from __future__ import annotations
 
-import importlib
+from qv_jax._lazy import lazy_exports
 
-# public name -> submodule that defines it
-_LAZY = {
+EXPORTS = {
     "ModelConfig": "qv_jax.model.config",
     "TextConfig": "qv_jax.model.config",
     "VisionConfig": "qv_jax.model.config",
@@ -23,17 +26,5 @@ _LAZY = {
     "save_checkpoint": "qv_jax.model.checkpoint",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qv_jax.model' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__ = list(EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)

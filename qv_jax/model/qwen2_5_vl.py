@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.attention import dot_product_attention
+from qv_jax.attention.reference import dot_product_attention
 from qv_jax.errors import InputError
 from qv_jax.model.config import ModelConfig, TextConfig, VisionConfig
 from qv_jax.model.vision_layout import Grid, VisionLayout, vision_layout

@@ -24,12 +24,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
 from qv_jax.errors import InputError
 from qv_jax.video.prefetcher import prefetch
 from qv_jax.video.reader import Frames
+
+State = TypeVar("State")
 
 # Stages in the order reports list them; "transfer" events are instants (when a copy started), not busy time.
 STAGES = ("load", "probe", "decode", "wait", "vision", "prefill", "answer")
@@ -208,21 +211,22 @@ class DecodeAhead:
 
 def run_overlapped(
     stream: Iterable[Frames],
-    step: Callable[[int, Frames], None],
+    step: Callable[[State, int, Frames], State],
     *,
     group_frames: int,
     timeline: Timeline,
-    before_first: Callable[[], None] | None = None,
+    initial: Callable[[], State] | None = None,
     depth: int = 2,
     device=None,
-) -> int:
-    """Run ``step(g, group)`` on every group of ``stream`` with decoding and transfers overlapped; returns the
-    number of groups.
+) -> tuple[State | None, int]:
+    """Fold ``state = step(state, g, group)`` over the groups of ``stream`` with decoding and transfers overlapped;
+    returns the final state and the number of groups.
 
     ``group.frames`` reaches ``step`` as a device array (on ``device``) of ``group_frames`` frames. ``step`` must
     block until its device work is done (it records its own spans), so the ``wait`` spans measure how long the
-    device loop was starved of frames. ``before_first`` runs once decoding has started and before the first group
-    is awaited (the prompt prefix prefills while the decoders start up).
+    device loop was starved of frames. ``initial()`` makes the first state once decoding has started, before the
+    first group is awaited (the prompt prefix prefills while the decoders start up); without it the state starts
+    as ``None``.
     """
     import jax
 
@@ -230,16 +234,15 @@ def run_overlapped(
     groups = prefetch(ahead, depth=depth, device=device)
     count = 0
     try:
-        if before_first is not None:
-            before_first()
+        state = None if initial is None else initial()
         while True:
             start = timeline.now()
             group = next(groups, None)
             if group is None:
-                return count
+                return state, count
             jax.block_until_ready(group.frames)
             timeline.record("wait", count, start)
-            step(count, group)
+            state = step(state, count, group)
             count += 1
     finally:
         groups.close()

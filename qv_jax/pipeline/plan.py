@@ -18,6 +18,7 @@ No JAX here: plain numpy over counts and grids.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -27,10 +28,21 @@ from qv_jax.errors import ConfigError, InputError
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.rope_index import text_position_block, vision_position_block
 
-__all__ = ["PRUNE_RULES", "GroupPlan", "check_settings", "keep_counts", "make_group_plan"]
+__all__ = ["PRUNE_RULES", "GroupPlan", "PruneRule", "check_settings", "keep_counts", "make_group_plan"]
 
-# Which of a group's new tokens each layer keeps (see qv_jax.pipeline.scores).
-PRUNE_RULES = ("key_norms_small", "key_norms", "value_norms", "random", "question_attention", "none")
+
+class PruneRule(enum.StrEnum):
+    """Which of a group's new tokens each layer keeps (the scores of ``qv_jax.pipeline.scores``)."""
+
+    KEY_NORMS_SMALL = "key_norms_small"
+    KEY_NORMS = "key_norms"
+    VALUE_NORMS = "value_norms"
+    RANDOM = "random"
+    QUESTION_ATTENTION = "question_attention"
+    NONE = "none"
+
+
+PRUNE_RULES = tuple(PruneRule)
 
 
 def keep_counts(
@@ -42,7 +54,7 @@ def keep_counts(
     token. The product is rounded to 9 decimals before the ceiling, so ``0.1 · 30`` keeps 3 tokens, not 4.
     """
     n_G = np.asarray(group_tokens, np.int64)
-    if prune == "none":
+    if prune == PruneRule.NONE:
         return np.repeat(n_G[:, None], num_layers, axis=1).astype(np.int32)
     decay = 1.0 if layer_decay is None else layer_decay
     keep = np.empty((n_G.size, num_layers), np.int32)
@@ -144,8 +156,8 @@ def check_settings(
 ) -> None:
     """Raise :class:`ConfigError` for QuickPrefill settings no video can satisfy."""
     tp = config.vision.temporal_patch_size
-    if prune not in PRUNE_RULES:
-        raise ConfigError(f"prune must be one of {', '.join(PRUNE_RULES)}, got {prune!r}")
+    if prune not in set(PruneRule):
+        raise ConfigError(f"prune must be one of {', '.join(PruneRule)}, got {prune!r}")
     if not isinstance(group_frames, int) or group_frames < tp or group_frames % tp:
         raise ConfigError(
             f"group_frames must be a positive multiple of the temporal patch size {tp}, got {group_frames!r}"

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.errors import ConfigError
-from qv_jax.pipeline.plan import PRUNE_RULES
+from qv_jax.pipeline.plan import PruneRule
 
 Array = jax.Array
 
-SCORE_RULES = tuple(rule for rule in PRUNE_RULES if rule != "none")  # "none" keeps every token, scoring none
+SCORE_RULES = tuple(rule for rule in PruneRule if rule is not PruneRule.NONE)  # "none" scores nothing
 
 
 def _norm_BT(x_BKTH: Array) -> Array:
@@ -66,17 +66,17 @@ def token_scores(
     ``key`` is the PRNG key of ``random``; ``question = (q [B, N, Q, H], lse [B, N, Q], valid [B, Q])`` feeds
     ``question_attention``.
     """
-    if rule == "key_norms_small":
+    if rule == PruneRule.KEY_NORMS_SMALL:
         scores = -_norm_BT(k_BKTH)
-    elif rule == "key_norms":
+    elif rule == PruneRule.KEY_NORMS:
         scores = _norm_BT(k_BKTH)
-    elif rule == "value_norms":
+    elif rule == PruneRule.VALUE_NORMS:
         scores = _norm_BT(v_BKTH)
-    elif rule == "random":
+    elif rule == PruneRule.RANDOM:
         if key is None:
             raise ConfigError("the random rule needs a PRNG key")
         scores = jax.random.uniform(key, valid_BT.shape, jnp.float32)
-    elif rule == "question_attention":
+    elif rule == PruneRule.QUESTION_ATTENTION:
         if question is None:
             raise ConfigError("question_attention needs the question's queries; give the question up front")
         scores = question_attention_scores(question[0], question[1], k_BKTH, question[2])

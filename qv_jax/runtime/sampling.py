@@ -2,11 +2,9 @@
 
 The order is the one of transformers' logits processors: divide by the temperature, keep the ``top_k`` largest
 logits, then keep the smallest set of the most likely tokens whose probability reaches ``top_p`` (always at least
-one token). ``top_k = 0`` and ``top_p = 1`` disable those filters. Every knob except ``do_sample`` is a traced
-value, so changing them does not recompile.
-
-:func:`sampling_loop` is the on-device generation loop every decoder runs (dense, sparse and pruned-memory caches):
-it takes the cache-specific decode step as a function.
+one token). :class:`SamplingParams` travels into jitted code whole, as a pytree whose only static part is
+``do_sample``, so other temperatures or filters reuse the compiled steps. :func:`sampling_loop` is the on-device
+generation loop every cache's decoder runs.
 """
 
 from __future__ import annotations
@@ -26,7 +24,11 @@ Cache = TypeVar("Cache")
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to choose tokens. ``do_sample=False`` is greedy (argmax) and ignores the other fields."""
+    """How to choose tokens. ``do_sample=False`` is greedy (argmax) and ignores the other fields.
+
+    A pytree: ``temperature``, ``top_k`` and ``top_p`` are its leaves (traced inside ``jit``), ``do_sample`` its
+    static part. Values are checked when constructed by the user, not when jax rebuilds it from traced leaves.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -41,14 +43,21 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def knobs(self) -> dict[str, Array]:
-        """``temperature``, ``top_k`` and ``top_p`` as device scalars: the traced keywords of :func:`sample` and of
-        the decode loops, so other values reuse the compiled steps."""
-        return {
-            "temperature": jnp.float32(self.temperature),
-            "top_k": jnp.int32(self.top_k),
-            "top_p": jnp.float32(self.top_p),
-        }
+
+def _flatten(params: SamplingParams):
+    leaves = (jnp.float32(params.temperature), jnp.int32(params.top_k), jnp.float32(params.top_p))
+    return leaves, params.do_sample
+
+
+def _unflatten(do_sample: bool, leaves) -> SamplingParams:
+    params = object.__new__(SamplingParams)  # no validation: the leaves may be tracers
+    for name, value in zip(("temperature", "top_k", "top_p"), leaves, strict=True):
+        object.__setattr__(params, name, value)
+    object.__setattr__(params, "do_sample", do_sample)
+    return params
+
+
+jax.tree_util.register_pytree_node(SamplingParams, _flatten, _unflatten)
 
 
 def filter_logits(logits_BV: Array, *, temperature: Array, top_k: Array, top_p: Array) -> Array:
@@ -67,16 +76,16 @@ def filter_logits(logits_BV: Array, *, temperature: Array, top_k: Array, top_p: 
     return jnp.where(x_BV >= threshold_B1, x_BV, -jnp.inf)
 
 
-def sample(logits_BV: Array, key: Array, *, do_sample: bool, temperature: Array, top_k: Array, top_p: Array) -> Array:
+def sample(logits_BV: Array, key: Array, sampling: SamplingParams) -> Array:
     """One token id per row, int32 ``[B]``."""
-    if not do_sample:
+    if not sampling.do_sample:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    filtered_BV = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
+    filtered_BV = filter_logits(logits_BV, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     return jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
 
 
 # ``sample`` on its own (the first token of an answer, chosen from the prefill's logits outside the decode loop)
-jit_sample = jax.jit(sample, static_argnames=("do_sample",))
+jit_sample = jax.jit(sample)
 
 
 def sampling_loop(
@@ -88,12 +97,9 @@ def sampling_loop(
     rng: Array,
     stop_ids: Array,
     pad_id: Array,
-    temperature: Array,
-    top_k: Array,
-    top_p: Array,
+    sampling: SamplingParams,
     *,
     num_steps: int,
-    do_sample: bool,
 ) -> tuple[Array, Array, Array, Cache]:
     """Feed ``tokens_B`` (already sampled) and generate up to ``num_steps`` more tokens per row (``lax.while_loop``).
 
@@ -103,23 +109,23 @@ def sampling_loop(
     when every row is done. Returns ``(tokens [B, num_steps], done [B], steps run, cache)``; columns after an early
     end hold ``pad_id``.
     """
-    out_BS = jnp.full((tokens_B.shape[0], num_steps), pad_id, jnp.int32)
+    generated = jnp.full((tokens_B.shape[0], num_steps), pad_id, jnp.int32)
 
     def cond(carry):
         step, _, _, _, done_B, _, _ = carry
         return (step < num_steps) & ~jnp.all(done_B)
 
     def body(carry):
-        step, cache, tokens_B, positions, done_B, out_BS, rng = carry
+        step, cache, tokens_B, positions, done_B, generated, rng = carry
         logits_BV, cache = step_fn(cache, tokens_B, positions)
         rng, key = jax.random.split(rng)
-        new_B = sample(logits_BV, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        new_B = sample(logits_BV, key, sampling)
         new_B = jnp.where(done_B, pad_id, new_B).astype(jnp.int32)
-        out_BS = jax.lax.dynamic_update_slice(out_BS, new_B[:, None], (0, step))
+        generated = jax.lax.dynamic_update_slice(generated, new_B[:, None], (0, step))
         done_B = done_B | jnp.isin(new_B, stop_ids)
         positions = jax.tree.map(lambda p: p + 1, positions)
-        return step + 1, cache, new_B, positions, done_B, out_BS, rng
+        return step + 1, cache, new_B, positions, done_B, generated, rng
 
-    carry = (jnp.zeros((), jnp.int32), cache, tokens_B.astype(jnp.int32), positions, done_B, out_BS, rng)
-    steps, cache, _, _, done_B, out_BS, _ = jax.lax.while_loop(cond, body, carry)
-    return out_BS, done_B, steps, cache
+    carry = (jnp.zeros((), jnp.int32), cache, tokens_B.astype(jnp.int32), positions, done_B, generated, rng)
+    steps, cache, _, _, done_B, generated, _ = jax.lax.while_loop(cond, body, carry)
+    return generated, done_B, steps, cache

@@ -1,23 +1,10 @@
 """Sparse prefill and decode over a :class:`~qv_jax.cache.sparse.SparseKVCache` (DuoAttention + LServe).
 
-The model's heads are in retrieval-first order (:func:`~qv_jax.attention.sparsity.reorder_heads`), so in layer
-``l`` the first ``R_l * G`` query heads belong to retrieval heads and the rest to streaming heads.
-
-**Prefill** (:class:`SparsePrefillAttention`, any chunk length): retrieval heads attend densely over every visible
-slot (as :class:`~qv_jax.cache.dense.DenseCacheAttention` does) and fill the paged pool and its key min / max.
-Streaming heads never read the full context: a chunk's queries attend to (a) the sink tokens (the row's first
-``sink`` visible tokens, causally) and (b) a window made of the ring's last ``local - 1`` tokens before the chunk
-followed by the chunk itself, under ``HeadPattern.streaming(0, local)`` through ``sparse_attention`` (the block-sparse
-kernel on TPU / GPU); the two parts are merged by their log-sum-exp. Sink tokens are seen only through (a), so the
-result is exactly attention restricted to sink + the ``local`` most recent tokens.
-
-**Decode** (:class:`SparseDecodeAttention`, one token per row): retrieval heads score pages and select the ones to
-read (``qv_jax.attention.page_selection``) and attend over them with the paged decode kernel; streaming heads
-attend over their sink + ring buffer with the same kernel.
-
-Jitted entry points mirror ``qv_jax.runtime.steps`` (same arguments, a sparse cache instead of a dense one):
-:func:`prefill`, :func:`decode_step`, :func:`decode_loop`. The prefill's window part assumes that within a chunk
-the visible tokens of a row are contiguous (left / right padding only), which ``generate`` guarantees.
+The model's heads are in retrieval-first order, so in each layer the first ``G`` query heads of every retrieval
+KV head come first. Prefill: retrieval heads attend densely and fill the pages; streaming heads attend to their
+sink and a window of the latest tokens only. Decode: retrieval heads select pages and attend over them, streaming
+heads over their sink + ring buffer, both with the paged decode kernel. Details: docs/attention.md, "Sparse
+decoding". The jitted steps mirror ``qv_jax.runtime.dense``.
 """
 
 from __future__ import annotations
@@ -27,21 +14,24 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention import HeadPattern, dot_product_attention, sparse_attention
-from qv_jax.attention.decode import merge_attention, paged_decode_attention
 from qv_jax.attention.page_selection import needs_selection, page_scores, top_pages, visit_list
+from qv_jax.attention.patterns import HeadPattern
+from qv_jax.attention.reference import dot_product_attention, merge_attention
+from qv_jax.attention.sharded import paged_decode_attention, sparse_attention
 from qv_jax.cache.sparse import SparseKVCache
-from qv_jax.runtime import steps
+from qv_jax.runtime.steps import jitted_steps
 
 Array = jax.Array
 
 
-def _split_heads(x_BNTH: Array, num_retrieval_q: int) -> tuple[Array, Array]:
-    return x_BNTH[:, :num_retrieval_q], x_BNTH[:, num_retrieval_q:]
-
-
 class SparsePrefillAttention:
-    """KV handler for a chunk of ``T`` tokens written at the cache's ``length`` (see module doc)."""
+    """KV handler for a chunk of ``T`` tokens written at the cache's ``length``.
+
+    Streaming heads see (a) the sink tokens, causally, and (b) a window of the ring's last ``local - 1`` tokens
+    followed by the chunk under ``HeadPattern.streaming(0, local)`` (the block-sparse kernel on TPU / GPU); the
+    parts merge by their log-sum-exp, which is exactly attention restricted to sink + the ``local`` latest tokens.
+    The window assumes a row's visible tokens are contiguous within a chunk (left / right padding only).
+    """
 
     def __init__(self, cache: SparseKVCache, segment_ids_BT: Array):
         self.start = cache.length
@@ -58,15 +48,15 @@ class SparsePrefillAttention:
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         cache = self._cache
-        R = cache.retrieval_heads(layer)
+        retrieval = cache.retrieval_heads(layer)
         G = q_BNTH.shape[1] // k_BKTH.shape[1]
-        q_ret, q_str = _split_heads(q_BNTH, R * G)
+        split = retrieval * G  # query heads of the retrieval KV heads come first
         outs = []
-        if R:
-            cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :R], v_BKTH[:, :R])
+        if retrieval:
+            cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :retrieval], v_BKTH[:, :retrieval])
             outs.append(
                 dot_product_attention(
-                    q_ret,
+                    q_BNTH[:, :split],
                     cache.k[layer],
                     cache.v[layer],
                     causal=True,
@@ -77,51 +67,52 @@ class SparsePrefillAttention:
                 )
             )
         if cache.streaming_heads(layer):
-            window = self._window(cache, layer, k_BKTH[:, R:], v_BKTH[:, R:])
-            cache = cache.write_streaming(layer, self._target, k_BKTH[:, R:], v_BKTH[:, R:])
-            outs.append(self._streaming(cache, layer, q_str, window))
+            k_BKTH, v_BKTH = k_BKTH[:, retrieval:], v_BKTH[:, retrieval:]
+            window = self._window(cache, layer, k_BKTH, v_BKTH)
+            cache = cache.write_streaming(layer, self._target, k_BKTH, v_BKTH)
+            outs.append(self._streaming(cache, layer, q_BNTH[:, split:], window))
         self._cache = cache
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
-    def _window(self, cache: SparseKVCache, layer: int, k_BSTH: Array, v_BSTH: Array):
+    def _window(self, cache: SparseKVCache, layer: int, k_BKTH: Array, v_BKTH: Array):
         """Keys / values / segment ids of the recent window: the ring's last ``local - 1`` tokens, then the chunk."""
-        lay = cache.layout
-        ring = lay.local - 1
-        rank_BJ = self._prior_valid[:, None] - ring + jnp.arange(ring)
-        slot_BJ = lay.sink + jnp.mod(rank_BJ, lay.local)
-        take = slot_BJ[:, None, :, None]
+        geometry = cache.geometry
+        ring = geometry.local - 1
+        rank = self._prior_valid[:, None] - ring + jnp.arange(ring)  # [B, ring]
+        slot = geometry.sink + jnp.mod(rank, geometry.local)
+        take = slot[:, None, :, None]
         ring_k = jnp.take_along_axis(cache.stream_k[layer], take, axis=2)
         ring_v = jnp.take_along_axis(cache.stream_v[layer], take, axis=2)
-        ring_seg = jnp.where(rank_BJ >= lay.sink, 0, -1)
+        ring_seg = jnp.where(rank >= geometry.sink, 0, -1)
         # sink tokens are attended through the sink part only
-        chunk_seg = jnp.where(self._rank >= lay.sink, 0, -1)
-        k = jnp.concatenate([ring_k, k_BSTH.astype(ring_k.dtype)], axis=2)
-        v = jnp.concatenate([ring_v, v_BSTH.astype(ring_v.dtype)], axis=2)
+        chunk_seg = jnp.where(self._rank >= geometry.sink, 0, -1)
+        k = jnp.concatenate([ring_k, k_BKTH.astype(ring_k.dtype)], axis=2)
+        v = jnp.concatenate([ring_v, v_BKTH.astype(ring_v.dtype)], axis=2)
         return k, v, jnp.concatenate([ring_seg, chunk_seg], axis=1).astype(jnp.int32)
 
     def _streaming(self, cache: SparseKVCache, layer: int, q_BNTH: Array, window) -> Array:
-        lay = cache.layout
+        geometry = cache.geometry
         B, _, T, _ = q_BNTH.shape
-        k_win, v_win, seg_win = window
+        k_window, v_window, seg_window = window
         parts = [
             sparse_attention(
                 q_BNTH,
-                k_win,
-                v_win,
-                HeadPattern.streaming(0, lay.local),
-                segment_ids=(jnp.zeros((B, T), jnp.int32), seg_win),
-                backend=lay.backend,
-                kernel=lay.kernel,
+                k_window,
+                v_window,
+                HeadPattern.streaming(0, geometry.local),
+                segment_ids=(jnp.zeros((B, T), jnp.int32), seg_window),
+                backend=geometry.backend,
+                kernel=geometry.kernel,
                 return_lse=True,
             )
         ]
-        if lay.sink:
-            sink_slot = cache.stream_slot[:, : lay.sink]
+        if geometry.sink:
+            sink_slot = cache.stream_slot[:, : geometry.sink]
             parts.append(
                 dot_product_attention(
                     q_BNTH,
-                    cache.stream_k[layer][:, :, : lay.sink],
-                    cache.stream_v[layer][:, :, : lay.sink],
+                    cache.stream_k[layer][:, :, : geometry.sink],
+                    cache.stream_v[layer][:, :, : geometry.sink],
                     causal=True,
                     q_positions=self.start + jnp.arange(T),
                     kv_positions=sink_slot,
@@ -133,115 +124,107 @@ class SparsePrefillAttention:
 
 
 class SparseDecodeAttention:
-    """KV handler for one token per row: page selection + paged decode kernels (see module doc)."""
+    """KV handler for one token per row: page selection + the paged decode kernel (see module doc)."""
 
     def __init__(self, cache: SparseKVCache, segment_ids_B1: Array):
         self.start = cache.length
         self._cache, self._target, _ = cache.with_chunk(self.start, segment_ids_B1)
-        lay = cache.layout
+        geometry = cache.geometry
         self._length = self.start + 1
-        B, C = self._cache.segment_ids.shape
-        visible_BC = self._cache.segment_ids >= 0
-        self._token_valid = visible_BC.reshape(B, C // lay.page_size, lay.page_size)
-        self._page_valid = jnp.any(visible_BC.reshape(B, -1, lay.logical_page_size), axis=-1)
-        W = lay.stream_slots
-        self._stream_valid = (self._cache.stream_slot >= 0).reshape(B, W // lay.page_size, lay.page_size)
-        if lay.token_budget is not None:
+        B, S = self._cache.segment_ids.shape
+        visible_BS = self._cache.segment_ids >= 0
+        self._token_valid = visible_BS.reshape(B, S // geometry.page_size, geometry.page_size)
+        self._page_valid = jnp.any(visible_BS.reshape(B, -1, geometry.logical_page_size), axis=-1)
+        stream_valid = self._cache.stream_slot >= 0
+        self._stream_valid = stream_valid.reshape(B, geometry.stream_slots // geometry.page_size, geometry.page_size)
+        if geometry.token_budget is not None:
             self._select = needs_selection(
                 self._length,
                 cache.selected_at,
-                token_budget=lay.token_budget,
-                page_size=lay.page_size,
-                reselect_every=lay.reselect_every,
+                token_budget=geometry.token_budget,
+                page_size=geometry.page_size,
+                reselect_every=geometry.reselect_every,
             )
 
     @property
     def cache(self) -> SparseKVCache:
-        lay = self._cache.layout
-        if lay.token_budget is None:
+        if self._cache.geometry.token_budget is None:
             return self._cache
         selected_at = jnp.where(self._select, self._length, self._cache.selected_at)
         return dataclasses.replace(self._cache, selected_at=selected_at.astype(jnp.int32))
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         cache = self._cache
-        lay = cache.layout
+        geometry = cache.geometry
         B, N, _, H = q_BNTH.shape
-        R = cache.retrieval_heads(layer)
-        S = cache.streaming_heads(layer)
-        G = N // (R + S)
-        q_BKGH = q_BNTH[:, :, 0].reshape(B, R + S, G, H)
+        retrieval, streaming = cache.retrieval_heads(layer), cache.streaming_heads(layer)
+        K = retrieval + streaming
+        q_BKGH = q_BNTH[:, :, 0].reshape(B, K, N // K, H)
+        page_size = geometry.page_size
         outs = []
-        if R:
-            cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :R], v_BKTH[:, :R])
-            indices, counts = self._pages(cache, layer, q_BKGH[:, :R])
-            cache = self._cache_with_selection(cache, layer, indices)
-            C = cache.capacity
+        if retrieval:
+            cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :retrieval], v_BKTH[:, :retrieval])
+            indices, counts = self._pages(cache, layer, q_BKGH[:, :retrieval])
+            if geometry.token_budget is not None:
+                cache = cache.with_selection(layer, indices[..., :-1])
+            pages = cache.capacity // page_size
             out, _ = paged_decode_attention(
-                q_BKGH[:, :R],
-                cache.k[layer].reshape(B, R, C // lay.page_size, lay.page_size, H),
-                cache.v[layer].reshape(B, R, C // lay.page_size, lay.page_size, H),
+                q_BKGH[:, :retrieval],
+                cache.k[layer].reshape(B, retrieval, pages, page_size, H),
+                cache.v[layer].reshape(B, retrieval, pages, page_size, H),
                 self._token_valid,
                 indices,
                 counts,
-                backend=lay.backend,
-                kernel=lay.kernel,
+                backend=geometry.backend,
+                kernel=geometry.kernel,
             )
             outs.append(out)
-        if S:
-            cache = cache.write_streaming(layer, self._target, k_BKTH[:, R:], v_BKTH[:, R:])
-            num_pages = lay.stream_slots // lay.page_size
+        if streaming:
+            cache = cache.write_streaming(layer, self._target, k_BKTH[:, retrieval:], v_BKTH[:, retrieval:])
+            pages = geometry.stream_slots // page_size
             out, _ = paged_decode_attention(
-                q_BKGH[:, R:],
-                cache.stream_k[layer].reshape(B, S, num_pages, lay.page_size, H),
-                cache.stream_v[layer].reshape(B, S, num_pages, lay.page_size, H),
+                q_BKGH[:, retrieval:],
+                cache.stream_k[layer].reshape(B, streaming, pages, page_size, H),
+                cache.stream_v[layer].reshape(B, streaming, pages, page_size, H),
                 self._stream_valid,
-                jnp.broadcast_to(jnp.arange(num_pages, dtype=jnp.int32), (B, S, num_pages)),
-                jnp.full((B, S), num_pages, jnp.int32),
-                backend=lay.backend,
-                kernel=lay.kernel,
+                jnp.broadcast_to(jnp.arange(pages, dtype=jnp.int32), (B, streaming, pages)),
+                jnp.full((B, streaming), pages, jnp.int32),
+                backend=geometry.backend,
+                kernel=geometry.kernel,
             )
             outs.append(out)
         self._cache = cache
         out_BKGH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
         return out_BKGH.reshape(B, N, 1, H)
 
-    def _pages(self, cache: SparseKVCache, layer: int, q_BRGH: Array) -> tuple[Array, Array]:
-        """The page list ``(indices [B, R, n], counts [B, R])`` of this layer's retrieval heads at this step."""
-        lay = cache.layout
-        B, R = q_BRGH.shape[:2]
-        num_pages = cache.capacity // lay.page_size
-        if lay.token_budget is None:
-            newest = (self._length - 1) // lay.page_size
-            indices = jnp.broadcast_to(jnp.arange(num_pages, dtype=jnp.int32), (B, R, num_pages))
-            return indices, jnp.full((B, R), newest + 1, jnp.int32)
+    def _pages(self, cache: SparseKVCache, layer: int, q_BKGH: Array) -> tuple[Array, Array]:
+        """The page list ``(indices [B, K, listed], counts [B, K])`` of this layer's retrieval heads at this step."""
+        geometry = cache.geometry
+        B, K = q_BKGH.shape[:2]
+        pages = cache.capacity // geometry.page_size
+        if geometry.token_budget is None:
+            newest = (self._length - 1) // geometry.page_size
+            indices = jnp.broadcast_to(jnp.arange(pages, dtype=jnp.int32), (B, K, pages))
+            return indices, jnp.full((B, K), newest + 1, jnp.int32)
 
         def select():
             scores = page_scores(
-                q_BRGH,
+                q_BKGH,
                 cache.k_min[layer],
                 cache.k_max[layer],
                 self._page_valid,
-                logical_pages_per_page=lay.page_size // lay.logical_page_size,
-                backend=lay.backend,
-                kernel=lay.kernel,
+                logical_pages_per_page=geometry.page_size // geometry.logical_page_size,
+                backend=geometry.backend,
+                kernel=geometry.kernel,
             )
-            if lay.kv_repeat > 1:  # replicas of a KV head (a mesh layout) take the best score of their group
-                _, _, NP = scores.shape
-                grouped = scores.reshape(B, R // lay.kv_repeat, lay.kv_repeat, NP).max(axis=2, keepdims=True)
-                scores = jnp.broadcast_to(grouped, (B, R // lay.kv_repeat, lay.kv_repeat, NP)).reshape(B, R, NP)
-            return top_pages(scores, (self._length - 1) // lay.page_size, cache.selected[layer].shape[2])
+            repeat = geometry.kv_repeat
+            if repeat > 1:  # replicas of a KV head (a mesh layout) take the best score of their group
+                grouped = scores.reshape(B, K // repeat, repeat, pages).max(axis=2, keepdims=True)
+                scores = jnp.broadcast_to(grouped, (B, K // repeat, repeat, pages)).reshape(B, K, pages)
+            return top_pages(scores, (self._length - 1) // geometry.page_size, cache.selected[layer].shape[2])
 
         top = jax.lax.cond(self._select, select, lambda: cache.selected[layer])
-        return visit_list(top, self._length, token_budget=lay.token_budget, page_size=lay.page_size)
-
-    def _cache_with_selection(self, cache: SparseKVCache, layer: int, indices: Array) -> SparseKVCache:
-        if cache.layout.token_budget is None:
-            return cache
-        return cache.with_selection(layer, indices[..., :-1])
+        return visit_list(top, self._length, token_budget=geometry.token_budget, page_size=geometry.page_size)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# jitted steps (the functions of qv_jax.runtime.steps, over a SparseKVCache)
-
-prefill, decode_step, decode_loop = steps.jitted_steps(SparsePrefillAttention, SparseDecodeAttention)
+prefill, decode_step, decode_loop = jitted_steps(SparsePrefillAttention, SparseDecodeAttention)

@@ -1,23 +1,10 @@
-"""Jitted, static-shape step functions over ``(graphdef, state)`` of a :class:`~qv_jax.model.QwenVL`.
+"""The decoder over a chunk of tokens through any KV handler, and the jitted steps built from it.
 
-The functional NNX pattern: a model is split once (``graphdef, state = nnx.split(model)``); every step is a pure
-function that merges them inside ``jit``. ``graphdef`` (and grids, flags) are static arguments, so each step compiles
-once per input shape and is reused for every group of frames or chunk of tokens of that shape. KV caches are
-donated: a prefill or decode step updates the cache buffers in place and returns the new cache.
-
-Entry points, separate so a pipeline can interleave them:
-
-- :func:`encode_frames` — uint8 frames ``[T, H, W, 3]`` -> patchify on device -> visual embeddings ``[N, D]``;
-- :func:`encode_patches` — processor-style ``pixel_values`` ``[P, C]`` for given grids -> ``[N, D]``;
-- :func:`embed` — token ids with visual embeddings scattered into the pad slots -> ``[B, T, D]``;
-- :func:`forward` — the decoder over a whole prompt without a cache -> logits ``[B, T, V]``;
-- :func:`prefill` — one chunk of embeddings with explicit positions ``[3, B, T]`` into a cache;
-- :func:`decode_step` — one token per row into a cache -> logits ``[B, V]``;
-- :func:`decode_loop` — many decode steps and sampling on device (``lax.while_loop``), stopping early when every
-  row has produced a stop token.
-
-The chunk and decode bodies (:func:`prefill_chunk`, :func:`decode_tokens`) take the KV handler type, so the sparse
-steps of ``qv_jax.runtime.sparse`` are the same functions over another cache.
+The functional NNX pattern: a model is split once (``graphdef, state = nnx.split(model)``) and every step merges
+them inside ``jit`` with ``graphdef`` static, so each step compiles once per input shape. :func:`jitted_steps` turns
+a cache's KV handlers into ``(prefill, decode_step, decode_loop)`` with the cache donated (updated in place):
+``qv_jax.runtime.dense`` and ``qv_jax.runtime.sparse`` are those steps over their caches. :func:`forward` runs a
+whole prompt without a cache.
 """
 
 from __future__ import annotations
@@ -30,40 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qv_jax.cache.dense import DenseCacheAttention
-from qv_jax.model.preprocess import patchify
 from qv_jax.model.qwen2_5_vl import ChunkAttention, KVHandler, QwenVL
-from qv_jax.model.vision_layout import Grid
-from qv_jax.runtime.sampling import sampling_loop
+from qv_jax.runtime.sampling import SamplingParams, sampling_loop
 
 Array = jax.Array
 Cache = TypeVar("Cache")
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "grid"))
-def encode_patches(graphdef: nnx.GraphDef, state: nnx.State, patches_PC: Array, grid: Grid) -> Array:
-    """Visual embeddings ``[tokens, D]`` of processor-style pixel values for the (static) grids ``grid``."""
-    return nnx.merge(graphdef, state).encode_vision(patches_PC, grid)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "as_images"))
-def encode_frames(graphdef: nnx.GraphDef, state: nnx.State, frames_THWC: Array, as_images: bool = False) -> Array:
-    """Visual embeddings ``[tokens, D]`` of uint8 frames: one video, or one image per frame with ``as_images``."""
-    model = nnx.merge(graphdef, state)
-    patches_PC, grid = patchify(frames_THWC, model.config.vision, as_images=as_images)
-    return model.encode_vision(patches_PC, grid)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def embed(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    ids_BT: Array,
-    image_embeds: Array | None = None,
-    video_embeds: Array | None = None,
-) -> Array:
-    """Token embeddings ``[B, T, D]`` with visual embeddings in the ``<|image_pad|>`` / ``<|video_pad|>`` slots."""
-    return nnx.merge(graphdef, state).embed(ids_BT, image_embeds=image_embeds, video_embeds=video_embeds)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -151,36 +109,21 @@ def _decode_loop(
     rng: Array,
     stop_ids: Array,
     pad_id: Array,
-    temperature: Array,
-    top_k: Array,
-    top_p: Array,
+    sampling: SamplingParams,
     *,
     num_steps: int,
-    do_sample: bool,
 ) -> tuple[Array, Array, Cache]:
     """Feed ``tokens_B`` (already sampled) and generate up to ``num_steps`` more tokens per row on device.
 
     A row is done once it has produced one of ``stop_ids``; its later tokens are ``pad_id``. The loop ends early
     when every row is done. Returns ``(tokens [B, num_steps], done [B], cache)``; columns after an early end hold
-    ``pad_id``. Needs ``num_steps`` free cache slots.
+    ``pad_id``. Needs ``num_steps`` free cache slots. ``do_sample`` is the static part of ``sampling``.
     """
     step = functools.partial(decode_tokens, nnx.merge(graphdef, state), handler_type)
-    out_BS, done_B, _, cache = sampling_loop(
-        step,
-        cache,
-        tokens_B,
-        positions_B,
-        done_B,
-        rng,
-        stop_ids,
-        pad_id,
-        temperature,
-        top_k,
-        top_p,
-        num_steps=num_steps,
-        do_sample=do_sample,
+    generated, done_B, _, cache = sampling_loop(
+        step, cache, tokens_B, positions_B, done_B, rng, stop_ids, pad_id, sampling, num_steps=num_steps
     )
-    return out_BS, done_B, cache
+    return generated, done_B, cache
 
 
 def jitted_steps(
@@ -192,13 +135,5 @@ def jitted_steps(
     return (
         jax.jit(functools.partial(_prefill, prefill_handler), static_argnames=("graphdef", "all_logits"), **donate),
         jax.jit(functools.partial(_decode_step, decode_handler), static_argnames=("graphdef",), **donate),
-        jax.jit(
-            functools.partial(_decode_loop, decode_handler),
-            static_argnames=("graphdef", "num_steps", "do_sample"),
-            **donate,
-        ),
+        jax.jit(functools.partial(_decode_loop, decode_handler), static_argnames=("graphdef", "num_steps"), **donate),
     )
-
-
-# over a dense KVCache
-prefill, decode_step, decode_loop = jitted_steps(DenseCacheAttention, DenseCacheAttention)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.attention.sparsity import SparsityConfig, reorder_heads
+from qv_jax.attention.heads import reorder_heads
+from qv_jax.attention.sparsity import SparsityConfig
 from qv_jax.cache.dense import KVCache
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
 from qv_jax.converters.hf_config import config_from_hf
@@ -33,24 +34,17 @@ from qv_jax.model.config import ModelConfig, token_ids
 from qv_jax.model.qwen2_5_vl import QwenVL, random_state
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
-from qv_jax.runtime import sparse as sparse_steps
-from qv_jax.runtime import steps
-from qv_jax.runtime.sampling import SamplingParams, jit_sample
-from qv_jax.sharding import (
-    ShardingPlan,
-    encode_frames_by_frames,
-    encode_patches_by_frames,
-    restore_checkpoint,
-    splits_frames,
-    to_host,
-)
+from qv_jax.numeric import round_up
+from qv_jax.runtime import dense, encode, sparse
+from qv_jax.runtime.generate import DecodeRequest, decode_answer
+from qv_jax.runtime.sampling import SamplingParams
+from qv_jax.runtime.steps import forward
+from qv_jax.sharding.checkpoint import restore_checkpoint
+from qv_jax.sharding.plan import ShardingPlan
+from qv_jax.sharding.transfer import to_host
 
 # Default prompt chunk of `generate`: prompts up to this many tokens prefill in one call.
 DEFAULT_PREFILL_CHUNK = 2048
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +60,8 @@ class VisionLanguageModel:
     """Qwen2.5-VL / Qwen2-VL ready to run: config, split NNX model (``graphdef``, ``state``), tokenizer.
 
     ``forward`` and ``generate`` take and return numpy arrays; the jitted pieces they are made of
-    (``qv_jax.runtime.steps``) take ``graphdef`` / ``state`` and can be driven directly by a pipeline.
+    (``qv_jax.runtime.encode`` / ``dense`` / ``sparse``) take ``graphdef`` / ``state`` and can be driven directly by
+    a pipeline.
 
     With a sharding ``plan`` (``load_model(..., mesh=)``, :meth:`shard`) the state lies on the plan's mesh, caches
     are created in their shards, batches go on the ``"data"`` axis, and ``config`` is the running config (KV heads
@@ -214,32 +209,32 @@ class VisionLanguageModel:
         """Visual embeddings ``[tokens, D]`` of processor-style pixel values (all grids in one call)."""
         grid = check_grid(grid_thw, self.config.vision.spatial_merge_size)
         pixels = jnp.asarray(pixel_values)
-        if self.plan is not None and len(grid) == 1 and splits_frames(self.plan.mesh, grid[0][0]):
+        if self.plan is not None and len(grid) == 1 and encode.splits_frames(self.plan.mesh, grid[0][0]):
             # one video on a data-parallel mesh: each data shard encodes its own frames
-            return encode_patches_by_frames(self.graphdef, self.state, pixels, grid, self.plan.mesh)
-        return steps.encode_patches(self.graphdef, self.state, pixels, grid)
+            return encode.encode_patches_by_frames(self.graphdef, self.state, pixels, grid, self.plan.mesh)
+        return encode.encode_patches(self.graphdef, self.state, pixels, grid)
 
     def encode_video(self, frames) -> jax.Array:
-        """Visual embeddings of one video given as uint8 frames ``[T, H, W, 3]`` (H, W multiples of 28)."""
+        """Visual embeddings of one video given as uint8 frames ``[frames, height, width, 3]`` (height and width
+        multiples of 28)."""
         frames = jnp.asarray(frames)
         pairs, rest = divmod(frames.shape[0], self.config.vision.temporal_patch_size)
-        if self.plan is not None and not rest and splits_frames(self.plan.mesh, pairs):
-            return encode_frames_by_frames(self.graphdef, self.state, frames, self.plan.mesh)
-        return steps.encode_frames(self.graphdef, self.state, frames)
+        if self.plan is not None and not rest and encode.splits_frames(self.plan.mesh, pairs):
+            return encode.encode_frames_by_frames(self.graphdef, self.state, frames, self.plan.mesh)
+        return encode.encode_frames(self.graphdef, self.state, frames)
 
     def encode_images(self, frames) -> jax.Array:
-        """Visual embeddings of ``N`` images of one size given as uint8 ``[N, H, W, 3]``, concatenated."""
-        return steps.encode_frames(self.graphdef, self.state, jnp.asarray(frames), as_images=True)
+        """Visual embeddings of images of one size given as uint8 ``[images, height, width, 3]``, concatenated."""
+        return encode.encode_frames(self.graphdef, self.state, jnp.asarray(frames), as_images=True)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty dense KV cache for ``batch`` rows of ``capacity`` slots in the model's dtype.
 
         On a mesh it is created in its shards: KV heads on ``"model"``, rows on ``"data"`` when it divides them.
         """
-        if self.plan is not None:
-            return self.plan.new_cache(batch, capacity, self.dtype)
         t = self.config.text
-        return KVCache.create(
+        return self.make_cache(
+            KVCache.create,
             num_layers=t.num_layers,
             batch=batch,
             capacity=capacity,
@@ -252,18 +247,32 @@ class VisionLanguageModel:
         """An empty sparse KV cache (needs ``sparsity``) for ``capacity`` slots, rounded up to whole pages."""
         if self.sparsity is None:
             raise ConfigError("this model has no sparsity config (load_model(..., sparsity=SparsityConfig(...)))")
-        if self.plan is not None:
-            return self.plan.new_sparse_cache(self.sparsity, batch, capacity, self.dtype)
         t = self.config.text
-        return SparseKVCache.create(
-            self.sparsity,
+        return self.make_cache(
+            SparseKVCache.create,
+            sparsity=self.sparsity,
             num_kv_heads=t.num_kv_heads,
             batch=batch,
             capacity=capacity,
             head_dim=t.head_dim,
             dtype=self.dtype,
             num_layers=t.num_layers,
+            kv_repeat=self.kv_repeat,
         )
+
+    @property
+    def kv_repeat(self) -> int:
+        """Consecutive KV heads that are replicas of one stored head (1 but on a mesh that replicates them)."""
+        return 1 if self.plan is None else self.plan.kv_repeat
+
+    def make_cache(self, create, **shape):
+        """``create(**shape)`` (a cache constructor, e.g. ``LayeredKV.create``), made directly in its shards when
+        the model lies on a mesh."""
+        return create(**shape) if self.plan is None else self.plan.create_in_shards(create, **shape)
+
+    def place(self, cache):
+        """A cache made elsewhere (e.g. a memory loaded on one device) in the model's layout: its shards on a mesh."""
+        return cache if self.plan is None else self.plan.shard(cache)
 
     def kv_cache_bytes(self, context_len: int, batch: int = 1) -> int:
         """Bytes of the KV cache for ``context_len`` slots: dense, or sparse with the model's ``sparsity``.
@@ -349,7 +358,7 @@ class VisionLanguageModel:
             positions = np.asarray(position_ids)
             if positions.shape != (3, *ids.shape):
                 raise InputError(f"position_ids must be [3, B, T] = {(3, *ids.shape)}, got {positions.shape}")
-        x = steps.embed(
+        x = encode.embed(
             self.graphdef, self.state, self._batch(ids.astype(np.int32)), embeds.get("image"), embeds.get("video")
         )
         segment_ids = np.where(mask != 0, 0, -1).astype(np.int32)
@@ -383,7 +392,7 @@ class VisionLanguageModel:
             second_per_grid_ts,
             position_ids,
         )
-        logits = steps.forward(self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids))
+        logits = forward(self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids))
         return to_host(logits)
 
     def generate(
@@ -446,19 +455,19 @@ class VisionLanguageModel:
         batch, length = aligned_ids.shape
         next_position = np.where(aligned_mask != 0, positions.max(axis=0), -1).max(axis=-1) + 1
 
-        chunk = min(prefill_chunk, _round_up(length, 64))
-        padded = _round_up(length, chunk)
+        chunk = min(prefill_chunk, round_up(length, 64))
+        padded = round_up(length, chunk)
         pad = padded - length
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
         segment_ids = np.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-        capacity = _round_up(padded + max_new_tokens - 1, 128)
-        run = steps if self.sparsity is None else sparse_steps
+        capacity = round_up(padded + max_new_tokens - 1, 128)
+        run = dense if self.sparsity is None else sparse
         cache = self.new_cache(batch, capacity) if self.sparsity is None else self.new_sparse_cache(batch, capacity)
         kv_bytes, kv_capacity = cache.nbytes, cache.capacity
         last_index = np.full((batch,), (length - 1) % chunk, np.int32)
-        for start in range(0, padded, chunk):
-            with self.mesh_context():
+        with self.mesh_context():
+            for start in range(0, padded, chunk):
                 logits, cache = run.prefill(
                     self.graphdef,
                     self.state,
@@ -468,38 +477,34 @@ class VisionLanguageModel:
                     self._batch(segment_ids[:, start : start + chunk]),
                     self._batch(last_index),
                 )
+        request = DecodeRequest(
+            max_new_tokens,
+            params,
+            stop_ids=token_ids(self.eos_token_ids if eos_token_id is None else eos_token_id),
+            pad_id=self.pad_token_id if pad_token_id is None else int(pad_token_id),
+            seed=seed,
+        )
+        positions_B = self._batch(next_position.astype(np.int32))
 
-        stop = token_ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
-        pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
-        knobs = params.knobs()
-        rng, key = jax.random.split(jax.random.key(seed))
-        first = jit_sample(logits, key, do_sample=params.do_sample, **knobs)
-        stop_ids = jnp.asarray(stop, jnp.int32)
-        done = jnp.isin(first, stop_ids)
-        new = [first]
-        if max_new_tokens > 1:
+        def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
             with self.mesh_context():
                 rest, _, cache = run.decode_loop(
                     self.graphdef,
                     self.state,
                     cache,
-                    first,
-                    self._batch(next_position.astype(np.int32)),
-                    done,
+                    first_B,
+                    positions_B,
+                    done_B,
                     rng,
                     stop_ids,
-                    jnp.int32(pad_id),
-                    num_steps=max_new_tokens - 1,
-                    do_sample=params.do_sample,
-                    **knobs,
+                    jnp.int32(request.pad_id),
+                    request.sampling,
+                    num_steps=num_steps,
                 )
-            new.append(rest)
-        # fetched only now: the decode loop is dispatched without waiting for the prefill to finish
-        new_tokens = np.concatenate([to_host(t).reshape(batch, -1) for t in new], axis=1)
-        # like transformers: stop at the step where the last row ended
-        ended = np.isin(new_tokens, stop)
-        ends = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, new_tokens.shape[1])
-        sequences = np.concatenate([ids, new_tokens[:, : int(ends.max())]], axis=1)
+            return rest, cache
+
+        new_tokens, _ = decode_answer(logits, cache, request, loop)
+        sequences = np.concatenate([ids, new_tokens], axis=1)
         if return_dict:
             return GenerationOutput(sequences=sequences, kv_bytes=kv_bytes, kv_capacity=kv_capacity)
         return sequences

@@ -1,13 +1,9 @@
-"""The pruned KV memory: per-layer keys and values whose slots say which prompt token they hold.
+"""The pruned KV memory of QuickPrefill: per-layer keys and values whose slots say which prompt token they hold.
 
-QuickPrefill keeps a different subset of each group's tokens in every layer (one selection per layer), and with a
-per-layer decay even a different number, so a layer's fill and its slots' meaning are its own. Every slot records
-the prompt *token index* of what it holds (``-1``: empty), and attention is causal by token index rather than by
-slot: a query sees the keys of earlier prompt tokens wherever compaction has put them. Keys are stored after RoPE,
-so nothing here needs positions.
-
-Batch is 1 (one video per memory); the leading ``B`` axis is kept so arrays have the layout every attention in
-qv-jax takes (``[B, K, S, H]``).
+Every layer keeps its own subset of each group's tokens, so a layer's fill and its slots' meaning are its own.
+Each slot records the prompt *token index* it holds (``-1``: empty) and attention is causal by token index, not by
+slot: a query sees earlier prompt tokens wherever compaction has put them. Keys are stored after RoPE. Batch is 1
+(one video per memory); the ``B`` axis is kept so arrays have the layout every attention takes, ``[B, K, S, H]``.
 """
 
 from __future__ import annotations
@@ -17,8 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention import dot_product_attention, merge_attention
+from qv_jax.attention.reference import dot_product_attention, merge_attention
+from qv_jax.cache.dense import replace_layer
 from qv_jax.errors import InputError
+from qv_jax.sharding.layout import layout_field
 
 Array = jax.Array
 
@@ -29,16 +27,17 @@ KV_CHUNK = 4096
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayeredKV:
-    """Keys / values ``[B, K, S, H]`` per layer, slot token indices ``[L, B, S]`` (-1 empty), fills ``[L]``.
+    """Keys / values ``[B, K, S, H]`` per layer, slot token indices ``[layers, B, S]`` (-1 empty), fills
+    ``[layers]``.
 
     Layer ``l`` holds its tokens in slots ``[0, lengths[l])``; slots past the fill may hold stale data, always
     marked -1. A pytree: jitted steps take it donated and return the updated one.
     """
 
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
-    token_index: Array
-    lengths: Array
+    k: tuple[Array, ...] = layout_field("BKSH")
+    v: tuple[Array, ...] = layout_field("BKSH")
+    token_index: Array = layout_field(".BS")
+    lengths: Array = layout_field(".")
 
     @classmethod
     def create(
@@ -79,9 +78,7 @@ class LayeredKV:
         """Store keys / values of one layer in slots ``[start, start + T)``."""
         k = jax.lax.dynamic_update_slice(self.k[layer], k_BKTH.astype(self.dtype), (0, 0, start, 0))
         v = jax.lax.dynamic_update_slice(self.v[layer], v_BKTH.astype(self.dtype), (0, 0, start, 0))
-        return dataclasses.replace(
-            self, k=(*self.k[:layer], k, *self.k[layer + 1 :]), v=(*self.v[:layer], v, *self.v[layer + 1 :])
-        )
+        return dataclasses.replace(self, k=replace_layer(self.k, layer, k), v=replace_layer(self.v, layer, v))
 
     def write_index(self, layer: int, start: Array, index_BT: Array) -> LayeredKV:
         """Mark slots ``[start, start + T)`` of one layer as holding tokens ``index_BT`` (-1: empty)."""

@@ -1,4 +1,4 @@
-"""Jitted device steps of QuickPrefill over a :class:`~qv_jax.pipeline.cache.LayeredKV` memory.
+"""Jitted device steps of QuickPrefill over a :class:`~qv_jax.cache.layered.LayeredKV` memory.
 
 - :func:`prefill_text` — a chunk of text (the prompt prefix, or the question) appended to every layer, never pruned;
 - :func:`prefill_group` — one group of visual tokens: every layer attends over ``[its memory ; this group]``
@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.pipeline.cache import AppendAttention, LayeredKV
-from qv_jax.pipeline.plan import GroupPlan
+from qv_jax.cache.layered import AppendAttention, LayeredKV
+from qv_jax.pipeline.plan import GroupPlan, PruneRule
 from qv_jax.pipeline.scores import select_tokens, token_scores
-from qv_jax.runtime.sampling import sampling_loop
+from qv_jax.runtime.sampling import SamplingParams, sampling_loop
 
 Array = jax.Array
 
@@ -88,11 +88,11 @@ class GroupPruneAttention(AppendAttention):
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         start, out, lse_BNT = self.append(layer, q_BNTH, k_BKTH, v_BKTH)
-        if self.rule == "none":
+        if self.rule == PruneRule.NONE:
             return out
         n = self.n
         question = None
-        if self.rule == "question_attention":
+        if self.rule == PruneRule.QUESTION_ATTENTION:
             question = (q_BNTH[:, :, n:], lse_BNT[:, :, n:], self.valid[:, n:])
         scores_Bn = token_scores(
             self.rule,
@@ -179,7 +179,7 @@ def _decode_one(text, cache: LayeredKV, tokens_B: Array, where: tuple[Array, Arr
     return text.logits(h_B1D[:, 0]), handler.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "do_sample"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"), donate_argnames=("cache",))
 def decode_loop(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -189,18 +189,15 @@ def decode_loop(
     index: Array,
     rng: Array,
     stop_ids: Array,
-    temperature: Array,
-    top_k: Array,
-    top_p: Array,
+    sampling: SamplingParams,
     *,
     num_steps: int,
-    do_sample: bool,
 ) -> tuple[Array, Array, LayeredKV]:
     """Feed ``token`` (already sampled; rotary ``position``, prompt ``index``) and generate up to ``num_steps``
     more tokens, stopping after a token in ``stop_ids``. Returns ``(tokens [num_steps], count, memory)``: the
     first ``count`` entries are the generated tokens (a stop token included)."""
     tokens_B = jnp.asarray(token, jnp.int32)[None]
-    out_BS, _, count, cache = sampling_loop(
+    generated, _, count, cache = sampling_loop(
         functools.partial(_decode_one, nnx.merge(graphdef, state).text),
         cache,
         tokens_B,
@@ -209,10 +206,7 @@ def decode_loop(
         rng,
         stop_ids,
         jnp.zeros((), jnp.int32),
-        temperature,
-        top_k,
-        top_p,
+        sampling,
         num_steps=num_steps,
-        do_sample=do_sample,
     )
-    return out_BS[0], count, cache
+    return generated[0], count, cache

@@ -1,0 +1,210 @@
+"""What ``ask``, ``encode`` and ``demo`` share: the model placement, sparse decoding, QuickPrefill and sampling
+options, the settings they make, and the per-stage progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qv_jax.errors import InputError
+from qv_jax.pipeline.plan import PRUNE_RULES
+
+
+def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
+    """Frame sampling, QuickPrefill and decoder options (the keywords of ``VideoQA``)."""
+    group = parser.add_argument_group("video and QuickPrefill")
+    group.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2)")
+    group.add_argument("--max-frames", type=int, default=768, help="most frames to sample (default 768)")
+    group.add_argument("--max-pixels", type=int, help="per-frame pixel cap (default: Qwen's video budget)")
+    group.add_argument("--min-pixels", type=int, help="per-frame pixel floor (default: Qwen's, 128*28*28)")
+    group.add_argument("--group-frames", type=int, default=16, help="frames per prefill group (default 16)")
+    group.add_argument(
+        "--retention", type=float, default=0.5, help="fraction of each group's tokens kept per layer (default 0.5)"
+    )
+    group.add_argument(
+        "--prune", choices=PRUNE_RULES, default="key_norms_small", help="score rule (default %(default)s)"
+    )
+    group.add_argument("--layer-decay", type=float, help="per-layer decay of the retention (default: none)")
+    group.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """``DATAxMODEL`` (e.g. ``1x8``) as ``(data, model)``; an argparse ``type``."""
+    data, sep, model = text.lower().partition("x")
+    if not (sep and data.isdigit() and model.isdigit() and int(data) > 0 and int(model) > 0):
+        raise argparse.ArgumentTypeError(f"expected DATAxMODEL with positive sizes, e.g. 1x8, got {text!r}")
+    return int(data), int(model)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs and how it decodes: ``--mesh`` and the sparse decoding options."""
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        metavar="DATAxMODEL",
+        help="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor "
+        "parallel over 8 devices (default: one device)",
+    )
+    group = parser.add_argument_group(
+        "sparse decoding (DuoAttention streaming heads, LServe page selection)",
+        "On when --duo-attention or --token-budget is given. A memory made with --duo-attention is answered only "
+        "with the same heads streaming.",
+    )
+    group.add_argument(
+        "--duo-attention",
+        type=Path,
+        metavar="TSV",
+        help="DuoAttention pattern of this model (full_attention_heads.tsv, or its directory): its lowest-gated "
+        "heads become streaming heads",
+    )
+    group.add_argument(
+        "--streaming-fraction",
+        type=float,
+        help="fraction of the KV heads that stream, with --duo-attention (default 0.5)",
+    )
+    group.add_argument(
+        "--token-budget",
+        type=int,
+        help="tokens a retrieval head reads per decode step, chosen page by page (default 4096; 0 reads every page)",
+    )
+    group.add_argument("--sink", type=int, help="first tokens a streaming head keeps (default 64)")
+    group.add_argument("--local", type=int, help="most recent tokens a streaming head keeps (default 256)")
+    group.add_argument("--page-size", type=int, help="tokens per KV page of a retrieval head (default 64)")
+    group.add_argument("--logical-page-size", type=int, help="sub-page whose key min / max scores a page (default 16)")
+
+
+SPARSE_LAYOUT = ("sink", "local", "page_size", "logical_page_size")
+
+
+def sparsity_config(args: argparse.Namespace):
+    """The :class:`~qv_jax.attention.SparsityConfig` the options ask for, or ``None`` for dense decoding."""
+    from qv_jax.attention import SparsityConfig
+
+    layout = {name: getattr(args, name) for name in SPARSE_LAYOUT if getattr(args, name) is not None}
+    if args.duo_attention is None and args.streaming_fraction is not None:
+        raise InputError("--streaming-fraction chooses heads of a --duo-attention pattern: give the pattern too")
+    if args.duo_attention is None and args.token_budget is None:
+        if layout:
+            flags = ", ".join("--" + name.replace("_", "-") for name in layout)
+            raise InputError(f"{flags} configure sparse decoding: give --duo-attention or --token-budget as well")
+        return None
+    if args.token_budget is not None:
+        if args.token_budget < 0:
+            raise InputError(f"--token-budget must be >= 0, got {args.token_budget}")
+        layout["token_budget"] = args.token_budget or None
+    if args.duo_attention is None:
+        return SparsityConfig(**layout)
+    fraction = 0.5 if args.streaming_fraction is None else args.streaming_fraction
+    return SparsityConfig.from_duo_attention(args.duo_attention, sparsity=fraction, **layout)
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """``mesh`` and ``sparsity`` keywords of ``VideoQA.from_pretrained`` / ``VisionLanguageModel.random``."""
+    mesh = None
+    if args.mesh is not None:
+        import jax
+
+        from qv_jax.sharding import make_mesh
+
+        data, model = args.mesh
+        devices = jax.devices()
+        if data * model > len(devices):
+            raise InputError(f"--mesh {data}x{model} needs {data * model} devices, {len(devices)} visible")
+        mesh = make_mesh(data=data, model=model, devices=devices[: data * model])
+    return {"mesh": mesh, "sparsity": sparsity_config(args)}
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("answer")
+    group.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    group.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
+
+
+def videoqa_config(args: argparse.Namespace):
+    """The :class:`~qv_jax.videoqa.VideoQAConfig` the options ask for."""
+    from qv_jax.videoqa import VideoQAConfig
+
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be positive, got {args.workers}")
+    return VideoQAConfig(
+        group_frames=args.group_frames,
+        retention=args.retention,
+        prune=args.prune,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        max_pixels=args.max_pixels,
+        min_pixels=args.min_pixels,
+        layer_decay=args.layer_decay,
+        workers=args.workers,
+        seed=args.seed,
+    )
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+class StageBars:
+    """tqdm progress bars for decoding (frames), vision encoding and prefill (groups), fed by stage events.
+
+    Use as a context manager around the work; pass the instance as the ``progress`` callback.
+    """
+
+    def __init__(self, num_frames: int, group_frames: int, num_groups: int):
+        from tqdm import tqdm
+
+        self.num_frames, self.group_frames = num_frames, group_frames
+        options = {"file": sys.stderr, "disable": None, "leave": True, "dynamic_ncols": True}
+        self.bars = {
+            "decode": tqdm(total=num_frames, desc="decode ", unit="frame", position=0, **options),
+            "vision": tqdm(total=num_groups, desc="vision ", unit="group", position=1, **options),
+            "prefill": tqdm(total=num_groups, desc="prefill", unit="group", position=2, **options),
+        }
+
+    def __call__(self, event) -> None:
+        bar = self.bars.get(event.stage)
+        if bar is None or event.group < 0:
+            return
+        if event.stage == "decode":
+            start = event.group * self.group_frames
+            bar.update(min(self.group_frames, self.num_frames - start))
+        else:
+            bar.update(1)
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_with_bars(qa, video: Path, work):
+    """Run ``work(progress)`` with stage bars sized from ``video``'s plan (no bars for a saved memory)."""
+    from qv_jax.memory import is_memory_dir
+
+    if is_memory_dir(video):
+        return work(None)
+    frame_plan, plan = qa.plan(video)
+    with StageBars(frame_plan.num_frames, plan.group_frames, plan.num_groups) as bars:
+        return work(bars)
+
+
+def print_answer(answer, out=None) -> None:
+    out = sys.stdout if out is None else out  # looked up at call time: the caller may have redirected it
+    print(answer.text, file=out)
+    print(file=out)
+    print(answer.timings.table(), file=out)
+    print(f"KV cache at the end: {answer.kv_bytes / 2**20:.2f} MiB", file=out)
