@@ -1,12 +1,10 @@
 """Block-sparse attention over ``BlockTables``: one entry point for the TPU and GPU kernels and their reference.
 
-``block_sparse_attention`` pads the operands to the kernel's tiles, runs the chosen implementation and slices the
-result back; its gradient (``jax.custom_vjp``) runs the matching dq and dk/dv kernels, so training through a sparse
-pattern (LongGen finetuning, DuoAttention gates) never materialises the ``T x S`` matrix.
-
-Implementations: ``"tpu"`` (Mosaic, ``kernels.block_sparse_tpu``), ``"gpu"`` (Triton, ``kernels.block_sparse_gpu``)
-and ``"reference"`` (``kernels.block_sparse_reference``: the tables expanded to a dense mask, in jnp). ``interpret``
-runs a Pallas implementation in the CPU interpreter.
+``block_sparse_attention`` pads ``q [B, N, T, H]`` and ``k``/``v [B, K, S, H]`` to what the kernels take (q grouped
+by KV head, ``[B, K, G, Tp, Hp]``; k/v ``[B, K, Sp, Hp]``; ``Tp`` / ``Sp`` whole tiles, ``Hp`` from
+:func:`padded_head_dim`), runs the chosen implementation (:data:`IMPLEMENTATIONS`: Mosaic, Triton or the jnp
+reference; ``interpret``: in the CPU interpreter) and slices the result back. Its ``jax.custom_vjp`` gradient runs the
+matching dq and dk/dv kernels, so training through a sparse pattern never materialises the ``T x S`` matrix.
 """
 
 from __future__ import annotations
@@ -55,21 +53,22 @@ def segment_operands(q_seg, kv_seg, tables: BlockTables):
 
     Negative key ids (padding, empty cache slots) and padded key columns become ``INT_MIN`` and negative query ids
     ``INT_MIN + 1``, so an equality test alone masks them; padded query rows repeat the last real id so they do
-    not widen their block's range. ``ranges [B, 2, nq + nk]`` holds the (min, max) id of each query block then of each
-    key block (ignoring negative key ids); a tile whose ranges do not intersect is skipped at run time.
+    not widen their block's range. ``ranges [B, 2, q_blocks + kv_blocks]`` holds the (min, max) id of each query
+    block then of each key block (ignoring negative key ids); a tile whose ranges do not intersect is skipped at run
+    time.
     """
     B = q_seg.shape[0]
     bq, bkv = tables.block_q, tables.block_kv
-    nq, nk = tables.num_q_blocks, tables.num_kv_blocks
+    q_blocks, kv_blocks = tables.num_q_blocks, tables.num_kv_blocks
     # the kernels only test equality: give negative ids values that can never be equal across q and kv
     q_seg = jnp.where(q_seg < 0, _INT_MIN + 1, q_seg.astype(jnp.int32))
     kv_seg = jnp.where(kv_seg < 0, _INT_MIN, kv_seg.astype(jnp.int32))
-    q_seg = pad_axis(q_seg, 1, nq * bq, mode="edge")
-    kv_seg = pad_axis(kv_seg, 1, nk * bkv, value=_INT_MIN)
-    q_blocks = q_seg.reshape(B, nq, bq)
-    kv_blocks = kv_seg.reshape(B, nk, bkv)
-    lo = jnp.concatenate([q_blocks.min(-1), jnp.where(kv_blocks >= 0, kv_blocks, _INT_MAX).min(-1)], axis=1)
-    hi = jnp.concatenate([q_blocks.max(-1), kv_blocks.max(-1)], axis=1)
+    q_seg = pad_axis(q_seg, 1, q_blocks * bq, mode="edge")
+    kv_seg = pad_axis(kv_seg, 1, kv_blocks * bkv, value=_INT_MIN)
+    q_by_block = q_seg.reshape(B, q_blocks, bq)
+    kv_by_block = kv_seg.reshape(B, kv_blocks, bkv)
+    lo = jnp.concatenate([q_by_block.min(-1), jnp.where(kv_by_block >= 0, kv_by_block, _INT_MAX).min(-1)], axis=1)
+    hi = jnp.concatenate([q_by_block.max(-1), kv_by_block.max(-1)], axis=1)
     return {"q": q_seg, "kv": kv_seg, "ranges": jnp.stack([lo, hi], axis=1)}
 
 
@@ -126,38 +125,46 @@ def block_sparse_attention(
     impl: str = "tpu",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention of ``q [B, Hq, T, D]`` over ``k``/``v [B, Hkv, S, D]`` restricted to the tiles of ``tables``.
+    """Attention of ``q`` over ``k`` / ``v`` restricted to the tiles of ``tables``; differentiable in q, k and v.
 
-    ``tables`` must have been built for ``T`` and ``S`` and have one row per KV head or a single shared row.
-    Segment ids (``[B, T]`` / ``[B, S]``, both or neither) further restrict attention to equal ids; a negative key
-    id is padding. Returns ``out [B, Hq, T, D]`` in ``q.dtype`` and the log-sum-exp ``[B, Hq, T]`` float32
-    (``-inf`` for a query that sees no key; its output is zero). Differentiable in ``q``, ``k`` and ``v``.
+    Args:
+      q: ``[B, N, T, H]``.
+      k, v: ``[B, K, S, H]``.
+      tables: built for ``T`` and ``S``, with one row per KV head or a single shared row.
+      q_segment_ids, kv_segment_ids: ``[B, T]`` / ``[B, S]``, both or neither: attention further restricted to equal
+        ids; a negative key id is padding.
+      scale: logit scale, ``H ** -0.5`` by default.
+      impl: one of :data:`IMPLEMENTATIONS`; ``interpret`` runs it in the CPU interpreter.
+
+    Returns:
+      ``out [B, N, T, H]`` in ``q.dtype`` and the log-sum-exp ``[B, N, T]`` float32 (``-inf`` for a query that sees
+      no key; its output is zero).
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLEMENTATIONS}")
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    B, N, T, H = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = N // K
     if (T, S) != (tables.q_len, tables.kv_len):
         raise ValueError(f"tables were built for T={tables.q_len}, S={tables.kv_len}; got T={T}, S={S}")
-    if tables.num_heads not in (1, Hkv):
-        raise ValueError(f"tables have {tables.num_heads} head rows for {Hkv} KV heads")
+    if tables.num_heads not in (1, K):
+        raise ValueError(f"tables have {tables.num_heads} rows for {K} KV heads (want {K} or 1)")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     _check_tiles(impl, tables.block_q, tables.block_kv)
-    scale = D**-0.5 if scale is None else float(scale)
+    scale = H**-0.5 if scale is None else float(scale)
     Tp = tables.num_q_blocks * tables.block_q
     Sp = tables.num_kv_blocks * tables.block_kv
-    Dp = padded_head_dim(D, impl)
+    Hp = padded_head_dim(H, impl)
 
-    q5 = pad_axis(pad_axis(q.reshape(B, Hkv, G, T, D), 3, Tp), 4, Dp)
-    kp = pad_axis(pad_axis(k, 2, Sp), 3, Dp)
-    vp = pad_axis(pad_axis(v, 2, Sp), 3, Dp)
+    qp = pad_axis(pad_axis(q.reshape(B, K, G, T, H), 3, Tp), 4, Hp)  # [B, K, G, Tp, Hp]
+    kp = pad_axis(pad_axis(k, 2, Sp), 3, Hp)
+    vp = pad_axis(pad_axis(v, 2, Sp), 3, Hp)
     segs = None
     if q_segment_ids is not None:
         segs = segment_operands(
             jnp.broadcast_to(q_segment_ids, (B, T)), jnp.broadcast_to(kv_segment_ids, (B, S)), tables
         )
-    out, lse = _attention(q5, kp, vp, segs, tables, scale, impl, interpret)
-    out = out[:, :, :, :T, :D].reshape(B, Hq, T, D)
-    return out, lse[:, :, :, :T].reshape(B, Hq, T)
+    out, lse = _attention(qp, kp, vp, segs, tables, scale, impl, interpret)
+    out = out[:, :, :, :T, :H].reshape(B, N, T, H)
+    return out, lse[:, :, :, :T].reshape(B, N, T)

@@ -1,14 +1,12 @@
 """Block-sparse flash attention for GPU (Pallas, Triton backend): forward, dq and dk/dv kernels over ``BlockTables``.
 
-Forward and dq: one program per (query block, batch, query head) walks the visit list of its KV head's row with a
-loop whose trip count is the row's length, so a streaming head costs only the tiles it visits. The query heads of a
-GQA group run as separate programs over the same visit list and hit the same K/V tiles in L2: Triton tiles must be
-powers of two, and a group of 7 heads (Qwen2.5-VL-7B) does not stack into one. dk/dv: one program per (key block,
-batch, KV head) loops over the group's query heads and the row's visited query blocks, so the group's contributions
-are summed in registers without atomics.
+Forward and dq: one program per (query block, batch, query head) loops over its visit list, so a streaming head
+costs only the tiles it visits. The ``G`` query heads of a group are separate programs sharing K/V tiles through L2
+(Triton tiles must be powers of two, and Qwen2.5-VL-7B has G = 7). dk/dv: one program per (key block, batch, KV head)
+loops over the group's query heads and their visited query blocks, summing in registers without atomics.
 
-Operands are padded by the caller (``kernels.block_sparse``): sequence lengths to the block sizes, head dims to a
-power of two. Tile shapes must be powers of two of at least 16 (``tl.dot``).
+Operands come padded from ``kernels.block_sparse`` (``Hp`` a power of two); tiles are powers of two >= 16
+(``tl.dot``). See docs/attention.md, "How the kernels skip work".
 """
 
 from __future__ import annotations
@@ -59,20 +57,19 @@ def _fwd_kernel(
     shared,
     precision,
 ):
-    i, h = pl.program_id(0), pl.program_id(2)
-    th = 0 if shared else h // groups
+    i, head = pl.program_id(0), pl.program_id(2)
+    row = 0 if shared else head // groups
     bq, bkv = masks_ref.shape[1:]
     q = q_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-    def visit(j, carry):
+    def visit(entry, carry):
         m_prev, l_prev, acc = carry
-        col = kv_block_ref[th, i, j]
-        keys = pl.ds(col * bkv, bkv)
+        keys = pl.ds(kv_block_ref[row, i, entry] * bkv, bkv)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
         kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
-        keep = _tile_keep(masks_ref, kv_mask_ref[th, i, j], q_seg, kv_seg)
+        keep = _tile_keep(masks_ref, kv_mask_ref[row, i, entry], q_seg, kv_seg)
         s = jnp.where(keep, dot(q, k, NT_DIMS, precision) * scale, MASK_VALUE)
         return softmax_step(s, keep, v, m_prev, l_prev, acc, precision)
 
@@ -81,40 +78,40 @@ def _fwd_kernel(
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros(q.shape, jnp.float32),
     )
-    m, denom, acc = lax.fori_loop(0, kv_count_ref[th, i], visit, init)
+    m, denom, acc = lax.fori_loop(0, kv_count_ref[row, i], visit, init)
     out, lse_ref[...] = finish(acc, m, denom)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
 def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: bool):
-    """Forward on padded operands ``q [B, Hkv, G, Tp, Dp]``, ``k``/``v [B, Hkv, Sp, Dp]``; returns (out, lse)."""
-    B, Hkv, G, Tp, Dp = q.shape
+    """Forward on padded operands ``q [B, K, G, Tp, Hp]``, ``k``/``v [B, K, Sp, Hp]``; returns (out, lse)."""
+    B, K, G, Tp, Hp = q.shape
     Sp = k.shape[2]
     bq, bkv = tables.block_q, tables.block_kv
-    Hq = Hkv * G
-    q4 = q.reshape(B, Hq, Tp, Dp)
+    N = K * G
+    q_heads = q.reshape(B, N, Tp, Hp)
     in_specs = [
         _full(tables.kv_block.shape),
         _full(tables.kv_mask.shape),
         _full(tables.kv_count.shape),
-        pl.BlockSpec((None, None, bq, Dp), lambda i, b, h: (b, h, i, 0)),
-        pl.BlockSpec((None, None, Sp, Dp), lambda i, b, h: (b, h // G, 0, 0)),
-        pl.BlockSpec((None, None, Sp, Dp), lambda i, b, h: (b, h // G, 0, 0)),
+        pl.BlockSpec((None, None, bq, Hp), lambda i, b, head: (b, head, i, 0)),
+        pl.BlockSpec((None, None, Sp, Hp), lambda i, b, head: (b, head // G, 0, 0)),
+        pl.BlockSpec((None, None, Sp, Hp), lambda i, b, head: (b, head // G, 0, 0)),
         _full(tables.masks.shape),
     ]
     operands = [
         jnp.asarray(tables.kv_block),
         jnp.asarray(tables.kv_mask),
         jnp.asarray(tables.kv_count),
-        q4,
+        q_heads,
         k,
         v,
         jnp.asarray(tables.masks),
     ]
     if segments is not None:
         in_specs += [
-            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-            pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((None, bq), lambda i, b, head: (b, i)),
+            pl.BlockSpec((None, Sp), lambda i, b, head: (b, 0)),
         ]
         operands += [segments["q"], segments["kv"]]
     kernel = functools.partial(
@@ -126,18 +123,18 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
     )
     out, lse = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct(q4.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)],
-        grid=(tables.num_q_blocks, B, Hq),
+        out_shape=[jax.ShapeDtypeStruct(q_heads.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
+        grid=(tables.num_q_blocks, B, N),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((None, None, bq, Dp), lambda i, b, h: (b, h, i, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+            pl.BlockSpec((None, None, bq, Hp), lambda i, b, head: (b, head, i, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, b, head: (b, head, i)),
         ],
-        compiler_params=triton_compiler_params(num_warps=_num_warps(bq, bkv, Dp), num_stages=2),
+        compiler_params=triton_compiler_params(num_warps=_num_warps(bq, bkv, Hp), num_stages=2),
         interpret=interpret,
         name="block_sparse_attention_fwd",
     )(*operands)
-    return out.reshape(q.shape), lse.reshape(B, Hkv, G, Tp)
+    return out.reshape(q.shape), lse.reshape(B, K, G, Tp)
 
 
 def _with_optional_segments(*refs, body, num_before, has_segments, kw):
@@ -168,8 +165,8 @@ def _dq_kernel(
     shared,
     precision,
 ):
-    i, h = pl.program_id(0), pl.program_id(2)
-    th = 0 if shared else h // groups
+    i, head = pl.program_id(0), pl.program_id(2)
+    row = 0 if shared else head // groups
     bkv = masks_ref.shape[2]
     q = q_ref[...]
     do = do_ref[...]
@@ -177,18 +174,18 @@ def _dq_kernel(
     delta = delta_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-    def visit(j, dq):
-        keys = pl.ds(kv_block_ref[th, i, j] * bkv, bkv)
+    def visit(entry, dq):
+        keys = pl.ds(kv_block_ref[row, i, entry] * bkv, bkv)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
         kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
-        keep = _tile_keep(masks_ref, kv_mask_ref[th, i, j], q_seg, kv_seg)
+        keep = _tile_keep(masks_ref, kv_mask_ref[row, i, entry], q_seg, kv_seg)
         s = dot(q, k, NT_DIMS, precision) * scale
         p = jnp.where(keep, jnp.exp(s - lse[:, None]), 0.0)
         ds = p * (dot(do, v, NT_DIMS, precision) - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k, NN_DIMS, precision)
 
-    dq = lax.fori_loop(0, kv_count_ref[th, i], visit, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, kv_count_ref[row, i], visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -213,52 +210,52 @@ def _dkv_kernel(
     shared,
     precision,
 ):
-    j, h = pl.program_id(0), pl.program_id(2)
-    th = 0 if shared else h
+    j, head = pl.program_id(0), pl.program_id(2)
+    row = 0 if shared else head
     bq = masks_t_ref.shape[2]
     k = k_ref[...]
     v = v_ref[...]
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
 
     def visit_head(g):
-        def visit(n, carry):
+        def visit(entry, carry):
             dk, dv = carry
-            rows = pl.ds(q_block_ref[th, j, n] * bq, bq)
-            q = q_ref[g, rows, :]
-            do = do_ref[g, rows, :]
-            q_seg = None if q_seg_ref is None else q_seg_ref[rows]
-            keep_t = _tile_keep(masks_t_ref, q_mask_ref[th, j, n], kv_seg, q_seg)  # [bkv, bq]
+            queries = pl.ds(q_block_ref[row, j, entry] * bq, bq)
+            q = q_ref[g, queries, :]
+            do = do_ref[g, queries, :]
+            q_seg = None if q_seg_ref is None else q_seg_ref[queries]
+            keep_t = _tile_keep(masks_t_ref, q_mask_ref[row, j, entry], kv_seg, q_seg)  # [bkv, bq]
             s_t = dot(k, q, NT_DIMS, precision) * scale
-            p_t = jnp.where(keep_t, jnp.exp(s_t - lse_ref[g, rows][None, :]), 0.0)
+            p_t = jnp.where(keep_t, jnp.exp(s_t - lse_ref[g, queries][None, :]), 0.0)
             dv = dv + dot(p_t.astype(do.dtype), do, NN_DIMS, precision)
-            ds_t = p_t * (dot(v, do, NT_DIMS, precision) - delta_ref[g, rows][None, :])
+            ds_t = p_t * (dot(v, do, NT_DIMS, precision) - delta_ref[g, queries][None, :])
             return dk + dot(ds_t.astype(q.dtype), q, NN_DIMS, precision), dv
 
         return visit
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for g in range(groups):
-        carry = lax.fori_loop(0, q_count_ref[th, j], visit_head(g), carry)
+        carry = lax.fori_loop(0, q_count_ref[row, j], visit_head(g), carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: float, interpret: bool):
-    """Gradients ``(dq, dk, dv)`` of :func:`forward`; ``lse``/``delta`` are ``[B, Hkv, G, Tp]`` float32."""
-    B, Hkv, G, Tp, Dp = q.shape
+    """Gradients ``(dq, dk, dv)`` of :func:`forward`; ``lse``/``delta`` are ``[B, K, G, Tp]`` float32."""
+    B, K, G, Tp, Hp = q.shape
     Sp = k.shape[2]
     bq, bkv = tables.block_q, tables.block_kv
-    Hq = Hkv * G
+    N = K * G
     shared = tables.num_heads == 1
     prec = precision_for(q.dtype)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that saw nothing are fully masked in every tile
-    params = triton_compiler_params(num_warps=_num_warps(bq, bkv, Dp), num_stages=2)
+    params = triton_compiler_params(num_warps=_num_warps(bq, bkv, Hp), num_stages=2)
     kw = dict(scale=scale, groups=G, shared=shared, precision=prec)
 
-    q_spec = pl.BlockSpec((None, None, bq, Dp), lambda i, b, h: (b, h, i, 0))
-    kv_slab = pl.BlockSpec((None, None, Sp, Dp), lambda i, b, h: (b, h // G, 0, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    q_spec = pl.BlockSpec((None, None, bq, Hp), lambda i, b, head: (b, head, i, 0))
+    kv_slab = pl.BlockSpec((None, None, Sp, Hp), lambda i, b, head: (b, head // G, 0, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, head: (b, head, i))
     in_specs = [
         _full(tables.kv_block.shape),
         _full(tables.kv_mask.shape),
@@ -275,26 +272,26 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
         jnp.asarray(tables.kv_block),
         jnp.asarray(tables.kv_mask),
         jnp.asarray(tables.kv_count),
-        q.reshape(B, Hq, Tp, Dp),
+        q.reshape(B, N, Tp, Hp),
         k,
         v,
         jnp.asarray(tables.masks),
-        do.reshape(B, Hq, Tp, Dp),
-        lse.reshape(B, Hq, Tp),
-        delta.reshape(B, Hq, Tp),
+        do.reshape(B, N, Tp, Hp),
+        lse.reshape(B, N, Tp),
+        delta.reshape(B, N, Tp),
     ]
     if segments is not None:
         in_specs += [
-            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-            pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((None, bq), lambda i, b, head: (b, i)),
+            pl.BlockSpec((None, Sp), lambda i, b, head: (b, 0)),
         ]
         operands += [segments["q"], segments["kv"]]
     dq = pl.pallas_call(
         functools.partial(
             _with_optional_segments, body=_dq_kernel, num_before=10, has_segments=segments is not None, kw=kw
         ),
-        out_shape=jax.ShapeDtypeStruct((B, Hq, Tp, Dp), q.dtype),
-        grid=(tables.num_q_blocks, B, Hq),
+        out_shape=jax.ShapeDtypeStruct((B, N, Tp, Hp), q.dtype),
+        grid=(tables.num_q_blocks, B, N),
         in_specs=in_specs,
         out_specs=q_spec,
         compiler_params=params,
@@ -302,9 +299,9 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
         name="block_sparse_attention_dq",
     )(*operands)
 
-    group_slab = pl.BlockSpec((None, None, G, Tp, Dp), lambda j, b, h: (b, h, 0, 0, 0))
-    group_rows = pl.BlockSpec((None, None, G, Tp), lambda j, b, h: (b, h, 0, 0))
-    kv_tile = pl.BlockSpec((None, None, bkv, Dp), lambda j, b, h: (b, h, j, 0))
+    group_slab = pl.BlockSpec((None, None, G, Tp, Hp), lambda j, b, head: (b, head, 0, 0, 0))
+    group_rows = pl.BlockSpec((None, None, G, Tp), lambda j, b, head: (b, head, 0, 0))
+    kv_tile = pl.BlockSpec((None, None, bkv, Hp), lambda j, b, head: (b, head, j, 0))
     in_specs = [
         _full(tables.q_block.shape),
         _full(tables.q_mask.shape),
@@ -331,8 +328,8 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     ]
     if segments is not None:
         in_specs += [
-            pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0)),
-            pl.BlockSpec((None, bkv), lambda j, b, h: (b, j)),
+            pl.BlockSpec((None, Tp), lambda j, b, head: (b, 0)),
+            pl.BlockSpec((None, bkv), lambda j, b, head: (b, j)),
         ]
         operands += [segments["q"], segments["kv"]]
     dk, dv = pl.pallas_call(
@@ -340,7 +337,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
             _with_optional_segments, body=_dkv_kernel, num_before=10, has_segments=segments is not None, kw=kw
         ),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(tables.num_kv_blocks, B, Hkv),
+        grid=(tables.num_kv_blocks, B, K),
         in_specs=in_specs,
         out_specs=[kv_tile, kv_tile],
         compiler_params=params,

@@ -1,8 +1,8 @@
 """jnp reference of the block-sparse kernels: the same ``BlockTables`` expanded to a dense mask.
 
-It takes and returns exactly what ``block_sparse_tpu.forward`` / ``block_sparse_gpu.forward`` do (padded operands,
-``[B, Hkv, G, Tp]`` log-sum-exp), so a kernel and its reference can be compared tile for tile. Memory is
-``O(T x S)``: for tests and small shapes.
+It takes and returns exactly what ``block_sparse_tpu.forward`` / ``block_sparse_gpu.forward`` do (padded operands
+``q [B, K, G, Tp, Hp]``, ``k``/``v [B, K, Sp, Hp]``; log-sum-exp ``[B, K, G, Tp]``), so a kernel and its reference
+can be compared tile for tile. Memory is ``O(T x S)``: for tests and small shapes.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from qv_jax.kernels.block_tables import BlockTables
 
 @functools.lru_cache(maxsize=32)
 def _padded_mask(tables: BlockTables) -> np.ndarray:
-    """``[H, Tp, Sp]`` bool: the tables' element mask, padding rows and columns masked out."""
+    """``[rows, Tp, Sp]`` bool: the tables' element mask, padding rows and columns masked out."""
     mask = tables.element_mask()
-    H = mask.shape[0]
-    out = np.zeros((H, tables.num_q_blocks * tables.block_q, tables.num_kv_blocks * tables.block_kv), bool)
+    rows = mask.shape[0]
+    out = np.zeros((rows, tables.num_q_blocks * tables.block_q, tables.num_kv_blocks * tables.block_kv), bool)
     out[:, : tables.q_len, : tables.kv_len] = mask
     return out
 
 
 def _allowed(tables: BlockTables, segments):
-    allowed = jnp.asarray(_padded_mask(tables))[None, :, None]  # [1, H, 1, Tp, Sp]
+    allowed = jnp.asarray(_padded_mask(tables))[None, :, None]  # [1, rows, 1, Tp, Sp]
     if segments is not None:
         q_seg, kv_seg = segments["q"], segments["kv"]
         same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg >= 0)[:, None, :]
@@ -35,7 +35,7 @@ def _allowed(tables: BlockTables, segments):
 
 
 def _logits(q, k, scale):
-    return jnp.einsum("BKGTD,BKSD->BKGTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    return jnp.einsum("BKGTH,BKSH->BKGTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
 
 
 def forward(q, k, v, tables: BlockTables, segments, *, scale: float):
@@ -46,7 +46,7 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float):
     p = jnp.exp(s - m_safe[..., None])
     denom = jnp.sum(p, axis=-1)
     l_safe = jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("BKGTS,BKSD->BKGTD", p, v.astype(jnp.float32)) / l_safe[..., None]
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", p, v.astype(jnp.float32)) / l_safe[..., None]
     lse = jnp.where(denom > 0, m_safe + jnp.log(l_safe), -jnp.inf)
     return out.astype(q.dtype), lse
 
@@ -60,9 +60,9 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     p = jnp.where(_allowed(tables, segments), jnp.exp(_logits(q, k, scale) - lse[..., None]), 0.0)
     do = do.astype(jnp.float32)
-    dv = jnp.einsum("BKGTS,BKGTD->BKSD", p, do)
-    dp = jnp.einsum("BKGTD,BKSD->BKGTS", do, v.astype(jnp.float32))
+    dv = jnp.einsum("BKGTS,BKGTH->BKSH", p, do)
+    dp = jnp.einsum("BKGTH,BKSH->BKGTS", do, v.astype(jnp.float32))
     ds = p * (dp - delta[..., None])
-    dq = jnp.einsum("BKGTS,BKSD->BKGTD", ds, k.astype(jnp.float32)) * scale
-    dk = jnp.einsum("BKGTS,BKGTD->BKSD", ds, q.astype(jnp.float32)) * scale
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", ds, k.astype(jnp.float32)) * scale
+    dk = jnp.einsum("BKGTS,BKGTH->BKSH", ds, q.astype(jnp.float32)) * scale
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

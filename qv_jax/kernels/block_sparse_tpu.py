@@ -1,19 +1,11 @@
 """Block-sparse flash attention for TPU (Mosaic): forward, dq and dk/dv kernels driven by ``BlockTables``.
 
-Grid. The visit lists of every (KV head, query block) row are flattened into one list of *steps*, scalar-prefetched
-into SMEM, and the grid is ``(batch, step)``: a step names the KV head, the query block, the key block to load and
-its mask, and whether it starts or ends its row. So the kernel runs exactly one grid step per visited tile (plus one
-per row that visits nothing, to write its zero output) whatever mix of dense and streaming heads the tables hold;
-padding each row to the longest row would make a streaming head cost as many grid steps as a dense one. Consecutive
-steps of a row keep the same output block index, so the output tile stays in VMEM while the row accumulates.
-
-GQA. The ``G`` query heads of a KV group share the pattern, so a step loads one K/V tile and runs all ``G`` heads
-against it (q / out tiles are ``[G, block_q, D]``).
-
-Layouts follow the TPU vreg (8 sublanes x 128 lanes): per-row statistics are kept lane-replicated ``[rows, 128]``;
-the dk/dv kernel works key-major (``s^T = k q^T``) so that per-query statistics enter as rows ``[8, block_q]``.
-Head dims are padded to a multiple of 128 and sequence lengths to the block sizes by the caller
-(``kernels.block_sparse``).
+Grid ``(batch, step)``: the visit lists of every (KV head, query block), or (KV head, key block) for dk/dv, are
+flattened into one step list scalar-prefetched into SMEM, so a streaming head costs only its visited tiles, and a
+list's output block stays in VMEM while the list accumulates. A step runs the ``G`` query heads of its KV group
+against one key / value tile (q / out tiles ``[G, block_q, Hp]``). Per-query statistics are lane-replicated
+``[block_q, 128]``; the key-major dk/dv kernel (``s^T = k q^T``) takes them as sublane rows ``[8, block_q]``.
+Operands come padded from ``kernels.block_sparse``; see docs/attention.md, "How the kernels skip work".
 """
 
 from __future__ import annotations
@@ -46,74 +38,77 @@ from qv_jax.kernels.flash import (
     softmax_step_lanes,
 )
 
-# a step is two int32 words: (q_block << 16 | kv_block) and (head << 24 | flags << 21 | mask_index + 1)
+# a step is two int32 words: (block << 16 | visited block) and (kv_head << 24 | flags << 21 | mask_index + 1)
 _FIRST, _LAST, _COMPUTE = 1, 2, 4
 _BLOCK_BITS, _MASK_BITS = 16, 21
 
 
-def flatten_steps(count: np.ndarray, blocks: np.ndarray, masks: np.ndarray, num_heads: int) -> np.ndarray:
-    """Pack visit lists ``[H, R, V]`` (H = 1 or ``num_heads``) into ``[2, N]`` int32 step words, head-major."""
-    rows = []
-    for h in range(num_heads):
-        th = h if count.shape[0] > 1 else 0
-        for r in range(count.shape[1]):
-            n = int(count[th, r])
-            visits = max(n, 1)
-            blk = blocks[th, r, :visits].astype(np.int64)
-            msk = masks[th, r, :visits].astype(np.int64)
+def flatten_steps(count: np.ndarray, blocks: np.ndarray, masks: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """Pack visit lists ``[rows, blocks, visits]`` (rows = 1 or ``num_kv_heads``) into ``[2, steps]`` int32 step
+    words, KV-head-major."""
+    lists = []
+    for head in range(num_kv_heads):
+        row = head if count.shape[0] > 1 else 0
+        for block in range(count.shape[1]):
+            num_visits = int(count[row, block])
+            visits = max(num_visits, 1)  # a list that visits nothing still writes its (zero) output
+            blk = blocks[row, block, :visits].astype(np.int64)
+            msk = masks[row, block, :visits].astype(np.int64)
             flags = np.zeros(visits, np.int64)
             flags[0] |= _FIRST
             flags[-1] |= _LAST
-            if n:
+            if num_visits:
                 flags |= _COMPUTE
-            rows.append((np.full(visits, r), blk, np.full(visits, h), flags, msk))
-    r, blk, h, flags, msk = (np.concatenate(x) for x in zip(*rows, strict=True))
-    if max(r.max(), blk.max()) >= 1 << _BLOCK_BITS or msk.max() + 1 >= 1 << _MASK_BITS or h.max() >= 1 << 7:
+            lists.append((np.full(visits, block), blk, np.full(visits, head), flags, msk))
+    own, blk, head, flags, msk = (np.concatenate(x) for x in zip(*lists, strict=True))
+    if max(own.max(), blk.max()) >= 1 << _BLOCK_BITS or msk.max() + 1 >= 1 << _MASK_BITS or head.max() >= 1 << 7:
         raise ValueError("block tables too large to pack into step words")
-    word0 = (r << _BLOCK_BITS) | blk
-    word1 = (h << 24) | (flags << _MASK_BITS) | (msk + 1)
+    word0 = (own << _BLOCK_BITS) | blk
+    word1 = (head << 24) | (flags << _MASK_BITS) | (msk + 1)
     return np.stack([word0, word1]).astype(np.int32)
 
 
-def _decode(steps_ref, n):
-    """(row block, visited block, head, mask index, flags) of step ``n``."""
-    w0 = steps_ref[0, n]
-    w1 = steps_ref[1, n]
-    row = lax.shift_right_logical(w0, _BLOCK_BITS)
-    col = jnp.bitwise_and(w0, (1 << _BLOCK_BITS) - 1)
+def _decode(steps_ref, step):
+    """(block whose list it walks, visited block, KV head, mask index, flags) of ``step``."""
+    w0 = steps_ref[0, step]
+    w1 = steps_ref[1, step]
+    own = lax.shift_right_logical(w0, _BLOCK_BITS)
+    visited = jnp.bitwise_and(w0, (1 << _BLOCK_BITS) - 1)
     head = lax.shift_right_logical(w1, 24)
     flags = jnp.bitwise_and(lax.shift_right_logical(w1, _MASK_BITS), 7)
     mask = jnp.bitwise_and(w1, (1 << _MASK_BITS) - 1) - 1
-    return row, col, head, mask, flags
+    return own, visited, head, mask, flags
 
 
-def _row_map(b, n, steps_ref, *_):
-    """Block index of the step's row in a ``[B, Hkv, G, T, ...]`` operand (q, dO, outputs, per-row statistics)."""
-    row, _, h, _, _ = _decode(steps_ref, n)
-    return b, h, 0, row, 0
+def _q_map(b, step, steps_ref, *_):
+    """Block index of the step's query block in a ``[B, K, G, Tp, ...]`` operand (q, dO, outputs, per-query
+    statistics)."""
+    q_blk, _, head, _, _ = _decode(steps_ref, step)
+    return b, head, 0, q_blk, 0
 
 
-def _col_map(b, n, steps_ref, *_):
-    """Block index of the step's visited block in a ``[B, Hkv, S, D]`` operand (k, v)."""
-    _, col, h, _, _ = _decode(steps_ref, n)
-    return b, h, col, 0
+def _kv_map(b, step, steps_ref, *_):
+    """Block index of the step's key block in a ``[B, K, Sp, Hp]`` operand (k, v)."""
+    _, kv_blk, head, _, _ = _decode(steps_ref, step)
+    return b, head, kv_blk, 0
 
 
-def _mask_map(b, n, steps_ref, *_):
+def _mask_map(b, step, steps_ref, *_):
     """The step's element mask (any one for a full tile, which never reads it)."""
-    return jnp.maximum(_decode(steps_ref, n)[3], 0), 0, 0
+    return jnp.maximum(_decode(steps_ref, step)[3], 0), 0, 0
 
 
-def _segment_inputs(row_ids, col_ids, rows: int, cols: int) -> tuple[list, list]:
-    """Block specs and operands for the segment ids ``[B, N]`` of the step's row block, lane-replicated
-    ``[rows, 128]``, and of its visited block, sublane-replicated ``[8, cols]`` (whole vregs for the equality test)."""
+def _segment_inputs(own_ids, visited_ids, own_block: int, visited_block: int) -> tuple[list, list]:
+    """Block specs and operands for the segment ids (``[B, Tp]`` / ``[B, Sp]``) of the step's own block,
+    lane-replicated ``[own_block, 128]``, and of its visited block, sublane-replicated ``[8, visited_block]`` (whole
+    vregs for the equality test)."""
     specs = [
-        pl.BlockSpec((None, rows, LANES), lambda b, n, s, *_: (b, _decode(s, n)[0], 0)),
-        pl.BlockSpec((None, SUBLANES, cols), lambda b, n, s, *_: (b, 0, _decode(s, n)[1])),
+        pl.BlockSpec((None, own_block, LANES), lambda b, step, s, *_: (b, _decode(s, step)[0], 0)),
+        pl.BlockSpec((None, SUBLANES, visited_block), lambda b, step, s, *_: (b, 0, _decode(s, step)[1])),
     ]
     operands = [
-        jnp.broadcast_to(row_ids[:, :, None], (*row_ids.shape, LANES)),
-        jnp.broadcast_to(col_ids[:, None, :], (col_ids.shape[0], SUBLANES, col_ids.shape[1])),
+        jnp.broadcast_to(own_ids[:, :, None], (*own_ids.shape, LANES)),
+        jnp.broadcast_to(visited_ids[:, None, :], (visited_ids.shape[0], SUBLANES, visited_ids.shape[1])),
     ]
     return specs, operands
 
@@ -151,8 +146,8 @@ def _fwd_kernel(
     num_q_blocks,
     precision,
 ):
-    b, n = pl.program_id(0), pl.program_id(1)
-    q_blk, kv_blk, _, mask_idx, flags = _decode(steps_ref, n)
+    b, step = pl.program_id(0), pl.program_id(1)
+    q_blk, kv_blk, _, mask_idx, flags = _decode(steps_ref, step)
     bkv = mask_ref.shape[1]
 
     @pl.when(jnp.bitwise_and(flags, _FIRST) != 0)
@@ -186,19 +181,19 @@ def _fwd_kernel(
 def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: bool):
     """Block-sparse attention forward on padded operands.
 
-    ``q [B, Hkv, G, Tp, Dp]``, ``k``/``v [B, Hkv, Sp, Dp]`` (``Tp``/``Sp`` multiples of the block sizes, ``Dp`` of
+    ``q [B, K, G, Tp, Hp]``, ``k``/``v [B, K, Sp, Hp]`` (``Tp``/``Sp`` multiples of the block sizes, ``Hp`` of
     128); ``segments`` is ``None`` or the dict built by ``segment_operands``. Returns ``out`` shaped like ``q`` and
-    the log-sum-exp ``[B, Hkv, G, Tp]`` float32.
+    the log-sum-exp ``[B, K, G, Tp]`` float32.
     """
-    B, Hkv, G, Tp, Dp = q.shape
+    B, K, G, Tp, Hp = q.shape
     bq, bkv = tables.block_q, tables.block_kv
-    steps = jnp.asarray(_fwd_steps(tables, Hkv))
-    nq = tables.num_q_blocks
+    steps = jnp.asarray(_fwd_steps(tables, K))
+    q_blocks = tables.num_q_blocks
 
     in_specs = [
-        pl.BlockSpec((None, None, G, bq, Dp), _row_map),
-        pl.BlockSpec((None, None, bkv, Dp), _col_map),
-        pl.BlockSpec((None, None, bkv, Dp), _col_map),
+        pl.BlockSpec((None, None, G, bq, Hp), _q_map),
+        pl.BlockSpec((None, None, bkv, Hp), _kv_map),
+        pl.BlockSpec((None, None, bkv, Hp), _kv_map),
         pl.BlockSpec((None, bq, bkv), _mask_map),
     ]
     operands = [q, k, v, jnp.asarray(tables.masks)]
@@ -215,26 +210,26 @@ def forward(q, k, v, tables: BlockTables, segments, *, scale: float, interpret: 
         body=_fwd_kernel,
         has_segments=segments is not None,
         num_inputs=4,
-        kw=dict(scale=scale, groups=G, num_q_blocks=nq, precision=precision_for(q.dtype)),
+        kw=dict(scale=scale, groups=G, num_q_blocks=q_blocks, precision=precision_for(q.dtype)),
     )
     out, lse = pl.pallas_call(
         kernel,
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((B, Hkv, G, Tp, LANES), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, G, Tp, LANES), jnp.float32),
         ],
         grid_spec=prefetch_scalar_grid_spec(
             num_scalar_prefetch=len(prefetch),
             grid=(B, steps.shape[1]),
             in_specs=in_specs,
             out_specs=[
-                pl.BlockSpec((None, None, G, bq, Dp), _row_map),
-                pl.BlockSpec((None, None, G, bq, LANES), _row_map),
+                pl.BlockSpec((None, None, G, bq, Hp), _q_map),
+                pl.BlockSpec((None, None, G, bq, LANES), _q_map),
             ],
             scratch_shapes=[
                 tpu_vmem((G, bq, LANES), jnp.float32),
                 tpu_vmem((G, bq, LANES), jnp.float32),
-                tpu_vmem((G, bq, Dp), jnp.float32),
+                tpu_vmem((G, bq, Hp), jnp.float32),
             ],
         ),
         compiler_params=tpu_compiler_params(("parallel", "arbitrary")),
@@ -279,8 +274,8 @@ def _dq_kernel(
     num_q_blocks,
     precision,
 ):
-    b, n = pl.program_id(0), pl.program_id(1)
-    q_blk, kv_blk, _, mask_idx, flags = _decode(steps_ref, n)
+    b, step = pl.program_id(0), pl.program_id(1)
+    q_blk, kv_blk, _, mask_idx, flags = _decode(steps_ref, step)
     bkv = mask_ref.shape[1]
 
     @pl.when(jnp.bitwise_and(flags, _FIRST) != 0)
@@ -332,8 +327,8 @@ def _dkv_kernel(
     num_q_blocks,
     precision,
 ):
-    b, n = pl.program_id(0), pl.program_id(1)
-    kv_blk, q_blk, _, mask_idx, flags = _decode(steps_ref, n)
+    b, step = pl.program_id(0), pl.program_id(1)
+    kv_blk, q_blk, _, mask_idx, flags = _decode(steps_ref, step)
     bq = mask_t_ref.shape[1]
 
     @pl.when(jnp.bitwise_and(flags, _FIRST) != 0)
@@ -375,28 +370,28 @@ def _dkv_kernel(
 def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: float, interpret: bool):
     """Gradients of :func:`forward` on padded operands: ``(dq, dk, dv)``.
 
-    ``lse`` and ``delta`` (``rowsum(dO * O)`` minus any cotangent of the log-sum-exp) are ``[B, Hkv, G, Tp]``
+    ``lse`` and ``delta`` (``rowsum(dO * O)`` minus any cotangent of the log-sum-exp) are ``[B, K, G, Tp]``
     float32; rows that saw no key must carry ``lse = -inf`` and get zero gradients.
     """
-    B, Hkv, G, Tp, Dp = q.shape
+    B, K, G, Tp, Hp = q.shape
     bq, bkv = tables.block_q, tables.block_kv
-    nq = tables.num_q_blocks
+    q_blocks = tables.num_q_blocks
     interpret_arg = tpu_interpret_params() if interpret else False
     prec = precision_for(q.dtype)
     # rows that saw nothing have lse = -inf; any finite value works there because every key of the row is masked
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
     # dq: by query block, like the forward
-    steps = jnp.asarray(_fwd_steps(tables, Hkv))
-    lanes_shape = (B, Hkv, G, Tp, LANES)
+    steps = jnp.asarray(_fwd_steps(tables, K))
+    lanes_shape = (B, K, G, Tp, LANES)
     in_specs = [
-        pl.BlockSpec((None, None, G, bq, Dp), _row_map),
-        pl.BlockSpec((None, None, bkv, Dp), _col_map),
-        pl.BlockSpec((None, None, bkv, Dp), _col_map),
+        pl.BlockSpec((None, None, G, bq, Hp), _q_map),
+        pl.BlockSpec((None, None, bkv, Hp), _kv_map),
+        pl.BlockSpec((None, None, bkv, Hp), _kv_map),
         pl.BlockSpec((None, bq, bkv), _mask_map),
-        pl.BlockSpec((None, None, G, bq, Dp), _row_map),
-        pl.BlockSpec((None, None, G, bq, LANES), _row_map),
-        pl.BlockSpec((None, None, G, bq, LANES), _row_map),
+        pl.BlockSpec((None, None, G, bq, Hp), _q_map),
+        pl.BlockSpec((None, None, G, bq, LANES), _q_map),
+        pl.BlockSpec((None, None, G, bq, LANES), _q_map),
     ]
     operands = [
         q,
@@ -413,7 +408,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
         in_specs += seg_specs
         operands += seg_operands
         prefetch.append(segments["ranges"])
-    kw = dict(scale=scale, groups=G, num_q_blocks=nq, precision=prec)
+    kw = dict(scale=scale, groups=G, num_q_blocks=q_blocks, precision=prec)
     dq = pl.pallas_call(
         functools.partial(_kernel_adapter, body=_dq_kernel, has_segments=segments is not None, num_inputs=7, kw=kw),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -421,8 +416,8 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
             num_scalar_prefetch=len(prefetch),
             grid=(B, steps.shape[1]),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, G, bq, Dp), _row_map),
-            scratch_shapes=[tpu_vmem((G, bq, Dp), jnp.float32)],
+            out_specs=pl.BlockSpec((None, None, G, bq, Hp), _q_map),
+            scratch_shapes=[tpu_vmem((G, bq, Hp), jnp.float32)],
         ),
         compiler_params=tpu_compiler_params(("parallel", "arbitrary")),
         interpret=interpret_arg,
@@ -430,29 +425,29 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
     )(*prefetch, *operands)
 
     # dk / dv: by key block, key-major
-    steps_t = jnp.asarray(_bwd_steps(tables, Hkv))
+    steps_t = jnp.asarray(_bwd_steps(tables, K))
 
-    def q_map_t(b, n, s, *_):
-        _, col, h, _, _ = _decode(s, n)
-        return b, h, 0, col, 0
+    def q_map_t(b, step, s, *_):
+        _, q_blk, head, _, _ = _decode(s, step)
+        return b, head, 0, q_blk, 0
 
-    def row_map_t(b, n, s, *_):
-        _, col, h, _, _ = _decode(s, n)
-        return b, h, 0, 0, col
+    def stats_map_t(b, step, s, *_):
+        _, q_blk, head, _, _ = _decode(s, step)
+        return b, head, 0, 0, q_blk
 
-    def kv_map_t(b, n, s, *_):
-        row, _, h, _, _ = _decode(s, n)
-        return b, h, row, 0
+    def kv_map_t(b, step, s, *_):
+        kv_blk, _, head, _, _ = _decode(s, step)
+        return b, head, kv_blk, 0
 
-    rows_shape = (B, Hkv, G, SUBLANES, Tp)
+    sublanes_shape = (B, K, G, SUBLANES, Tp)
     in_specs = [
-        pl.BlockSpec((None, None, G, bq, Dp), q_map_t),
-        pl.BlockSpec((None, None, bkv, Dp), kv_map_t),
-        pl.BlockSpec((None, None, bkv, Dp), kv_map_t),
+        pl.BlockSpec((None, None, G, bq, Hp), q_map_t),
+        pl.BlockSpec((None, None, bkv, Hp), kv_map_t),
+        pl.BlockSpec((None, None, bkv, Hp), kv_map_t),
         pl.BlockSpec((None, bkv, bq), _mask_map),
-        pl.BlockSpec((None, None, G, bq, Dp), q_map_t),
-        pl.BlockSpec((None, None, G, SUBLANES, bq), row_map_t),
-        pl.BlockSpec((None, None, G, SUBLANES, bq), row_map_t),
+        pl.BlockSpec((None, None, G, bq, Hp), q_map_t),
+        pl.BlockSpec((None, None, G, SUBLANES, bq), stats_map_t),
+        pl.BlockSpec((None, None, G, SUBLANES, bq), stats_map_t),
     ]
     operands = [
         q,
@@ -460,8 +455,8 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
         v,
         jnp.asarray(tables.masks_t),
         do,
-        jnp.broadcast_to(lse[..., None, :], rows_shape),
-        jnp.broadcast_to(delta[..., None, :], rows_shape),
+        jnp.broadcast_to(lse[..., None, :], sublanes_shape),
+        jnp.broadcast_to(delta[..., None, :], sublanes_shape),
     ]
     prefetch = [steps_t]
     if segments is not None:
@@ -469,7 +464,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
         in_specs += seg_specs
         operands += seg_operands
         prefetch.append(segments["ranges"])
-    kv_spec = pl.BlockSpec((None, None, bkv, Dp), kv_map_t)
+    kv_spec = pl.BlockSpec((None, None, bkv, Hp), kv_map_t)
     dk, dv = pl.pallas_call(
         functools.partial(_kernel_adapter, body=_dkv_kernel, has_segments=segments is not None, num_inputs=7, kw=kw),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -478,7 +473,7 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
             grid=(B, steps_t.shape[1]),
             in_specs=in_specs,
             out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[tpu_vmem((bkv, Dp), jnp.float32), tpu_vmem((bkv, Dp), jnp.float32)],
+            scratch_shapes=[tpu_vmem((bkv, Hp), jnp.float32), tpu_vmem((bkv, Hp), jnp.float32)],
         ),
         compiler_params=tpu_compiler_params(("parallel", "arbitrary")),
         interpret=interpret_arg,
@@ -488,10 +483,10 @@ def backward(q, k, v, tables: BlockTables, segments, lse, delta, do, *, scale: f
 
 
 @functools.lru_cache(maxsize=64)
-def _fwd_steps(tables: BlockTables, num_heads: int) -> np.ndarray:
-    return flatten_steps(tables.kv_count, tables.kv_block, tables.kv_mask, num_heads)
+def _fwd_steps(tables: BlockTables, num_kv_heads: int) -> np.ndarray:
+    return flatten_steps(tables.kv_count, tables.kv_block, tables.kv_mask, num_kv_heads)
 
 
 @functools.lru_cache(maxsize=64)
-def _bwd_steps(tables: BlockTables, num_heads: int) -> np.ndarray:
-    return flatten_steps(tables.q_count, tables.q_block, tables.q_mask, num_heads)
+def _bwd_steps(tables: BlockTables, num_kv_heads: int) -> np.ndarray:
+    return flatten_steps(tables.q_count, tables.q_block, tables.q_mask, num_kv_heads)

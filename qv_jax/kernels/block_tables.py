@@ -1,21 +1,10 @@
-"""Block tables: the precomputed metadata that drives the block-sparse attention kernels.
+"""Block tables: the precomputed visit lists that drive the block-sparse attention kernels.
 
-What attends to what (a head pattern, see ``qv_jax.attention.patterns``) is decided on the host. It reaches the
-kernels in this form only: for a grid of ``block_q x block_kv`` tiles over the (query, key) plane, each tile is
-*empty* (never visited), *full* (every query row of the tile sees every key) or *partial* (it needs an element mask,
-stored once per distinct mask in ``masks``). The kernels read two views of the same tiles:
-
-- by query block (forward and dq): ``kv_block[h, i, :kv_count[h, i]]`` are the key blocks query block ``i`` visits,
-  in increasing order, and ``kv_mask`` says for each one ``-1`` (full) or the index of its element mask;
-- by key block (dk / dv): ``q_block[h, j, :q_count[h, j]]`` and ``q_mask`` the same, transposed.
-
-Entries past the count repeat the last real entry, so a pipelined kernel that runs a fixed number of steps asks for
-the same block again (no new copy) and skips the compute. ``h`` ranges over the KV heads, or is a single row shared
-by every head when all heads have the same pattern.
-
-Element masks are ``int8 [U, block_q, block_kv]`` (1 = attend) with ``masks_t`` their transposes (the dk / dv kernels
-compute in key-major orientation). Query rows past ``q_len`` (block padding) are don't-care and set to 1; key
-columns past ``kv_len`` are 0, so padding never needs its own mask.
+A head pattern (``qv_jax.attention.patterns``) is compiled on the host into a grid of ``block_q x block_kv`` tiles,
+each *empty* (never visited), *full* (every query of the tile sees every key) or *partial* (an element mask, stored
+once per distinct mask in ``masks``). The kernels read two views of the grid: by query block (forward, dq) and by key
+block (dk / dv). Tables have ``rows``: one per KV head, or a single row when every head shares one pattern.
+See docs/attention.md, "How the kernels skip work".
 """
 
 from __future__ import annotations
@@ -32,6 +21,15 @@ FULL = -1
 class BlockTables:
     """Visit lists of a block-sparse attention, by query block and by key block (numpy, int32 / int8).
 
+    ``kv_block[row, i, :kv_count[row, i]]`` are the key blocks query block ``i`` visits, in increasing order, and
+    ``kv_mask`` says for each one ``FULL`` or the index of its element mask; ``q_block`` / ``q_mask`` / ``q_count``
+    are the same by key block. Entries past the count repeat the last real entry, so a pipelined kernel that runs a
+    fixed number of steps asks for the same block again (no new copy) and skips the compute.
+
+    ``masks`` are 1 where a query attends to a key, ``masks_t`` their transposes (the dk / dv kernels compute
+    key-major). Query rows past ``q_len`` (block padding) are don't-care and set to 1; key columns past ``kv_len`` are
+    0, so padding never needs a mask of its own.
+
     Compared and hashed by identity: build it once per shape (the pattern compiler caches it) and pass the same
     object to jitted functions as a static argument.
     """
@@ -40,14 +38,14 @@ class BlockTables:
     kv_len: int
     block_q: int
     block_kv: int
-    kv_block: np.ndarray  # [H, nq, V] int32
-    kv_mask: np.ndarray  # [H, nq, V] int32, FULL or mask index
-    kv_count: np.ndarray  # [H, nq] int32
-    q_block: np.ndarray  # [H, nk, Vq] int32
-    q_mask: np.ndarray  # [H, nk, Vq] int32
-    q_count: np.ndarray  # [H, nk] int32
-    masks: np.ndarray  # [U, block_q, block_kv] int8
-    masks_t: np.ndarray  # [U, block_kv, block_q] int8
+    kv_block: np.ndarray  # [rows, q_blocks, kv_visits] int32
+    kv_mask: np.ndarray  # [rows, q_blocks, kv_visits] int32, FULL or mask index
+    kv_count: np.ndarray  # [rows, q_blocks] int32
+    q_block: np.ndarray  # [rows, kv_blocks, q_visits] int32
+    q_mask: np.ndarray  # [rows, kv_blocks, q_visits] int32
+    q_count: np.ndarray  # [rows, kv_blocks] int32
+    masks: np.ndarray  # [masks, block_q, block_kv] int8
+    masks_t: np.ndarray  # [masks, block_kv, block_q] int8
 
     @property
     def num_heads(self) -> int:
@@ -71,42 +69,44 @@ class BlockTables:
         return self.q_block.shape[2]
 
     def visited_per_head(self) -> np.ndarray:
-        """Tiles visited for each table row, ``[H]`` int64."""
+        """Tiles visited for each table row, ``[rows]`` int64."""
         return self.kv_count.sum(axis=1, dtype=np.int64)
 
     def tile_states(self) -> np.ndarray:
-        """The dense ``[H, nq, nk]`` state grid these tables were built from (``EMPTY``, ``FULL`` or a mask index)."""
+        """The ``[rows, q_blocks, kv_blocks]`` state grid the tables were built from (``EMPTY``, ``FULL`` or a mask
+        index)."""
         states = np.full((self.num_heads, self.num_q_blocks, self.num_kv_blocks), EMPTY, np.int32)
-        for h in range(self.num_heads):
+        for row in range(self.num_heads):
             for i in range(self.num_q_blocks):
-                n = self.kv_count[h, i]
-                states[h, i, self.kv_block[h, i, :n]] = self.kv_mask[h, i, :n]
+                count = self.kv_count[row, i]
+                states[row, i, self.kv_block[row, i, :count]] = self.kv_mask[row, i, :count]
         return states
 
     def element_mask(self) -> np.ndarray:
-        """The ``[H, q_len, kv_len]`` boolean mask the tables encode (for tests and the jnp reference)."""
+        """The ``[rows, q_len, kv_len]`` boolean mask the tables encode (for tests and the jnp reference)."""
         states = self.tile_states()
-        H, nq, nk = states.shape
+        rows, q_blocks, kv_blocks = states.shape
         bq, bkv = self.block_q, self.block_kv
-        out = np.zeros((H, nq * bq, nk * bkv), bool)
-        for h, i, j in zip(*np.nonzero(states != EMPTY), strict=True):
-            s = states[h, i, j]
-            out[h, i * bq : (i + 1) * bq, j * bkv : (j + 1) * bkv] = True if s == FULL else self.masks[s] != 0
+        out = np.zeros((rows, q_blocks * bq, kv_blocks * bkv), bool)
+        for row, i, j in zip(*np.nonzero(states != EMPTY), strict=True):
+            s = states[row, i, j]
+            out[row, i * bq : (i + 1) * bq, j * bkv : (j + 1) * bkv] = True if s == FULL else self.masks[s] != 0
         out[:, :, self.kv_len :] = False
         return out[:, : self.q_len, : self.kv_len]
 
 
 def _visit_lists(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Compact each row of ``states [H, R, C]`` into (column ids, states, count), padded by repeating the last."""
+    """Compact the last axis of ``states [rows, blocks, other_blocks]`` into (visited block ids, their states,
+    count), each list padded by repeating its last entry."""
     visited = states != EMPTY
     count = visited.sum(axis=2).astype(np.int32)
     width = max(int(count.max(initial=0)), 1)
-    # stable sort puts the visited columns first, in increasing order
+    # stable sort puts the visited blocks first, in increasing order
     order = np.argsort(~visited, axis=2, kind="stable")[:, :, :width].astype(np.int32)
     pad = np.arange(width)[None, None, :] >= count[:, :, None]
     last = np.take_along_axis(order, np.maximum(count - 1, 0)[:, :, None], axis=2)
     ids = np.where(pad, last, order).astype(np.int32)
-    # a row with nothing to visit points at column 0; its count of 0 keeps the kernels from computing
+    # a list with nothing to visit points at block 0; its count of 0 keeps the kernels from computing
     ids = np.where(count[:, :, None] == 0, 0, ids).astype(np.int32)
     tile_state = np.take_along_axis(states, ids, axis=2).astype(np.int32)
     tile_state = np.where(tile_state == EMPTY, FULL, tile_state).astype(np.int32)
@@ -116,10 +116,11 @@ def _visit_lists(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def build_block_tables(
     states: np.ndarray, masks: np.ndarray, *, q_len: int, kv_len: int, block_q: int, block_kv: int
 ) -> BlockTables:
-    """Tables from a tile state grid ``[H, nq, nk]`` (``EMPTY`` / ``FULL`` / index into ``masks [U, bq, bkv]``)."""
+    """Tables from a tile state grid ``[rows, q_blocks, kv_blocks]``: ``EMPTY``, ``FULL`` or an index into
+    ``masks [masks, block_q, block_kv]``."""
     states = np.asarray(states, np.int32)
-    nq, nk = states.shape[1:]
-    if nq != -(-q_len // block_q) or nk != -(-kv_len // block_kv):
+    q_blocks, kv_blocks = states.shape[1:]
+    if q_blocks != -(-q_len // block_q) or kv_blocks != -(-kv_len // block_kv):
         raise ValueError(f"state grid {states.shape} does not tile q_len={q_len} / kv_len={kv_len}")
     masks = np.asarray(masks, np.int8).reshape(-1, block_q, block_kv)
     if masks.shape[0] == 0:  # kernels always take a mask operand; give them one tile they never read

@@ -3,7 +3,7 @@
 - the masking constant, the ``dot_general`` dimension numbers and the precision rule of the tile products;
 - the online-softmax update of one key tile and the final normalisation, in the two layouts the backends keep
   their per-row statistics in: lane-replicated ``[rows, 128]`` on TPU (whole vregs), plain ``[rows]`` vectors for
-  Triton;
+  Triton (``rows``: the query rows of a tile, ``H``: head dim);
 - :func:`merge_by_lse`: attention over the union of disjoint key sets from partial results over each set (split-K
   parts of paged decoding, parts of a long memory, sink + window of a streaming head).
 """
@@ -32,16 +32,17 @@ def dot(a, b, dims, precision):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
-def lanes(x, n: int):
-    """Widen a lane-replicated ``[r, 128]`` array to ``[r, n]`` with whole-vreg copies (TPU)."""
-    if n % LANES == 0:
-        return x if n == LANES else jnp.tile(x, (1, n // LANES))
-    return x[:, :n]
+def lanes(x, width: int):
+    """Widen a lane-replicated ``[rows, 128]`` array to ``[rows, width]`` with whole-vreg copies (TPU)."""
+    if width % LANES == 0:
+        return x if width == LANES else jnp.tile(x, (1, width // LANES))
+    return x[:, :width]
 
 
 def softmax_step_lanes(s, keep, v, m_prev, l_prev, acc_prev, precision):
-    """Fold one tile of scaled logits ``s [r, n]`` (masked where ``keep`` is False) and values ``v [n, D]`` into the
-    running max / sum ``[r, 128]`` (lane-replicated) and output ``[r, D]``; returns the new ``(m, l, acc)``."""
+    """Fold one tile of scaled logits ``s [rows, keys]`` (masked where ``keep`` is False) and values ``v [keys, H]``
+    into the running max / sum ``[rows, 128]`` (lane-replicated) and output ``[rows, H]``; returns the new
+    ``(m, l, acc)``."""
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     p = jnp.where(keep, jnp.exp(s - lanes(m_next, s.shape[1])), 0.0)
     alpha = jnp.exp(m_prev - m_next)
@@ -51,7 +52,7 @@ def softmax_step_lanes(s, keep, v, m_prev, l_prev, acc_prev, precision):
 
 
 def finish_lanes(acc, m, denom):
-    """Normalised float32 output ``[r, D]`` and lane-replicated log-sum-exp ``[r, 128]`` of the running state;
+    """Normalised float32 output ``[rows, H]`` and lane-replicated log-sum-exp ``[rows, 128]`` of the running state;
     rows that saw no key get zeros and ``-inf``."""
     seen = denom > 0.0
     safe = jnp.where(seen, denom, 1.0)
@@ -60,7 +61,7 @@ def finish_lanes(acc, m, denom):
 
 
 def softmax_step(s, keep, v, m_prev, l_prev, acc_prev, precision):
-    """:func:`softmax_step_lanes` with the running max / sum as ``[r]`` vectors (Triton)."""
+    """:func:`softmax_step_lanes` with the running max / sum as ``[rows]`` vectors (Triton)."""
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = jnp.where(keep, jnp.exp(s - m_next[:, None]), 0.0)
     alpha = jnp.exp(m_prev - m_next)
@@ -69,14 +70,14 @@ def softmax_step(s, keep, v, m_prev, l_prev, acc_prev, precision):
 
 
 def finish(acc, m, denom):
-    """:func:`finish_lanes` with ``[r]`` statistics: ``(out [r, D] float32, lse [r])``."""
+    """:func:`finish_lanes` with ``[rows]`` statistics: ``(out [rows, H] float32, lse [rows])``."""
     seen = denom > 0.0
     safe = jnp.where(seen, denom, 1.0)
     return jnp.where(seen[:, None], acc / safe[:, None], 0.0), jnp.where(seen, m + jnp.log(safe), -jnp.inf)
 
 
 def merge_by_lse(out, lse, axis: int):
-    """Merge partial attentions over disjoint key sets, stacked on ``axis`` of ``out [..., D]`` and ``lse [...]``.
+    """Merge partial attentions over disjoint key sets, stacked on ``axis`` of ``out [..., H]`` and ``lse [...]``.
 
     ``lse = logsumexp(lse_i)``, ``out = sum_i exp(lse_i - lse) out_i`` (in float32); a part that saw nothing has
     ``lse = -inf`` and no weight, and if no part saw anything the result is zeros with ``lse = -inf``.

@@ -57,19 +57,23 @@ def logical_page_scores(
     impl: str = "tpu",
     interpret: bool = False,
 ) -> jax.Array:
-    """Scores ``[B, K, NL]`` float32 of ``q [B, K, G, D]`` against key minima / maxima ``[B, K, NL, D]``.
+    """Scores ``[B, K, logical_pages]`` float32 of ``q [B, K, G, H]`` against key minima / maxima
+    ``[B, K, logical_pages, H]``.
 
-    ``page_valid [B, NL]`` bool: False on logical pages with no visible token (their score is ``-inf``).
+    ``page_valid [B, logical_pages]`` bool: False on logical pages with no visible token (their score is ``-inf``).
     """
     if impl not in IMPLEMENTATIONS:
         raise InputError(f"impl={impl!r}: expected one of {IMPLEMENTATIONS}")
     if q.ndim != 4 or k_min.shape != k_max.shape or k_min.ndim != 4:
-        raise InputError(f"page scores want q [B, K, G, D] and k_min/k_max [B, K, NL, D]; got {q.shape}, {k_min.shape}")
-    B, K, G, D = q.shape
-    NL = k_min.shape[2]
-    if k_min.shape[:2] != (B, K) or k_min.shape[3] != D or page_valid.shape != (B, NL):
         raise InputError(
-            f"q {q.shape}, k_min {k_min.shape} and page_valid {page_valid.shape} disagree (want page_valid [B, NL])"
+            f"page scores want q [B, K, G, H] and k_min/k_max [B, K, logical_pages, H]; got {q.shape}, {k_min.shape}"
+        )
+    B, K, G, H = q.shape
+    logical_pages = k_min.shape[2]
+    if k_min.shape[:2] != (B, K) or k_min.shape[3] != H or page_valid.shape != (B, logical_pages):
+        raise InputError(
+            f"q {q.shape}, k_min {k_min.shape} and page_valid {page_valid.shape} disagree "
+            "(want page_valid [B, logical_pages])"
         )
     if impl == "reference":
         return page_select_reference.logical_page_scores(q, k_min, k_max, page_valid.astype(bool))
@@ -81,18 +85,18 @@ def logical_page_scores(
             k_max,
             valid[:, None],
             groups=G,
-            block=tpu_block(NL),
+            block=tpu_block(logical_pages),
             interpret=interpret,
         )
         return out[:, :, 0]
-    if D & (D - 1) or D < 16:
-        raise InputError(f"GPU page selection: head dim {D} must be a power of two >= 16")
+    if H & (H - 1) or H < 16:
+        raise InputError(f"GPU page selection: head dim {H} must be a power of two >= 16")
     return page_select_gpu.forward(
         pad_axis(q, 2, triton_dot_size(G)),
         k_min,
         k_max,
         valid,
         groups=G,
-        block=gpu_block(NL),
+        block=gpu_block(logical_pages),
         interpret=interpret,
     )

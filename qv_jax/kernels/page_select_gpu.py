@@ -3,7 +3,7 @@
 Grid ``(batch, kv_head, page block)``: a program loads the key minima and maxima of ``block`` logical pages and
 scores them against the KV group's query heads (``G`` padded to a power of two >= 16 for ``tl.dot``) as
 ``max(q, 0) kmax^T + min(q, 0) kmin^T``, keeps the maximum over the real query heads and masks pages with no
-visible token. Page validity is an int32 ``[B, NL]`` array (>= 0: visible), shared by the KV heads.
+visible token. Page validity is an int32 ``[B, logical_pages]`` array (>= 0: visible), shared by the KV heads.
 """
 
 from __future__ import annotations
@@ -25,22 +25,23 @@ def _kernel(q_ref, k_min_ref, k_max_ref, valid_ref, o_ref, *, groups):
 
 
 def forward(q, k_min, k_max, page_valid, *, groups: int, block: int, interpret: bool):
-    """``q [B, K, Gp, D]`` (the first ``groups`` rows real; ``Gp``, ``D``, ``block`` powers of two >= 16),
-    ``k_min``/``k_max [B, K, NL, D]``, ``page_valid [B, NL]`` int32. Returns ``[B, K, NL]`` float32."""
-    B, K, Gp, D = q.shape
-    NL = k_min.shape[2]
-    stats = pl.BlockSpec((None, None, block, D), lambda b, h, j: (b, h, j, 0))
+    """``q [B, K, Gp, H]`` (the first ``groups`` rows real; ``Gp``, ``H``, ``block`` powers of two >= 16),
+    ``k_min``/``k_max [B, K, logical_pages, H]``, ``page_valid [B, logical_pages]`` int32. Returns
+    ``[B, K, logical_pages]`` float32."""
+    B, K, Gp, H = q.shape
+    logical_pages = k_min.shape[2]
+    stats = pl.BlockSpec((None, None, block, H), lambda b, head, j: (b, head, j, 0))
     return pl.pallas_call(
         functools.partial(_kernel, groups=groups),
-        out_shape=jax.ShapeDtypeStruct((B, K, NL), jnp.float32),
-        grid=(B, K, NL // block),
+        out_shape=jax.ShapeDtypeStruct((B, K, logical_pages), jnp.float32),
+        grid=(B, K, logical_pages // block),
         in_specs=[
-            pl.BlockSpec((None, None, Gp, D), lambda b, h, j: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, Gp, H), lambda b, head, j: (b, head, 0, 0)),
             stats,
             stats,
-            pl.BlockSpec((None, block), lambda b, h, j: (b, j)),
+            pl.BlockSpec((None, block), lambda b, head, j: (b, j)),
         ],
-        out_specs=pl.BlockSpec((None, None, block), lambda b, h, j: (b, h, j)),
+        out_specs=pl.BlockSpec((None, None, block), lambda b, head, j: (b, head, j)),
         compiler_params=triton_compiler_params(num_warps=4, num_stages=2),
         interpret=interpret,
         name="page_select_scores",
