@@ -1,19 +1,9 @@
 """VideoMemory: the pruned KV cache of one video, reusable for any number of questions, saved with orbax.
 
-With a question-independent score rule (key norms, value norms, random, none) the memory QuickPrefill leaves
-behind — the prompt prefix plus the kept tokens of every group, per layer — does not depend on the question, so
-one encode serves many questions: each question is appended behind it and answered.
-
-A memory only makes sense with the model that made it: its keys and values are that model's activations. It
-carries a :class:`ModelFingerprint` (the model config, the parameter dtype and a digest of a fixed sample of every
-weight tensor), and a model asked to use a memory made by another refuses it with
-:class:`~qv_jax.errors.MemoryMismatchError`.
-
-Directory layout of a saved memory::
-
-    qv_jax_memory.json   {"format": "qv-jax-video-memory", "version": 1, "info": ..., "fingerprint": ...}
-    kv/                  orbax (StandardCheckpointer) checkpoint of {"k": {layer: ...}, "v": ..., "token_index",
-                         "lengths"}, trimmed to the longest layer
+With a question-independent score rule the memory QuickPrefill leaves behind does not depend on the question, so
+one encode serves many questions. A memory only makes sense with the model that made it: it carries a
+:class:`ModelFingerprint`, and another model refuses it with :class:`~qv_jax.errors.MemoryMismatchError`. Saved
+layout: docs/videoqa.md, "Memories".
 """
 
 from __future__ import annotations

@@ -428,25 +428,7 @@ class VideoQA:
             logits, cache = sparse.prefill(
                 m.graphdef, m.state, cache, x, positions, segments, jnp.asarray([asked.length - 1])
             )
-        position_B = jnp.asarray([plan.text_start + asked.length], jnp.int32)
-
-        def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
-            with m.mesh_context():
-                rest, _, cache = sparse.decode_loop(
-                    m.graphdef,
-                    m.state,
-                    cache,
-                    first_B,
-                    position_B,
-                    done_B,
-                    rng,
-                    stop_ids,
-                    jnp.int32(asked.decode.pad_id),
-                    asked.decode.sampling,
-                    num_steps=num_steps,
-                )
-            return rest, cache
-
+        loop = m.decode_loop(sparse, jnp.asarray([plan.text_start + asked.length], jnp.int32), asked.decode)
         tokens, _ = decode_answer(logits, cache, asked.decode, loop)
         token_ids = tokens[0]
         # tokens in the cache: the memory, the question and every generated token but the last

@@ -132,3 +132,14 @@ def test_lazy_exports_name_real_definitions_and_never_a_submodule():
 def test_no_module_is_longer_than_a_sitting():
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_fixtures_serve_only_the_demo_and_sample_clips():
+    """``qv_jax.testing`` is for tests, benchmarks, notebooks and the demo; the library proper never imports it
+    (``qv_jax.video`` names ``make_sample_video`` / ``frame_number`` lazily, for users who make sample clips)."""
+    users = {
+        name
+        for name, path in MODULES.items()
+        if not name.startswith("qv_jax.testing") and any(t.startswith("qv_jax.testing") for t in _edges(name, path))
+    }
+    assert users == {"qv_jax.cli.demo", "qv_jax.cli.decode"}

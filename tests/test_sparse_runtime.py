@@ -14,6 +14,7 @@ from qv_jax.attention import SparsityConfig, dot_product_attention
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
 from qv_jax.errors import ConfigError
 from qv_jax.runtime import VisionLanguageModel, encode, load_model
+from qv_jax.runtime import dense as dense_steps
 from qv_jax.runtime import sparse as sparse_steps
 from qv_jax.testing import tiny_config
 
@@ -59,7 +60,7 @@ def test_no_streaming_heads_and_budget_over_context_equal_dense_decoding():
     assert int(cache.selected_at) == -1  # the context never exceeded the budget
 
     dense = VisionLanguageModel.random(CONFIG, seed=1)
-    want, _ = run_steps(dense, dense.new_cache(2, 128), ids, seg, pos, run=dense)
+    want, _ = run_steps(dense, dense.new_cache(2, 128), ids, seg, pos, run=dense_steps)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -103,7 +104,7 @@ def test_decoding_from_a_prefilled_dense_cache():
     m = VisionLanguageModel.random(CONFIG, seed=3, sparsity=cfg)
     dense = m.new_cache(2, 64)
     x = encode.embed(m.graphdef, m.state, jnp.asarray(ids[:, :PROMPT]))
-    logits, dense = dense.prefill(m.graphdef, m.state, dense, x, jnp.asarray(pos[:, :, :PROMPT]), jnp.asarray(
+    logits, dense = dense_steps.prefill(m.graphdef, m.state, dense, x, jnp.asarray(pos[:, :, :PROMPT]), jnp.asarray(
         seg[:, :PROMPT]))  # fmt: skip
     cache = SparseKVCache.from_dense(dense, m.sparsity, capacity=PROMPT + NEW)
     got = [np.asarray(logits)]

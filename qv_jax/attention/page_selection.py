@@ -1,20 +1,9 @@
-"""LServe's query-aware page selection for retrieval heads (the jnp rule; scoring also on the Pallas kernels).
+"""LServe's query-aware page selection for retrieval heads: score pages by their keys' bounds, pick the best.
 
-The retrieval heads' cache is cut into physical pages of ``page_size`` tokens, each made of logical pages whose
-per-channel key minimum and maximum are kept up to date. At a decode step:
-
-1. **Score** every logical page with the current queries: ``sum_d max(q_d kmax_d, q_d kmin_d)`` per query head (an
-   upper bound of ``q . k`` on the page); a KV head's logical-page score is the maximum over its ``G`` query heads
-   and a physical page's score the maximum over its logical pages. Pages with no visible token score ``-inf``.
-   (LServe selects per query head; one list per KV head lets the decode kernel read each page once for the whole
-   GQA group.)
-2. **Select** the ``budget / page_size - 1`` best pages older than the newest page (ties: the lower page index
-   wins), and always read the newest page, which holds the current token.
-3. **No selection while the context fits**: while ``length <= budget`` every page is read.
-4. **Reuse**: a selection is reused until ``reselect_every`` steps have passed or the newest page changes (a new
-   page starts, and its predecessor must not drop out of the list).
-
-``length`` counts cache slots including the current token (left padding included), the same for every row.
+Every logical page is scored by an upper bound of ``q . k`` from its keys' per-channel min / max (on the Pallas
+kernels too); the best ``budget / page_size - 1`` older pages plus the newest are read, every page while the
+context fits the budget, and a selection is reused for ``reselect_every`` steps or until a new page starts.
+``length`` counts cache slots including the current token. See docs/attention.md, "Sparse decoding".
 """
 
 from __future__ import annotations
@@ -43,9 +32,10 @@ def page_scores(
     ``k_min`` / ``k_max [B, K, logical_pages, H]`` per logical page; ``page_valid [B, logical_pages]`` bool (a
     visible token in the logical page); ``logical_pages = pages * logical_pages_per_page``.
     """
-    logical_BKL = logical_page_scores(q, k_min, k_max, page_valid, backend=backend, kernel=kernel)
-    B, K, L = logical_BKL.shape
-    return jnp.max(logical_BKL.reshape(B, K, L // logical_pages_per_page, logical_pages_per_page), axis=-1)
+    logical = logical_page_scores(q, k_min, k_max, page_valid, backend=backend, kernel=kernel)
+    B, K, logical_pages = logical.shape
+    pages = logical_pages // logical_pages_per_page
+    return jnp.max(logical.reshape(B, K, pages, logical_pages_per_page), axis=-1)
 
 
 def top_pages(scores: Array, newest_page: Array, num_older: int) -> Array:

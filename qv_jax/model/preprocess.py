@@ -1,4 +1,4 @@
-"""On-device preprocessing: uint8 frames ``[T, H, W, 3]`` -> normalised, patchified ``pixel_values_videos``.
+"""On-device preprocessing: uint8 frames ``[frames, height, width, 3]`` -> normalised, patchified pixel values.
 
 This reproduces transformers' Qwen2-VL video / image processors after their resize step (resizing to multiples of
 ``patch_size * merge_size`` happens in the video decoder): rescale by 1/255 and normalise with the CLIP mean and
@@ -44,33 +44,34 @@ def frames_grid(shape: tuple[int, ...], cfg: VisionConfig, *, as_images: bool = 
     return ((-(-t // tp), gh, gw),)
 
 
-def normalize(frames_THWC: Array, mean=CLIP_MEAN, std=CLIP_STD) -> Array:
+def normalize(frames: Array, mean=CLIP_MEAN, std=CLIP_STD) -> Array:
     """uint8 (or float 0..255) frames -> float32 ``(x / 255 - mean) / std`` with the processors' fused constants."""
     scale = np.float32(255.0)
     mean_C = jnp.asarray(np.asarray(mean, np.float32) * scale)
     std_C = jnp.asarray(np.asarray(std, np.float32) * scale)
-    return (frames_THWC.astype(jnp.float32) - mean_C) / std_C
+    return (frames.astype(jnp.float32) - mean_C) / std_C
 
 
-def patchify(frames_THWC: Array, cfg: VisionConfig, *, as_images: bool = False, mean=CLIP_MEAN, std=CLIP_STD):
-    """Frames -> ``(patches [P, C*tp*p*p] float32, grid)``, identical to the HF processor's pixel values.
+def patchify(frames: Array, cfg: VisionConfig, *, as_images: bool = False, mean=CLIP_MEAN, std=CLIP_STD):
+    """Frames ``[frames, height, width, 3]`` -> ``(patches [P, C] float32, grid)``, identical to the HF
+    processor's pixel values (``C = channels * temporal patch * patch * patch``).
 
     With ``as_images`` every frame is a separate image (grid ``(1, h, w)`` each); otherwise the frames are one
     video whose frame count is padded to a multiple of ``temporal_patch_size`` with copies of the last frame.
     """
-    grid = frames_grid(tuple(frames_THWC.shape), cfg, as_images=as_images)
-    x_THWC = normalize(frames_THWC, mean, std)
+    grid = frames_grid(tuple(frames.shape), cfg, as_images=as_images)
+    pixels = normalize(frames, mean, std)  # [frames, height, width, channels]
     tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.spatial_merge_size
-    t, h, w, c = x_THWC.shape
+    t, h, w, c = pixels.shape
     if as_images:
-        x_GtHWC = jnp.broadcast_to(x_THWC[:, None], (t, tp, h, w, c))
+        pairs = jnp.broadcast_to(pixels[:, None], (t, tp, h, w, c))
     else:
         pad = -t % tp
         if pad:
-            x_THWC = jnp.concatenate([x_THWC, jnp.repeat(x_THWC[-1:], pad, axis=0)], axis=0)
-        x_GtHWC = x_THWC.reshape(-1, tp, h, w, c)
-    g = x_GtHWC.shape[0]
-    x = x_GtHWC.reshape(g, tp, h // (p * m), m, p, w // (p * m), m, p, c)
+            pixels = jnp.concatenate([pixels, jnp.repeat(pixels[-1:], pad, axis=0)], axis=0)
+        pairs = pixels.reshape(-1, tp, h, w, c)
+    g = pairs.shape[0]  # temporal patches, each [tp, height, width, channels]
+    x = pairs.reshape(g, tp, h // (p * m), m, p, w // (p * m), m, p, c)
     # -> (g, h/pm, w/pm, m_h, m_w, c, tp, p_h, p_w)
     x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
     return x.reshape(g * (h // p) * (w // p), c * tp * p * p), grid

@@ -1,29 +1,11 @@
 """Qwen2.5-VL (and Qwen2-VL) in Flax NNX, numerically matching transformers' ``modeling_qwen2_5_vl.py``.
 
-Shape letters used in names and einsums:
-
-    B batch          T query tokens      S key/value slots    D model width       V vocabulary
-    N query heads    K key/value heads   H head dim           F MLP width
-    P patches        E vision width      C patch vector (channels x temporal patch x patch x patch)
-
-The model is a vision tower (:class:`VisionTower`, both families behind one interface) and a text decoder
-(:class:`TextDecoder`), joined in :class:`QwenVL`. Separate entry points let a pipeline interleave them: vision
-encoding of one group of frames, token embedding with visual embeddings scattered into the ``<|video_pad|>`` /
-``<|image_pad|>`` slots, and the decoder over a chunk with explicit M-RoPE positions ``[3, B, T]``.
-
-Each decoder layer is split into three steps so that other code (group-wise prefill with KV pruning, sparse
-decoding) can run a layer step by step:
-
-1. :meth:`DecoderLayer.project` — input norm, q/k/v projections, rotary embedding (keys are stored post-RoPE);
-2. a :class:`KVHandler` — anything that takes the layer's new q/k/v, stores k/v wherever it keeps them, and returns
-   the attention output (see :class:`ChunkAttention` here and ``qv_jax.cache.DenseCacheAttention``);
-3. :meth:`DecoderLayer.finish` — output projection, residual and MLP.
-
-Every attention goes through ``qv_jax.attention.dot_product_attention`` (q ``[B, N, T, H]``, k/v ``[B, K, S, H]``);
-masks are causal positions and segment ids, never a materialised dense mask.
-
-Parameters carry ``out_sharding`` metadata naming a ``"model"`` mesh axis (heads, MLP width, vocabulary), with
-eager sharding off; ``qv_jax.sharding`` reads them (``nnx.get_partition_spec``) to lay the model out on a mesh.
+A vision tower and a text decoder joined in :class:`QwenVL`. Each decoder layer runs in three steps —
+:meth:`DecoderLayer.project`, a :class:`KVHandler` (stores the keys / values wherever its cache keeps them and
+attends), :meth:`DecoderLayer.finish` — so prefill, pruning and sparse decoding swap only the handler. Parameters
+carry their ``"model"`` mesh axis (``qv_jax.sharding`` reads it). Letters (docs/architecture.md): B T S D N K G H,
+and in this file's einsums V vocabulary, F MLP width, P patches, E vision width, C patch values (channels x
+temporal patch x patch x patch), J the three of q / k / v, U merge units, M merge-unit width.
 """
 
 from __future__ import annotations
@@ -168,35 +150,36 @@ class VisionAttention(nnx.Module):
         self.proj_bias = _param(rngs, (E,), dtype, (None,), "zeros")
 
     def __call__(self, x_PE: Array, cos_PH: Array, sin_PH: Array, layout: VisionLayout, windowed: bool) -> Array:
-        qkv_P3NH = jnp.einsum("PE,EJNH->PJNH", x_PE, self.qkv[...]) + self.qkv_bias[...]
+        qkv_PJNH = jnp.einsum("PE,EJNH->PJNH", x_PE, self.qkv[...]) + self.qkv_bias[...]
         # rotary embedding in float32, as transformers' apply_rotary_pos_emb_vision
-        qk_P2NH = qkv_P3NH[:, :2].astype(jnp.float32)
-        qk_P2NH = qk_P2NH * cos_PH[:, None, None] + rotate_half(qk_P2NH) * sin_PH[:, None, None]
-        qkv_P3NH = jnp.concatenate([qk_P2NH.astype(x_PE.dtype), qkv_P3NH[:, 2:]], axis=1)
+        qk_PJNH = qkv_PJNH[:, :2].astype(jnp.float32)
+        qk_PJNH = qk_PJNH * cos_PH[:, None, None] + rotate_half(qk_PJNH) * sin_PH[:, None, None]
+        qkv_PJNH = jnp.concatenate([qk_PJNH.astype(x_PE.dtype), qkv_PJNH[:, 2:]], axis=1)
         outs = []
         for start, frames, per_frame in layout.frame_runs:
-            # each frame is independent: batch the frames, windows (if any) are segment ids inside a frame
-            run_F3NPH = (
-                qkv_P3NH[start : start + frames * per_frame]
-                .reshape(frames, per_frame, 3, *qkv_P3NH.shape[2:])
+            # each frame is independent: frames are the batch, a frame's patches its tokens, windows (if any)
+            # segment ids inside a frame
+            run_BJNTH = (
+                qkv_PJNH[start : start + frames * per_frame]
+                .reshape(frames, per_frame, 3, *qkv_PJNH.shape[2:])
                 .transpose(0, 2, 3, 1, 4)
             )
-            segments_FP = None
+            segments_BT = None
             if windowed:
-                segments_FP = jnp.asarray(layout.window_ids[start : start + frames * per_frame].reshape(frames, -1))
-            out_FNPH = dot_product_attention(
-                run_F3NPH[:, 0],
-                run_F3NPH[:, 1],
-                run_F3NPH[:, 2],
+                segments_BT = jnp.asarray(layout.window_ids[start : start + frames * per_frame].reshape(frames, -1))
+            out_BNTH = dot_product_attention(
+                run_BJNTH[:, 0],
+                run_BJNTH[:, 1],
+                run_BJNTH[:, 2],
                 causal=False,
-                q_segment_ids=segments_FP,
-                kv_segment_ids=segments_FP,
+                q_segment_ids=segments_BT,
+                kv_segment_ids=segments_BT,
             )
-            outs.append(out_FNPH.transpose(0, 2, 1, 3).reshape(frames * per_frame, *out_FNPH.shape[1:2], -1))
+            outs.append(out_BNTH.transpose(0, 2, 1, 3).reshape(frames * per_frame, *out_BNTH.shape[1:2], -1))
         out_PNH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
         P, N, H = out_PNH.shape
         # one contraction over heads x head dim, against the weights in their stored order (no relayout)
-        out_PE = jnp.einsum("PF,FE->PE", out_PNH.reshape(P, N * H), self.proj[...].reshape(N * H, -1))
+        out_PE = out_PNH.reshape(P, N * H) @ self.proj[...].reshape(N * H, -1)
         return out_PE + self.proj_bias[...]
 
 
@@ -233,7 +216,7 @@ class PatchMerger(nnx.Module):
 
     def __call__(self, x_PE: Array) -> Array:
         units_UM = self.norm(x_PE).reshape(-1, self.unit_width)
-        h_UM = jax.nn.gelu(jnp.einsum("UM,MJ->UJ", units_UM, self.fc1[...]) + self.fc1_bias[...], approximate=False)
+        h_UM = jax.nn.gelu(units_UM @ self.fc1[...] + self.fc1_bias[...], approximate=False)
         return jnp.einsum("UM,MD->UD", h_UM, self.fc2[...]) + self.fc2_bias[...]
 
 
@@ -271,8 +254,8 @@ class VisionTower(nnx.Module):
         x_PE = x_PE.reshape(-1, unit, x_PE.shape[-1])[layout.unit_order].reshape(x_PE.shape)
 
         inv = _inv_freq(cfg.head_dim // 2, cfg.rope_theta)
-        hw_P2 = jnp.asarray(layout.rope_hw, jnp.float32)
-        freqs_PH = (hw_P2[:, :, None] * inv).reshape(hw_P2.shape[0], -1)  # [h freqs | w freqs]
+        rope_hw = jnp.asarray(layout.rope_hw, jnp.float32)  # [P, 2]: each patch's row and column
+        freqs_PH = (rope_hw[:, :, None] * inv).reshape(rope_hw.shape[0], -1)  # [h freqs | w freqs]
         freqs_PH = jnp.concatenate([freqs_PH, freqs_PH], axis=-1)
         cos_PH, sin_PH = jnp.cos(freqs_PH), jnp.sin(freqs_PH)
 
@@ -317,8 +300,9 @@ class Rope:
     cos_BTH: Array
     sin_BTH: Array
 
-    def apply(self, x_BXTH: Array) -> Array:
-        return x_BXTH * self.cos_BTH[:, None] + rotate_half(x_BXTH) * self.sin_BTH[:, None]
+    def apply(self, x: Array) -> Array:
+        """Rotate queries ``[B, N, T, H]`` or keys ``[B, K, T, H]``."""
+        return x * self.cos_BTH[:, None] + rotate_half(x) * self.sin_BTH[:, None]
 
 
 def mrope(cfg: TextConfig, positions_3BT: Array, dtype) -> Rope:
@@ -364,8 +348,9 @@ class DecoderLayer(nnx.Module):
     def finish(self, x_BTD: Array, attn_BNTH: Array) -> Array:
         """Output projection and residual, then the MLP block."""
         B, N, T, H = attn_BNTH.shape
-        attn_BTF = attn_BNTH.transpose(0, 2, 1, 3).reshape(B, T, N * H)
-        x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", attn_BTF, self.o[...].reshape(N * H, -1))
+        # one contraction over heads x head dim, against the weights in their stored order (no relayout)
+        attn_flat = attn_BNTH.transpose(0, 2, 1, 3).reshape(B, T, N * H)
+        x_BTD = x_BTD + attn_flat @ self.o[...].reshape(N * H, -1)
         return x_BTD + self.mlp(self.post_attention_norm(x_BTD))
 
     def __call__(self, x_BTD: Array, rope: Rope, kv: KVHandler, layer: int) -> Array:
@@ -403,12 +388,12 @@ class TextDecoder(nnx.Module):
             x_BTD = layer(x_BTD, rope, kv, i)
         return self.norm(x_BTD)
 
-    def logits(self, h_BXD: Array) -> Array:
-        """Float32 logits for hidden states ``[..., D]``."""
+    def logits(self, hidden: Array) -> Array:
+        """Float32 logits ``[..., V]`` of hidden states ``[..., D]``."""
         if self.lm_head is None:
-            out = jnp.einsum("...D,VD->...V", h_BXD, self.embed[...])
+            out = jnp.einsum("...D,VD->...V", hidden, self.embed[...])
         else:
-            out = jnp.einsum("...D,DV->...V", h_BXD, self.lm_head[...])
+            out = jnp.einsum("...D,DV->...V", hidden, self.lm_head[...])
         return out.astype(jnp.float32)
 
 

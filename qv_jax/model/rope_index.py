@@ -1,29 +1,10 @@
-"""Multimodal rotary position ids (M-RoPE) for Qwen2.5-VL and Qwen2-VL, computed on the host.
+"""Multimodal rotary position ids (M-RoPE) for Qwen2.5-VL and Qwen2-VL, computed on the host (plain numpy).
 
-Every token of the language model gets three position ids — temporal, height, width — one per section of the
-rotary frequencies (``mrope_section``). Text tokens carry the same id on all three axes; the tokens of a vision
-block (an image or a video, ``t * h * w / merge²`` tokens after the 2×2 patch merger) are laid out on a grid that
-starts where the text before it ended.
-
-We follow the ORIGINAL Qwen2.5-VL rule, the one the released checkpoints were trained with (Qwen's release,
-transformers 4.49–4.5x, vLLM):
-
-- text that follows a vision block starts at ``max(every position so far) + 1`` on all three axes;
-- the temporal id of a video's ``i``-th temporal patch is ``trunc(i * second_per_grid_t * tokens_per_second)``,
-  computed in float32 exactly as the reference computes it with torch, so fractional intervals do not collapse;
-- images get temporal id 0 on every temporal patch (the reference sets ``second_per_grid_t = 0`` for images; the
-  image processor always yields ``t = 1`` anyway);
-- padding (``attention_mask == 0``) is skipped when counting and gets position 1, and ``rope_deltas`` is measured
-  against the padded length, so decoding continues at ``cache_length + rope_delta`` for left-padded batches.
-
-transformers 5.x starts the text after a vision block at ``start + max(h, w) / merge`` instead, which ignores the
-temporal span of a video (see docs/positions.md); parity tests therefore pass these positions to HF explicitly.
-
-Passing ``tokens_per_second=None`` selects the Qwen2-VL rule: temporal id = temporal patch index, for images and
-videos alike, and no ``second_per_grid_ts``.
-
-Everything here is plain numpy over token ids and grid shapes, so positions exist before any pixel is decoded —
-the group-wise prefill computes them once for the whole unpruned prompt and slices per group.
+Every token gets a temporal, a height and a width id. We follow the ORIGINAL Qwen2.5-VL rule the released
+checkpoints were trained with — text after a vision block starts at ``max(every position so far) + 1``; a video's
+temporal id is ``trunc(i * second_per_grid_t * tokens_per_second)`` in float32 — not transformers 5.x's
+(docs/positions.md). ``tokens_per_second=None`` selects Qwen2-VL's rule. Positions exist before any pixel is
+decoded, so the group-wise prefill computes them once for the whole unpruned prompt.
 """
 
 from __future__ import annotations

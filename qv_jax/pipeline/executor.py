@@ -1,19 +1,9 @@
 """The overlapped executor: decoding on the CPU pool, transfers and device steps at the same time, timed.
 
-Three things run at once for a video streamed in groups:
-
-1. the decoder pool (``VideoReader.stream``) is drained by a thread as fast as it decodes, into a host queue, so
-   groups ``g+1, g+2, ...`` decode while the device works on group ``g`` (the frames live in the reader's shared
-   buffer anyway; queuing them costs no copy). The last group is padded to full size here, on the host, so every
-   group has one shape;
-2. ``qv_jax.video.prefetch`` starts the host-to-device copy of the next group while the current one is on the
-   device (double buffering, bounded device memory);
-3. the caller's device step (vision encoding and group prefill) runs on the main thread.
-
-Every stage reports spans to a :class:`Timeline`: per-group ``decode`` (until the group's last frame is
-decoded), ``transfer`` (the instant the group was handed to the device copy), ``wait`` (the device loop idle,
-waiting for frames), and whatever the step records (``vision``, ``prefill``). :class:`Timings` sums them: busy
-time per stage and the wall time; with overlap, the stages add up to more than the wall.
+A thread drains the decoder pool into a host queue (groups ``g+1, g+2, ...`` decode while the device works on
+``g``), ``qv_jax.video.prefetch`` copies the next group to the device, and the caller's step runs on the main
+thread. Every stage reports spans to a :class:`Timeline`; :class:`Timings` sums them (with overlap the stages add
+up to more than the wall). See docs/videoqa.md, "What happens" and "Timings".
 """
 
 from __future__ import annotations

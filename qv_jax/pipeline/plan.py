@@ -1,19 +1,9 @@
-"""The token layout of a question about a video, fixed by the frame plan before any pixel is decoded.
+"""The token layout of a question about a video, fixed by the frame plan before any pixel is decoded (no JAX).
 
-A prompt about one video is ``prefix | video | suffix`` (see ``qv_jax.model.tokenizer.VideoPrompt``): the system
-turn and the user header up to ``<|vision_start|>``, the video's ``<|video_pad|>`` tokens, then ``<|vision_end|>``,
-the question and the assistant header. QuickPrefill runs the prefix once, then the video in groups of
-``group_frames`` frames, then the suffix, so everything the device steps need is computed here, from the
-:class:`~qv_jax.video.FramePlan` alone:
-
-- the video grid and the tokens of each group (equal for every group; the last group is padded to the same count
-  and its padding masked, so one compiled step serves all groups);
-- M-RoPE positions for the whole unpruned prompt by the original Qwen2.5-VL rule: each group takes its columns of
-  the one whole-video position block, and the text after the video starts at ``max(positions) + 1`` whatever is
-  pruned later (``text_start``);
-- how many tokens of each group every layer keeps (``keep``), hence the memory's size and the cache capacity.
-
-No JAX here: plain numpy over counts and grids.
+A prompt is ``prefix | video | suffix`` (``qv_jax.model.tokenizer.VideoPrompt``); QuickPrefill runs the prefix,
+then the video in groups of equal token count (the last padded and masked, so one compiled step serves all), then
+the suffix. :class:`GroupPlan` holds the groups' tokens, the M-RoPE positions of the whole unpruned prompt and how
+many tokens of each group every layer keeps (docs/videoqa.md).
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Jitted device steps of QuickPrefill over a :class:`~qv_jax.cache.layered.LayeredKV` memory.
 
-- :func:`prefill_text` — a chunk of text (the prompt prefix, or the question) appended to every layer, never pruned;
-- :func:`prefill_group` — one group of visual tokens: every layer attends over ``[its memory ; this group]``
-  (causal inside the group), then keeps ``keep[l]`` of the group's tokens chosen by a score rule, compacted right
-  behind the memory. Shapes are the same for every group, so it compiles once per video layout;
-- :func:`decode_loop` — greedy or sampled answer tokens on device (``lax.while_loop``), stopping early.
-
-Like ``qv_jax.runtime.steps``: ``graphdef`` is static, the model is merged inside ``jit``, the memory is donated.
-The group's hidden states go on through every layer in full (only the stored keys/values are pruned), as in
-QuickVideo.
+:func:`prefill_text` appends text (the prompt prefix, the question) to every layer; :func:`prefill_group` runs one
+group of visual tokens over ``[memory ; group]`` and keeps ``keep[l]`` of them per layer, compacted behind the
+memory (one compilation per video layout); :func:`decode_loop` generates the answer on device. The group's hidden
+states go on through every layer in full: only the stored keys / values are pruned, as in QuickVideo.
 """
 
 from __future__ import annotations
@@ -67,7 +62,7 @@ class GroupPruneAttention(AppendAttention):
         cache: LayeredKV,
         token_index_BT: Array,
         valid_BT: Array,
-        keep_L: Array,
+        keep: Array,
         *,
         group_tokens: int,
         rule: str,
@@ -76,7 +71,7 @@ class GroupPruneAttention(AppendAttention):
     ):
         super().__init__(cache, token_index_BT, valid_BT)
         self.valid = valid_BT
-        self.keep = keep_L
+        self.keep = keep
         self.n = group_tokens
         self.rule = rule
         self.max_keep = max_keep
@@ -94,7 +89,7 @@ class GroupPruneAttention(AppendAttention):
         question = None
         if self.rule == PruneRule.QUESTION_ATTENTION:
             question = (q_BNTH[:, :, n:], lse_BNT[:, :, n:], self.valid[:, n:])
-        scores_Bn = token_scores(
+        scores = token_scores(  # [B, group tokens]
             self.rule,
             k_BKTH[:, :, :n],
             v_BKTH[:, :, :n],
@@ -102,19 +97,19 @@ class GroupPruneAttention(AppendAttention):
             key=jax.random.fold_in(self.key, layer),
             question=question,
         )
-        chosen_BM, kept_BM = select_tokens(scores_Bn, self.keep[layer], self.max_keep[layer])
-        k_BKMH, v_BKMH = (_gather_tokens(x[:, :, :n], chosen_BM) for x in (k_BKTH, v_BKTH))
-        index_BM = jnp.where(kept_BM, jnp.take_along_axis(self.q_index[:, :n], chosen_BM, axis=1), -1)
-        empty_BR = jnp.full((index_BM.shape[0], k_BKTH.shape[2] - index_BM.shape[1]), -1, jnp.int32)
-        cache = self._cache.write_kv(layer, start, k_BKMH, v_BKMH)
-        self._cache = cache.write_index(layer, start, jnp.concatenate([index_BM, empty_BR], axis=1))
+        chosen, kept = select_tokens(scores, self.keep[layer], self.max_keep[layer])  # [B, max_keep]
+        k_kept, v_kept = (_gather_tokens(x[:, :, :n], chosen) for x in (k_BKTH, v_BKTH))
+        index = jnp.where(kept, jnp.take_along_axis(self.q_index[:, :n], chosen, axis=1), -1)
+        emptied = jnp.full((index.shape[0], k_BKTH.shape[2] - index.shape[1]), -1, jnp.int32)
+        cache = self._cache.write_kv(layer, start, k_kept, v_kept)
+        self._cache = cache.write_index(layer, start, jnp.concatenate([index, emptied], axis=1))
         return out
 
 
-def _gather_tokens(x_BKTH: Array, index_BM: Array) -> Array:
-    """Rows ``index_BM`` of the token axis: ``[B, K, M, H]``."""
+def _gather_tokens(x_BKTH: Array, index: Array) -> Array:
+    """Tokens ``index [B, kept]`` of the token axis: ``[B, K, kept, H]``."""
     x_BTKH = x_BKTH.transpose(0, 2, 1, 3)
-    return jnp.take_along_axis(x_BTKH, index_BM[:, :, None, None], axis=1).transpose(0, 2, 1, 3)
+    return jnp.take_along_axis(x_BTKH, index[:, :, None, None], axis=1).transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
@@ -141,18 +136,18 @@ def prefill_group(
     positions_3T: Array,
     token_index_T: Array,
     valid_T: Array,
-    keep_L: Array,
+    keep: Array,
     key: Array,
     question: TextChunk | None = None,
     *,
     rule: str,
     max_keep: tuple[int, ...],
 ) -> LayeredKV:
-    """Prefill one group's visual embeddings ``[n, D]`` and prune: each layer ``l`` keeps ``keep_L[l]`` tokens.
+    """Prefill one group's visual embeddings ``[n, D]`` and prune: each layer ``l`` keeps ``keep[l]`` tokens.
 
     ``positions_3T`` / ``token_index_T`` / ``valid_T`` describe the group's ``n`` slots (padding invalid);
     ``key`` seeds the random rule (folded with the layer); ``question`` rides along for ``question_attention``.
-    ``max_keep[l]`` (static) bounds ``keep_L[l]`` over the video's groups.
+    ``max_keep[l]`` (static) bounds ``keep[l]`` over the video's groups.
     """
     text = nnx.merge(graphdef, state).text
     group_tokens = embeds_TD.shape[0]
@@ -164,7 +159,7 @@ def prefill_group(
         index = jnp.concatenate([index, question.token_index])
         valid = jnp.concatenate([valid, question.valid])
     handler = GroupPruneAttention(
-        cache, index[None], valid[None], keep_L, group_tokens=group_tokens, rule=rule, max_keep=max_keep, key=key
+        cache, index[None], valid[None], keep, group_tokens=group_tokens, rule=rule, max_keep=max_keep, key=key
     )
     text(x_BTD, positions[:, None], handler)  # hidden states are not needed: only the kept keys / values are
     return handler.cache

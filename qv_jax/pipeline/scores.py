@@ -1,20 +1,8 @@
 """Which of a group's new tokens a layer keeps: the score rules of QuickPrefill and the top-k selection.
 
-A rule scores each of the group's ``n`` new tokens once per layer, from that layer's post-RoPE keys, values or the
-question's attention, and the layer keeps the highest-scoring ``k``; one selection serves all KV heads. Rules
-(higher score = kept):
-
-- ``key_norms_small`` (default): minus the L2 norm of the key concatenated over KV heads — keep the *smallest*
-  key norms, the rule QuickVideo found best;
-- ``key_norms``: the key norm (keep the largest);
-- ``value_norms``: the L2 norm of the value concatenated over KV heads (keep the largest);
-- ``random``: uniform noise from a key folded with the group and the layer (reproducible for a seed);
-- ``question_attention``: SnapKV-like — the question rides along behind every group, and a token's score is the
-  attention its key receives from the question's queries, summed over question tokens and averaged over heads;
-- ``none``: no pruning (every token kept; no scores needed).
-
-Padding of a short last group scores ``-inf`` and is never kept. The selection uses ``lax.top_k`` on device;
-kept tokens stay in prompt order.
+A rule (:class:`~qv_jax.pipeline.plan.PruneRule`, the table in docs/videoqa.md, "Pruning") scores each of the
+group's new tokens once per layer from that layer's post-RoPE keys, values or the question's attention; the layer
+keeps the highest-scoring ones, one selection for all KV heads, in prompt order. Padding scores ``-inf``.
 """
 
 from __future__ import annotations
@@ -36,20 +24,21 @@ def _norm_BT(x_BKTH: Array) -> Array:
     return jnp.sqrt(jnp.sum(x * x, axis=(1, 3)))
 
 
-def question_attention_scores(q_BNQH: Array, lse_BNQ: Array, k_BKTH: Array, question_valid_BQ: Array) -> Array:
-    """Attention the question's queries pay to each group key: ``Σ_question mean_heads softmax`` ``[B, T]``.
+def question_attention_scores(q_BNTH: Array, lse_BNT: Array, k_BKSH: Array, question_valid_BT: Array) -> Array:
+    """Attention the question's ``T`` queries pay to each of the group's ``S`` keys, summed over the question and
+    averaged over heads: ``[B, S]``.
 
-    ``lse_BNQ`` is the log-sum-exp of each question query's scaled logits over every key it sees (memory, group
+    ``lse_BNT`` is the log-sum-exp of each question query's scaled logits over every key it sees (memory, group
     and earlier question tokens), so ``exp(q·k / √H - lse)`` is exactly its softmax weight on a group key. Question
-    padding (``question_valid_BQ`` False) contributes nothing.
+    padding (``question_valid_BT`` False) contributes nothing.
     """
-    B, N, Q, H = q_BNQH.shape
-    K = k_BKTH.shape[1]
-    q_BKGQH = q_BNQH.reshape(B, K, N // K, Q, H).astype(jnp.float32)
-    logits_BKGQT = jnp.einsum("BKGQH,BKTH->BKGQT", q_BKGQH, k_BKTH.astype(jnp.float32)) * H**-0.5
-    p_BKGQT = jnp.exp(logits_BKGQT - lse_BNQ.reshape(B, K, N // K, Q)[..., None])
-    p_BKGQT = jnp.where(question_valid_BQ[:, None, None, :, None], p_BKGQT, 0.0)
-    return jnp.sum(p_BKGQT, axis=3).mean(axis=(1, 2))
+    B, N, T, H = q_BNTH.shape
+    K = k_BKSH.shape[1]
+    q_BKGTH = q_BNTH.reshape(B, K, N // K, T, H).astype(jnp.float32)
+    logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH.astype(jnp.float32)) * H**-0.5
+    p_BKGTS = jnp.exp(logits_BKGTS - lse_BNT.reshape(B, K, N // K, T)[..., None])
+    p_BKGTS = jnp.where(question_valid_BT[:, None, None, :, None], p_BKGTS, 0.0)
+    return jnp.sum(p_BKGTS, axis=3).mean(axis=(1, 2))
 
 
 def token_scores(
@@ -63,7 +52,7 @@ def token_scores(
 ) -> Array:
     """Scores ``[B, T]`` float32 of a group's ``T`` new tokens under ``rule`` (higher = keep), ``-inf`` on padding.
 
-    ``key`` is the PRNG key of ``random``; ``question = (q [B, N, Q, H], lse [B, N, Q], valid [B, Q])`` feeds
+    ``key`` is the PRNG key of ``random``; ``question = (q [B, N, T', H], lse [B, N, T'], valid [B, T'])`` feeds
     ``question_attention``.
     """
     if rule == PruneRule.KEY_NORMS_SMALL:
@@ -93,9 +82,9 @@ def select_tokens(scores_BT: Array, keep: Array, max_keep: int) -> tuple[Array, 
     (the largest ``keep`` of any group), so every group runs the same compiled step.
     """
     T = scores_BT.shape[-1]
-    _, best_BK = jax.lax.top_k(scores_BT, max_keep)  # best first
-    chosen_BK = jnp.arange(max_keep) < keep
+    _, best = jax.lax.top_k(scores_BT, max_keep)  # best first
+    chosen = jnp.arange(max_keep) < keep
     # chosen tokens sort first, in token order; the rest after them
-    order_BK = jnp.sort(jnp.where(chosen_BK, best_BK, T + best_BK), axis=-1)
-    kept_BK = order_BK < T
-    return jnp.where(kept_BK, order_BK, order_BK - T), kept_BK
+    order = jnp.sort(jnp.where(chosen, best, T + best), axis=-1)
+    kept = order < T
+    return jnp.where(kept, order, order - T), kept

@@ -36,7 +36,7 @@ from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.numeric import round_up
 from qv_jax.runtime import dense, encode, sparse
-from qv_jax.runtime.generate import DecodeRequest, decode_answer
+from qv_jax.runtime.generate import DecodeLoop, DecodeRequest, decode_answer
 from qv_jax.runtime.sampling import SamplingParams
 from qv_jax.runtime.steps import forward
 from qv_jax.sharding.checkpoint import restore_checkpoint
@@ -294,6 +294,30 @@ class VisionLanguageModel:
         item = jnp.dtype(self.dtype).itemsize
         return 2 * t.num_layers * batch * t.num_kv_heads * context_len * t.head_dim * item + 4 * batch * context_len + 4
 
+    def decode_loop(self, steps, positions_B: jax.Array, request: DecodeRequest) -> DecodeLoop:
+        """The decode loop of ``steps`` (``qv_jax.runtime.dense`` or ``sparse``) for :func:`decode_answer`, from
+        rotary positions ``positions_B``, run in the model's mesh context."""
+
+        def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
+            pad = jnp.int32(request.pad_id)
+            with self.mesh_context():
+                rest, _, cache = steps.decode_loop(
+                    self.graphdef,
+                    self.state,
+                    cache,
+                    first_B,
+                    positions_B,
+                    done_B,
+                    rng,
+                    stop_ids,
+                    pad,
+                    request.sampling,
+                    num_steps=num_steps,
+                )
+            return rest, cache
+
+        return loop
+
     def mesh_context(self):
         """The model's mesh as the context mesh, or no context: run steps over the model's caches inside it, so
         that Pallas kernels (sparse attention, paged decoding) run per shard."""
@@ -484,25 +508,7 @@ class VisionLanguageModel:
             pad_id=self.pad_token_id if pad_token_id is None else int(pad_token_id),
             seed=seed,
         )
-        positions_B = self._batch(next_position.astype(np.int32))
-
-        def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
-            with self.mesh_context():
-                rest, _, cache = run.decode_loop(
-                    self.graphdef,
-                    self.state,
-                    cache,
-                    first_B,
-                    positions_B,
-                    done_B,
-                    rng,
-                    stop_ids,
-                    jnp.int32(request.pad_id),
-                    request.sampling,
-                    num_steps=num_steps,
-                )
-            return rest, cache
-
+        loop = self.decode_loop(run, self._batch(next_position.astype(np.int32)), request)
         new_tokens, _ = decode_answer(logits, cache, request, loop)
         sequences = np.concatenate([ids, new_tokens], axis=1)
         if return_dict:
