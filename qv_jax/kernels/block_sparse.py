@@ -2,9 +2,10 @@
 
 ``block_sparse_attention`` pads ``q [B, N, T, H]`` and ``k``/``v [B, K, S, H]`` to what the kernels take (q grouped
 by KV head, ``[B, K, G, Tp, Hp]``; k/v ``[B, K, Sp, Hp]``; ``Tp`` / ``Sp`` whole tiles, ``Hp`` from
-:func:`padded_head_dim`), runs the chosen implementation (:data:`IMPLEMENTATIONS`: Mosaic, Triton or the jnp
-reference; ``interpret``: in the CPU interpreter) and slices the result back. Its ``jax.custom_vjp`` gradient runs the
-matching dq and dk/dv kernels, so training through a sparse pattern never materialises the ``T x S`` matrix.
+:func:`padded_head_dim`), runs the chosen implementation (:data:`IMPLEMENTATIONS`: Mosaic, Triton, the tiles in jnp
+(``chunked``) or the dense jnp reference; ``interpret``: in the CPU interpreter) and slices the result back. Its
+``jax.custom_vjp`` gradient runs the matching dq and dk/dv passes, so training through a sparse pattern never
+materialises the ``T x S`` matrix (but with ``reference``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.errors import InputError
-from qv_jax.kernels import block_sparse_gpu, block_sparse_reference, block_sparse_tpu
+from qv_jax.kernels import block_sparse_chunked, block_sparse_gpu, block_sparse_reference, block_sparse_tpu
 from qv_jax.kernels.block_tables import BlockTables
 from qv_jax.kernels.padding import pad_axis, triton_dot_size
 
-IMPLEMENTATIONS = ("tpu", "gpu", "reference")
+IMPLEMENTATIONS = ("tpu", "gpu", "chunked", "reference")
+# the jnp implementations: the tiles' online softmax (memory O(T x block)) and the dense masked oracle
+_REFERENCES = {"chunked": block_sparse_chunked, "reference": block_sparse_reference}
 _INT_MAX = int(jnp.iinfo(jnp.int32).max)
 _INT_MIN = int(jnp.iinfo(jnp.int32).min)
 
@@ -77,7 +80,7 @@ def _run_forward(q, k, v, segs, tables, scale, impl, interpret):
         return block_sparse_tpu.forward(q, k, v, tables, segs, scale=scale, interpret=interpret)
     if impl == "gpu":
         return block_sparse_gpu.forward(q, k, v, tables, segs, scale=scale, interpret=interpret)
-    return block_sparse_reference.forward(q, k, v, tables, segs, scale=scale)
+    return _REFERENCES[impl].forward(q, k, v, tables, segs, scale=scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -101,7 +104,7 @@ def _attention_bwd(tables, scale, impl, interpret, residuals, cotangents):
     elif impl == "gpu":
         grads = block_sparse_gpu.backward(q, k, v, tables, segs, lse, delta, d_out, scale=scale, interpret=interpret)
     else:
-        grads = block_sparse_reference.backward(q, k, v, tables, segs, lse, delta, d_out, scale=scale)
+        grads = _REFERENCES[impl].backward(q, k, v, tables, segs, lse, delta, d_out, scale=scale)
     zero_segs = None if segs is None else jax.tree.map(_zero_cotangent, segs)
     return (*grads, zero_segs)
 
