@@ -1,23 +1,25 @@
-"""Which code runs an attention call: the jnp reference or a Pallas kernel, compiled or interpreted.
+"""Which code runs an attention call: the jnp reference, the kernels' tiles in jnp, a Pallas kernel, or cuDNN.
 
-A :class:`Backend` says how (``xla``: the jnp reference; ``interpret``: the Pallas kernels in the CPU interpreter;
-``pallas``: the kernels compiled for the device), a :class:`Kernel` which family (Mosaic ``tpu`` or Triton
-``gpu``). An explicit kernel lets ``pallas`` be traced and lowered for another platform from a CPU.
+A :class:`Backend` says how, a :class:`Kernel` which Pallas family (Mosaic ``tpu`` or Triton ``gpu``; an explicit
+one lets a CPU trace and lower for another platform), and an :class:`AttentionConfig` — one per model — what each
+kind of call runs, ``auto`` choosing by platform (:data:`AUTO`). See docs/attention.md, "Backends".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-
-import jax
 
 from qv_jax.errors import InputError
 
 
 class Backend(enum.StrEnum):
-    XLA = "xla"
-    INTERPRET = "interpret"
-    PALLAS = "pallas"
+    REFERENCE = "reference"  # the jnp oracle: materialises [T, S]; tests ("xla", its former name, still parses)
+    CHUNKED = "chunked"  # the kernels' tiles in jnp: online softmax, memory O(T x block); the CPU default
+    PALLAS = "pallas"  # our Pallas kernels compiled for the device
+    INTERPRET = "interpret"  # the same kernels in the CPU interpreter (tests)
+    CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn") for dense calls; Pallas for the rest
+    AUTO = "auto"
 
 
 class Kernel(enum.StrEnum):
@@ -25,39 +27,107 @@ class Kernel(enum.StrEnum):
     GPU = "gpu"
 
 
-# production tile sizes: TPU tiles fill the 128-lane vregs and the MXU; Triton tiles keep two [64, H] float32
-# accumulators of the backward in registers
-DEFAULT_BLOCKS = {Kernel.TPU: (128, 128), Kernel.GPU: (64, 64)}
+class CallKind(enum.StrEnum):
+    """The attention calls a model makes (``qv_jax.attention.calls``)."""
 
-REFERENCE = "reference"  # the kernel entry points' name for their jnp implementation
+    SELF = "self"  # a chunk over itself, no segment ids: vision full-attention blocks, unpadded prompts
+    SELF_SEGMENTS = "self_segments"  # the same with segment ids: vision windows, padded or packed prompts
+    MEMORY = "memory"  # a chunk over earlier keys masked by segment ids: a cache, QuickPrefill's memory
+    DECODE = "decode"  # one token per row over a cache
+
+
+_ALIASES = {"xla": Backend.REFERENCE}
+
+# tile sizes: TPU tiles fill the 128-lane vregs and the MXU; Triton tiles keep two [64, H] float32 accumulators of
+# the backward in registers; the jnp tiles are large enough that XLA's CPU loop overhead stays small
+DEFAULT_BLOCKS = {Kernel.TPU: (128, 128), Kernel.GPU: (64, 64), Backend.CHUNKED: (256, 256)}
+
+REFERENCE = "reference"  # the kernel entry points' name for their dense jnp implementation
+CHUNKED = "chunked"  # ... and for the tiles in jnp
+
+# What "auto" runs, per platform and call kind. Not yet measured on TPU / GPU hardware: TPU and GPU use our Pallas
+# kernels (block tables, segment ids, GQA and T < S in one kernel), GPU hands dense unsegmented calls to cuDNN.
+AUTO = {
+    "cpu": dict.fromkeys(CallKind, Backend.CHUNKED),
+    "tpu": dict.fromkeys(CallKind, Backend.PALLAS),
+    "gpu": {**dict.fromkeys(CallKind, Backend.PALLAS), CallKind.SELF: Backend.CUDNN},
+}
 
 
 def parse(enum_type: type[enum.StrEnum], value, what: str) -> enum.StrEnum:
-    """``value`` as a member of ``enum_type``; :class:`InputError` naming the choices otherwise."""
+    """``value`` as a member of ``enum_type`` (``"xla"`` is the reference backend); :class:`InputError` naming the
+    choices otherwise."""
+    if enum_type is Backend and value in _ALIASES:
+        return _ALIASES[value]
     try:
         return enum_type(value)
     except ValueError:
         raise InputError(f"{what}={value!r}: expected one of {', '.join(enum_type)}") from None
 
 
+def platform() -> str:
+    """``"cpu"``, ``"tpu"`` or ``"gpu"`` for ``jax.default_backend()``."""
+    import jax  # here, not at the top: the command line reads the enums above without starting jax
+
+    name = jax.default_backend()
+    return "gpu" if name in ("gpu", "cuda", "rocm") else name
+
+
 def default_kernel() -> Kernel:
     """The Pallas kernel family of ``jax.default_backend()``; raises on a platform that has none."""
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return Kernel.TPU
-    if platform in ("gpu", "cuda", "rocm"):
-        return Kernel.GPU
-    raise InputError(f"backend='pallas' needs a TPU or GPU, but jax runs on {platform!r}; use 'xla' or 'interpret'")
+    name = platform()
+    if name in ("tpu", "gpu"):
+        return Kernel(name)
+    raise InputError(f"backend='pallas' needs a TPU or GPU, but jax runs on {name!r}; use 'chunked' or 'interpret'")
 
 
 def kernel_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
     """``(impl, interpret)`` for the kernel entry points of ``qv_jax.kernels``.
 
-    ``"reference"`` for ``xla``; else the kernel family, by default the device's (``pallas``) or ``tpu``
-    (``interpret``).
+    ``"reference"`` or ``"chunked"`` for the jnp backends; else the kernel family, by default the device's
+    (``pallas``, ``cudnn``) or ``tpu`` (``interpret``).
     """
     backend = parse(Backend, backend, "backend")
-    if backend is Backend.XLA:
-        return REFERENCE, False
-    kernel = (default_kernel() if backend is Backend.PALLAS else Kernel.TPU) if kernel is None else kernel
-    return str(parse(Kernel, kernel, "kernel")), backend is Backend.INTERPRET
+    if backend == Backend.AUTO:
+        raise InputError("backend='auto' is resolved by an AttentionConfig; give a concrete backend here")
+    if backend in (Backend.REFERENCE, Backend.CHUNKED):
+        return str(backend), False
+    if kernel is None:
+        kernel = Kernel.TPU if backend == Backend.INTERPRET else default_kernel()
+    return str(parse(Kernel, kernel, "kernel")), backend == Backend.INTERPRET
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """What runs a model's attention: one ``backend`` for every call (``auto``: :data:`AUTO` by platform), the
+    Pallas ``kernel`` family (default: the device's; ``tpu`` when interpreting) and optional tile sizes.
+
+    Frozen and hashable: the model carries it in its graph definition, so each choice compiles its own steps.
+    """
+
+    backend: str = Backend.AUTO
+    kernel: str | None = None
+    block_q: int | None = None
+    block_kv: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "backend", parse(Backend, self.backend, "attention"))
+        if self.kernel is not None:
+            object.__setattr__(self, "kernel", parse(Kernel, self.kernel, "attention_kernel"))
+        if self.backend == Backend.PALLAS and self.kernel is None:
+            default_kernel()  # fails now, on a machine with no kernel family, rather than at the first call
+        if self.backend == Backend.CUDNN and platform() != "gpu":
+            raise InputError(f"attention='cudnn' needs a GPU, but jax runs on {platform()!r}")
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+    def for_call(self, kind: CallKind) -> tuple[Backend, Kernel | None]:
+        """``(backend, kernel)`` that runs a call of ``kind`` on this platform."""
+        backend = AUTO.get(platform(), AUTO["cpu"])[kind] if self.backend == Backend.AUTO else self.backend
+        return backend, self.kernel
+
+    def blocks(self) -> tuple[int | None, int | None]:
+        """``(block_q, block_kv)``; ``None`` takes the backend's default tiles."""
+        return self.block_q, self.block_kv

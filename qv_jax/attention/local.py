@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention.backends import DEFAULT_BLOCKS, REFERENCE, Backend, kernel_impl
+from qv_jax.attention.backends import CHUNKED, DEFAULT_BLOCKS, REFERENCE, Backend, kernel_impl
 from qv_jax.attention.patterns import HeadPattern, normalize_patterns, pattern_mask
 from qv_jax.attention.reference import check_shapes, dot_product_attention
 from qv_jax.attention.tables import block_tables
@@ -52,7 +52,7 @@ def sparse_attention(
     patterns: HeadPattern | tuple[HeadPattern, ...] | list[HeadPattern],
     segment_ids=None,
     causal: bool = True,
-    backend: str = Backend.XLA,
+    backend: str = Backend.REFERENCE,
     block_q: int | None = None,
     block_kv: int | None = None,
     *,
@@ -108,13 +108,13 @@ def paged_decode_attention(
     page_indices: Array,
     page_counts: Array,
     *,
-    backend: str = Backend.XLA,
+    backend: str = Backend.REFERENCE,
     kernel: str | None = None,
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> tuple[Array, Array]:
     """One decode token over listed KV pages; the arguments of :func:`qv_jax.attention.paged_decode_attention`."""
-    impl, interpret = kernel_impl(backend, kernel)
+    impl, interpret = _page_impl(backend, kernel)
     return paged_decode.paged_decode_attention(
         q,
         k_pages,
@@ -130,8 +130,20 @@ def paged_decode_attention(
 
 
 def logical_page_scores(
-    q: Array, k_min: Array, k_max: Array, page_valid: Array, *, backend: str = Backend.XLA, kernel: str | None = None
+    q: Array,
+    k_min: Array,
+    k_max: Array,
+    page_valid: Array,
+    *,
+    backend: str = Backend.REFERENCE,
+    kernel: str | None = None,
 ) -> Array:
     """LServe's bound of ``q . k`` per KV head and logical page, ``[B, K, logical_pages]`` float32."""
-    impl, interpret = kernel_impl(backend, kernel)
+    impl, interpret = _page_impl(backend, kernel)
     return _kernel_page_scores(q, k_min, k_max, page_valid, impl=impl, interpret=interpret)
+
+
+def _page_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
+    """``kernel_impl`` for the paged kernels, whose jnp reference already reads only the listed pages."""
+    impl, interpret = kernel_impl(backend, kernel)
+    return (REFERENCE if impl == CHUNKED else impl), interpret

@@ -24,7 +24,7 @@ def page_scores(
     page_valid: Array,
     *,
     logical_pages_per_page: int,
-    backend: str = Backend.XLA,
+    backend: str = Backend.REFERENCE,
     kernel: str | None = None,
 ) -> Array:
     """Physical-page scores ``[B, K, pages]`` float32 of ``q [B, K, G, H]`` (post-RoPE queries of a decode step).

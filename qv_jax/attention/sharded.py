@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.attention import local
-from qv_jax.attention.backends import REFERENCE, Backend, Kernel, kernel_impl
+from qv_jax.attention.backends import CHUNKED, REFERENCE, Backend, Kernel, kernel_impl
 from qv_jax.attention.patterns import HeadPattern, normalize_patterns
 from qv_jax.sharding.layout import per_shard, shard_by_layouts
 from qv_jax.sharding.mesh import MODEL_AXIS, context_mesh
@@ -30,7 +30,7 @@ def sparse_attention(
     patterns: HeadPattern | tuple[HeadPattern, ...] | list[HeadPattern],
     segment_ids=None,
     causal: bool = True,
-    backend: str = Backend.XLA,
+    backend: str = Backend.REFERENCE,
     block_q: int | None = None,
     block_kv: int | None = None,
     *,
@@ -47,7 +47,8 @@ def sparse_attention(
       segment_ids: ``None``, key ids ``[B, S]`` (queries take the last ``T``) or a pair ``(q ids [B, T], kv ids
         [B, S])``; a query sees only keys with its id, and negative key ids never.
       causal: ``False`` for vision.
-      backend: ``"xla"`` (jnp reference), ``"interpret"`` or ``"pallas"`` (``qv_jax.attention.backends``).
+      backend: ``"reference"`` (the jnp oracle; ``"xla"`` is its former name), ``"chunked"`` (the kernels' tiles in
+        jnp), ``"interpret"`` or ``"pallas"`` (``qv_jax.attention.backends``).
       block_q, block_kv: kernel tiles, default the kernel's production tiles.
       kernel: ``"tpu"`` or ``"gpu"``; default ``tpu`` when interpreting, the device's for ``pallas``.
       scale: logit scale, default ``H ** -0.5``.
@@ -62,7 +63,7 @@ def sparse_attention(
     run = functools.partial(
         local.sparse_attention, causal=causal, backend=backend, block_q=block_q, block_kv=block_kv, scale=scale
     )
-    if mesh is None or impl == REFERENCE:  # XLA partitions the reference by itself
+    if mesh is None or impl in (REFERENCE, CHUNKED):  # XLA partitions the jnp paths by itself
         return run(q, k, v, patterns, segment_ids, kernel=kernel, return_lse=return_lse)
     return sharded_sparse_attention(
         q,
@@ -166,7 +167,7 @@ def paged_decode_attention(
     page_indices: Array,
     page_counts: Array,
     *,
-    backend: str = Backend.XLA,
+    backend: str = Backend.REFERENCE,
     kernel: str | None = None,
     scale: float | None = None,
     num_splits: int | None = None,
@@ -189,7 +190,7 @@ def paged_decode_attention(
         local.paged_decode_attention, backend=backend, kernel=kernel, scale=scale, num_splits=num_splits
     )
     operands = (q, k_pages, v_pages, token_valid, page_indices, page_counts)
-    if kernel_impl(backend, kernel)[0] == REFERENCE:
+    if kernel_impl(backend, kernel)[0] in (REFERENCE, CHUNKED):
         return run(*operands)
     return per_shard(
         run, *operands, in_layouts=("BKGH", "BK..H", "BK..H", "B..", "BK.", "BK"), out_layouts=("BKGH", "BKG")
@@ -197,11 +198,17 @@ def paged_decode_attention(
 
 
 def logical_page_scores(
-    q: Array, k_min: Array, k_max: Array, page_valid: Array, *, backend: str = Backend.XLA, kernel: str | None = None
+    q: Array,
+    k_min: Array,
+    k_max: Array,
+    page_valid: Array,
+    *,
+    backend: str = Backend.REFERENCE,
+    kernel: str | None = None,
 ) -> Array:
     """LServe's bound of ``q [B, K, G, H] . k`` per KV head and logical page (``k_min`` / ``k_max [B, K,
     logical_pages, H]``, ``page_valid [B, logical_pages]``): ``[B, K, logical_pages]`` float32."""
     run = functools.partial(local.logical_page_scores, backend=backend, kernel=kernel)
-    if kernel_impl(backend, kernel)[0] == REFERENCE:
+    if kernel_impl(backend, kernel)[0] in (REFERENCE, CHUNKED):
         return run(q, k_min, k_max, page_valid)
     return per_shard(run, q, k_min, k_max, page_valid, in_layouts=("BKGH", "BK.H", "BK.H", "B."), out_layouts="BK.")

@@ -15,9 +15,9 @@ import os
 import jax
 import numpy as np
 
-from qv_jax.attention.backends import REFERENCE, Backend, Kernel, kernel_impl
+from qv_jax.attention.backends import CHUNKED, REFERENCE, Backend, Kernel, kernel_impl, parse
 from qv_jax.attention.heads import load_duo_attention_heads
-from qv_jax.errors import ConfigError
+from qv_jax.errors import ConfigError, InputError
 from qv_jax.numeric import round_up
 
 
@@ -43,9 +43,9 @@ class SparsityConfig:
     ``token_budget``: tokens a retrieval head reads per decode step (``budget / page_size - 1`` selected pages plus
     the newest page); ``None`` reads every page (no dynamic sparsity).
     ``reselect_every``: decode steps a selection is reused for.
-    ``backend``: ``"xla"`` (jnp references), ``"interpret"`` or ``"pallas"``; ``None`` picks ``"xla"`` on CPU and
-    ``"pallas"`` on TPU / GPU. ``kernel``: ``"tpu"`` or ``"gpu"`` for the Pallas backends (default: the device's;
-    ``"tpu"`` when interpreting).
+    ``backend``: ``"reference"`` / ``"chunked"`` (jnp), ``"interpret"`` or ``"pallas"``; ``None`` (or ``"auto"``)
+    picks ``"chunked"`` on CPU and ``"pallas"`` on TPU / GPU. ``kernel``: ``"tpu"`` or ``"gpu"`` for the Pallas
+    backends (default: the device's; ``"tpu"`` when interpreting).
     """
 
     streaming_heads: tuple[tuple[bool, ...], ...] | None = None
@@ -79,8 +79,11 @@ class SparsityConfig:
             raise ConfigError(f"reselect_every must be >= 1, got {self.reselect_every}")
         for name, kind in (("backend", Backend), ("kernel", Kernel)):
             value = getattr(self, name)
-            if value is not None and value not in set(kind):
-                raise ConfigError(f"{name}={value!r}: expected one of {', '.join(kind)} or None")
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, parse(kind, value, name))
+                except InputError as e:
+                    raise ConfigError(f"{e} or None") from None
 
     @classmethod
     def from_duo_attention(
@@ -147,6 +150,8 @@ class SparsityConfig:
 
     def resolve_backend(self) -> tuple[str, str | None]:
         """``(backend, kernel)`` to run: ``None`` entries filled in from the current JAX platform."""
-        backend = self.backend or (Backend.XLA if jax.default_backend() == "cpu" else Backend.PALLAS)
+        backend = self.backend
+        if backend in (None, Backend.AUTO):
+            backend = Backend.CHUNKED if jax.default_backend() == "cpu" else Backend.PALLAS
         impl, _ = kernel_impl(backend, self.kernel)
-        return str(backend), None if impl == REFERENCE else impl
+        return str(backend), None if impl in (REFERENCE, CHUNKED) else impl
