@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.dense import KVCache
 from qv_jax.cache.layered import LayeredKV
 from qv_jax.cache.sparse import SparseKVCache
@@ -165,6 +166,8 @@ class VideoQA:
         dtype: str | None = None,
         mesh=None,
         config: VideoQAConfig | None = None,
+        attention: AttentionConfig | str = "auto",
+        attention_kernel: str | None = None,
         **options,
     ) -> VideoQA:
         """Load a model directory (HF or qv-jax checkpoint, with its tokenizer) and wrap it.
@@ -173,7 +176,7 @@ class VideoQA:
         keywords here and in ``options`` (the other fields of :class:`VideoQAConfig`). With a ``mesh``
         (``qv_jax.make_mesh``, one process) the model is loaded into its shards and the memory is split by KV head
         like the model's caches. With ``sparsity`` (a :class:`~qv_jax.attention.SparsityConfig`) answers are
-        decoded sparsely.
+        decoded sparsely. ``attention`` / ``attention_kernel``: what runs the model's attention (``load_model``).
         """
         given = dict(
             group_frames=group_frames,
@@ -193,7 +196,10 @@ class VideoQA:
                 raise ConfigError(f"give a VideoQAConfig or its keywords, not both (got {', '.join(changed)})")
         if dtype is None:
             dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-        return cls(load_model(path, dtype, mesh=mesh, sparsity=sparsity), config)
+        model = load_model(
+            path, dtype, mesh=mesh, sparsity=sparsity, attention=attention, attention_kernel=attention_kernel
+        )
+        return cls(model, config)
 
     @functools.cached_property
     def fingerprint(self) -> ModelFingerprint:
@@ -336,7 +342,8 @@ class VideoQA:
                     head_dim=m.config.text.head_dim,
                     dtype=m.dtype,
                 )
-                _, memory = prefill.prefill_text(m.graphdef, m.state, empty, text)
+                with m.mesh_context():
+                    _, memory = prefill.prefill_text(m.graphdef, m.state, empty, text)
                 return jax.block_until_ready(memory)
 
         def group_step(memory: LayeredKV, g: int, group: Frames) -> LayeredKV:
@@ -344,7 +351,7 @@ class VideoQA:
             with timeline.span("vision", g):
                 embeds = m.encode_video(group.frames)  # on a data-parallel mesh, frames split over "data"
                 embeds.block_until_ready()
-            with timeline.span("prefill", g):
+            with timeline.span("prefill", g), m.mesh_context():
                 memory = prefill.prefill_group(
                     m.graphdef,
                     m.state,
@@ -379,22 +386,24 @@ class VideoQA:
         if not asked.consume or cache.capacity < asked.slots:
             cache = cache.padded(round_up(asked.slots, CAPACITY_BUCKET))
         cache = m.place(cache)  # a loaded memory arrives on one device
-        logits, cache = prefill.prefill_text(m.graphdef, m.state, cache, asked.chunk)
+        with m.mesh_context():
+            logits, cache = prefill.prefill_text(m.graphdef, m.state, cache, asked.chunk)
         position, index = jnp.int32(plan.text_start + asked.length), jnp.int32(plan.suffix_start + asked.length)
 
         def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
-            rest, _, cache = prefill.decode_loop(
-                m.graphdef,
-                m.state,
-                cache,
-                first_B[0],
-                position,
-                index,
-                rng,
-                stop_ids,
-                asked.decode.sampling,
-                num_steps=num_steps,
-            )
+            with m.mesh_context():
+                rest, _, cache = prefill.decode_loop(
+                    m.graphdef,
+                    m.state,
+                    cache,
+                    first_B[0],
+                    position,
+                    index,
+                    rng,
+                    stop_ids,
+                    asked.decode.sampling,
+                    num_steps=num_steps,
+                )
             return rest[None], cache
 
         tokens, cache = decode_answer(logits[None], cache, asked.decode, loop)

@@ -13,6 +13,7 @@ import torch
 from hf_tiny import IDS, build_hf_model, hf_config, hf_logits, image_block, video_prompt
 
 import qv_jax
+from qv_jax.attention.backends import Backend, CallKind
 from qv_jax.model.preprocess import patchify
 from qv_jax.runtime import dense, encode
 
@@ -185,6 +186,25 @@ def test_greedy_generation_matches_hf_generate_where_position_rules_agree(pair):
             do_sample=False,
         ).numpy()
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_every_attention_backend_gives_hf_logits_and_the_same_tokens(pair, backend):
+    """The oracle and the Pallas kernels (interpreted) against HF and against the default on CPU (``chunked``):
+    vision windows and full blocks, the padded text prefill and the cached decode."""
+    hf, chunked = pair
+    m = chunked.with_attention(backend)
+    assert chunked.attention.for_call(CallKind.MEMORY)[0] == Backend.CHUNKED
+    ids, mask = _mixed_batch()
+    vision = _mixed_vision(m, [1.0, 0.5])
+    logits = m.forward(ids, attention_mask=mask, **vision)
+    ref = hf_logits(hf, ids, _positions(m, ids, vision, mask), attention_mask=mask, **vision)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(logits[valid], ref[valid], atol=ATOL)
+    np.testing.assert_allclose(logits[valid], chunked.forward(ids, attention_mask=mask, **vision)[valid], atol=ATOL)
+    options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=[], **vision)
+    np.testing.assert_array_equal(m.generate(ids, **options), chunked.generate(ids, **options))
 
 
 def test_prefill_and_decode_steps_equal_full_forward(pair):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from pipeline_helpers import VIDEO_OPTIONS, reference_inputs, sample_video, tiny_model
 
+from qv_jax.attention import calls
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.layered import AppendAttention, LayeredKV
 from qv_jax.pipeline import prefill
 from qv_jax.pipeline.prefill import GroupPruneAttention, text_after_video
@@ -24,7 +26,7 @@ def _random(shape, seed):
 
 def _memory() -> LayeredKV:
     cache = LayeredKV.create(num_layers=2, capacity=32, num_kv_heads=K, head_dim=H)
-    handler = AppendAttention(cache, jnp.arange(MEMORY)[None], jnp.ones((1, MEMORY), bool))
+    handler = AppendAttention(cache, jnp.arange(MEMORY)[None], jnp.ones((1, MEMORY), bool), AttentionConfig())
     for layer in range(2):
         handler(
             layer,
@@ -65,6 +67,7 @@ def test_kept_tokens_follow_each_score_rule(rule):
         rule=rule,
         max_keep=(5, 5) if rule != "none" else (GROUP,) * 2,
         key=key,
+        attention=AttentionConfig(),
     )
     for layer in range(2):
         q, k, v = (_random((B, heads, tokens, H), 100 * layer + i) for i, heads in enumerate((N, K, K)))
@@ -107,24 +110,27 @@ def test_kept_tokens_follow_each_score_rule(rule):
     np.testing.assert_array_equal(np.asarray(handler.cache.lengths), MEMORY + np.asarray(keep))
 
 
-def test_a_long_memory_is_attended_in_parts():
-    """Attention read 16 slots at a time, as far as the fill, equals one call over the whole memory."""
+@pytest.mark.parametrize("backend", ["reference", "chunked", "interpret"])
+def test_a_long_memory_is_read_in_tiles(backend):
+    """A group behind a 100-slot memory with empty slots, read in tiles of 16 slots, equals numpy attention over
+    ``[memory ; group]``: every held slot, then the group causally, the padding never seen."""
     rng = np.random.default_rng(4)
-    capacity, filled, T = 100, 98, 6
-    index = np.full((1, 1, capacity), -1, np.int32)
-    index[0, 0, :filled] = rng.permutation(200)[:filled]  # compacted tokens: any order, some slots empty
-    index[0, 0, 5] = -1
-    cache = LayeredKV(
-        k=(_random((B, K, capacity, H), 1),),
-        v=(_random((B, K, capacity, H), 2),),
-        token_index=jnp.asarray(index),
-        lengths=jnp.asarray([filled], jnp.int32),
-    )
-    q, q_index = _random((B, N, T, H), 3), jnp.asarray([[40, 90, 150, 199, 7, 120]])
-    whole = cache.attend(0, q, q_index, jnp.int32(filled), chunk=capacity)
-    parts = cache.attend(0, q, q_index, jnp.int32(filled), chunk=16)  # 7 parts, the last shifted back to 84
-    for a, b in zip(parts, whole, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    S, T = 100, 6
+    held = rng.random(S) < 0.8  # compacted memories have holes: dropped tokens, unfilled capacity
+    q = _random((B, N, T, H), 3)
+    k_mem, v_mem, k, v = (_random((B, K, n, H), seed) for seed, n in ((1, S), (2, S), (5, T), (6, T)))
+    chunk_ids = jnp.asarray([[0, 0, 0, 0, 0, -1]], jnp.int32)  # the last token is padding
+    config = AttentionConfig(backend, block_q=16, block_kv=16)
+    out, _ = calls.append_attention(
+        config, q, k, v, chunk_ids, k_memory=k_mem, v_memory=v_mem,
+        memory_segment_ids=jnp.asarray(np.where(held, 0, -1)[None], jnp.int32),
+    )  # fmt: skip
+    all_k = np.concatenate([np.asarray(k_mem)[0], np.asarray(k)[0]], axis=1)
+    all_v = np.concatenate([np.asarray(v_mem)[0], np.asarray(v)[0]], axis=1)
+    own = np.tril(np.ones((T, T), bool)) & (np.asarray(chunk_ids)[0] >= 0)[None]
+    allowed = np.concatenate([np.broadcast_to(held, (T, S)), own], axis=1)
+    want, _ = _softmax_attention(np.asarray(q)[0], all_k, all_v, allowed)
+    np.testing.assert_allclose(np.asarray(out)[0, :, :-1], want[:, :-1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

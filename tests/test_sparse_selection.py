@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from qv_jax.attention import SparsityConfig
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.attention.page_selection import needs_selection, top_pages, visit_list
 from qv_jax.cache.sparse import SparseKVCache
 from qv_jax.runtime.sparse import SparseDecodeAttention, SparsePrefillAttention
@@ -127,13 +128,13 @@ def random_qkv(rng, T):
 
 @jax.jit
 def prefill_layer(cache, q, k, v, seg):
-    handler = SparsePrefillAttention(cache, seg)
+    handler = SparsePrefillAttention(cache, seg, AttentionConfig("reference"))
     return handler(0, q, k, v), handler.cache
 
 
 @jax.jit
 def decode_layer(cache, q, k, v):
-    handler = SparseDecodeAttention(cache, jnp.zeros((B, 1), jnp.int32))
+    handler = SparseDecodeAttention(cache, jnp.zeros((B, 1), jnp.int32), AttentionConfig("reference"))
     return handler(0, q, k, v), handler.cache
 
 

@@ -164,3 +164,29 @@ def test_sparse_decoding_takes_over_the_pruned_memory(qa, memory):
     assert answer.kv_bytes < dense_answer.kv_bytes
     with pytest.raises(ConfigError, match="layer_decay"):
         qv_jax.VideoQA(sparse.model, layer_decay=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_every_attention_backend_keeps_the_same_tokens_and_answers(qa, memory, backend):
+    """QuickPrefill at retention 0.5 keeps the same tokens, and dense and sparse decoding give the same answers,
+    whichever backend runs the attention (the default on CPU is ``chunked``)."""
+    other = qv_jax.VideoQA(qa.model.with_attention(backend), qa.config)
+    mine = other.encode(sample_video())
+    np.testing.assert_array_equal(np.asarray(mine.cache.token_index), np.asarray(memory.cache.token_index))
+    for a, b in zip(mine.cache.k, memory.cache.k, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    np.testing.assert_array_equal(
+        other.ask(mine, QUESTIONS[0], max_new_tokens=8).token_ids,
+        qa.ask(memory, QUESTIONS[0], max_new_tokens=8).token_ids,
+    )
+    streaming = SparsityConfig(
+        streaming_heads=[[True, False], [False, True]], sink=4, local=8, token_budget=16, **SMALL_PAGES
+    )
+    answers = [
+        qv_jax.VideoQA(VisionLanguageModel.random(CONFIG, seed=1, tokenizer=qa.tokenizer, sparsity=streaming,
+                                                  attention=attention), group_frames=8, retention=0.5,
+                       **VIDEO_OPTIONS).ask(sample_video(), QUESTIONS[0], max_new_tokens=8).token_ids
+        for attention in (backend, "chunked")
+    ]  # fmt: skip
+    np.testing.assert_array_equal(*answers)

@@ -47,6 +47,9 @@ def test_encode_then_ask_the_memory_answers_like_the_video(tmp_path, capsys):
     from_memory = capsys.readouterr().out
     assert _answer(from_memory) == _answer(direct)
     assert "load" in from_memory and "decode" not in from_memory
+    # the jnp oracle answers like the default (chunked on CPU)
+    assert main(["ask", str(memory), "What happens?", "--model", model, *OPTIONS, "--attention", "reference"]) == 0
+    assert _answer(capsys.readouterr().out) == _answer(direct)
 
 
 def test_errors_exit_with_code_2_and_a_message(tmp_path, capsys):
@@ -123,6 +126,8 @@ def test_sparse_decoding_and_mesh_options_answer_like_the_python_api(tmp_path, c
         (["--token-budget", "-1"], "--token-budget must be >= 0"),
         (["--duo-attention", "missing-dir"], "no DuoAttention pattern file"),
         (["--mesh", "1x2"], "--mesh 1x2 needs 2 devices, 1 visible"),
+        (["--attention", "pallas"], "needs a TPU or GPU"),
+        (["--attention", "cudnn"], "needs a GPU"),
     ],
 )
 def test_bad_sparse_or_mesh_options_exit_with_code_2(options, message, capsys):

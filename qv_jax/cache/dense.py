@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention.reference import dot_product_attention
+from qv_jax.attention import calls
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.errors import InputError
 from qv_jax.sharding.layout import layout_field
 
@@ -93,17 +94,21 @@ class DenseCacheAttention:
     """The :class:`~qv_jax.model.qwen2_5_vl.KVHandler` of chunked prefill and decoding over a :class:`KVCache`.
 
     For a chunk of ``T`` tokens written at the cache's current ``length``: each layer's keys / values go into their
-    slots, then the chunk's queries attend causally (by slot) over every filled slot of their segment. After the
-    last layer, :attr:`cache` holds the updated cache with ``length`` advanced by ``T``.
+    slots, then the chunk attends causally to itself and to the filled slots before it (of its rows' segments),
+    through ``qv_jax.attention.calls`` (one decode token: the decode call over the cache). After the last layer,
+    :attr:`cache` holds the updated cache with ``length`` advanced by ``T``.
 
     The caller guarantees ``length + T <= capacity`` (checked on the host by the runtime; inside ``jit`` an
     overflowing write would be clamped by XLA, not reported).
     """
 
-    def __init__(self, cache: KVCache, segment_ids_BT: Array):
+    def __init__(self, cache: KVCache, segment_ids_BT: Array, attention: AttentionConfig):
         self.start = cache.length
         self.num_tokens = segment_ids_BT.shape[1]
         self.q_segment_ids = segment_ids_BT
+        self.attention = attention
+        # what the slots before the chunk hold (later slots: the chunk itself, or not written yet)
+        self.earlier = jnp.where(jnp.arange(cache.capacity) < self.start, cache.segment_ids, -1)
         self._cache = cache.with_segments(self.start, segment_ids_BT)
 
     @property
@@ -112,13 +117,25 @@ class DenseCacheAttention:
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         self._cache = self._cache.write(layer, self.start, k_BKTH, v_BKTH)
-        return dot_product_attention(
+        k_BKSH, v_BKSH = self._cache.k[layer], self._cache.v[layer]
+        if self.num_tokens == 1:
+            out, _ = calls.decode_attention(
+                self.attention,
+                q_BNTH,
+                k_BKSH,
+                v_BKSH,
+                kv_segment_ids=self._cache.segment_ids,
+                q_segment_ids=self.q_segment_ids,
+            )
+            return out
+        out, _ = calls.append_attention(
+            self.attention,
             q_BNTH,
-            self._cache.k[layer],
-            self._cache.v[layer],
-            causal=True,
-            q_positions=self.start + jnp.arange(self.num_tokens),
-            kv_positions=jnp.arange(self._cache.capacity),
-            q_segment_ids=self.q_segment_ids,
-            kv_segment_ids=self._cache.segment_ids,
+            k_BKTH,
+            v_BKTH,
+            self.q_segment_ids,
+            k_memory=k_BKSH,
+            v_memory=v_BKSH,
+            memory_segment_ids=self.earlier,
         )
+        return out

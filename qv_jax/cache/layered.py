@@ -13,15 +13,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention.reference import dot_product_attention, merge_attention
+from qv_jax.attention import calls
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.dense import replace_layer
 from qv_jax.errors import InputError
 from qv_jax.sharding.layout import layout_field
 
 Array = jax.Array
-
-# Slots one attention call reads: a long memory is attended in parts of this many slots (see LayeredKV.attend).
-KV_CHUNK = 4096
 
 
 @jax.tree_util.register_dataclass
@@ -86,45 +84,6 @@ class LayeredKV:
         token_index = jax.lax.dynamic_update_slice(self.token_index, update, (layer, 0, start))
         return dataclasses.replace(self, token_index=token_index)
 
-    def attend(
-        self, layer: int, q_BNTH: Array, q_index_BT: Array, filled: Array, *, chunk: int = KV_CHUNK
-    ) -> tuple[Array, Array]:
-        """Queries of prompt tokens ``q_index_BT`` over every slot of a layer holding an earlier token.
-
-        ``filled`` (traced) bounds the written slots. Up to ``chunk`` slots are attended in one call; a longer
-        memory is read ``chunk`` slots at a time, only as far as ``filled``, and the parts are merged by their
-        log-sum-exp, so the logits never exceed ``[heads, T, chunk]``. Returns ``(out [B, N, T, H], lse [B, N, T])``.
-        """
-        S = self.capacity
-
-        def part(start: Array, size: int, seen_before: Array) -> tuple[Array, Array]:
-            index_BS = jax.lax.dynamic_slice_in_dim(self.token_index[layer], start, size, axis=1)
-            slot_S = start + jnp.arange(size)
-            return dot_product_attention(
-                q_BNTH,
-                jax.lax.dynamic_slice_in_dim(self.k[layer], start, size, axis=2),
-                jax.lax.dynamic_slice_in_dim(self.v[layer], start, size, axis=2),
-                causal=True,
-                q_positions=q_index_BT,
-                kv_positions=index_BS,
-                # slots an earlier part covered (the last part is shifted back to fit) count once
-                kv_segment_ids=jnp.where(slot_S >= seen_before, index_BS, -1),
-                return_lse=True,
-            )
-
-        if S <= chunk:
-            return part(jnp.int32(0), S, jnp.int32(0))
-
-        def body(i, carry):
-            start = jnp.minimum(i * chunk, S - chunk)
-            return merge_attention(carry, part(start, chunk, i * chunk))
-
-        B, N, T, H = q_BNTH.shape
-        # the running output stays in float32 across parts, whatever the activation dtype
-        empty = (jnp.zeros((B, N, T, H), jnp.float32), jnp.full((B, N, T), -jnp.inf, jnp.float32))
-        out, lse = jax.lax.fori_loop(0, (filled + chunk - 1) // chunk, body, empty)
-        return out.astype(q_BNTH.dtype), lse
-
     def trimmed(self, capacity: int) -> LayeredKV:
         """The first ``capacity`` slots of every layer (must cover every layer's fill)."""
         return LayeredKV(
@@ -152,13 +111,17 @@ class AppendAttention:
     """:class:`~qv_jax.model.KVHandler` that appends a chunk to every layer of a :class:`LayeredKV` and attends.
 
     The chunk's tokens have prompt indices ``token_index_BT``; ``valid_BT`` is False on trailing padding, which is
-    stored as empty slots and later overwritten. :attr:`cache` advances each layer's fill by the valid tokens.
+    stored as empty slots and later overwritten. Every token the memory holds precedes the chunk, so the chunk
+    attends to all of it and causally to itself (``qv_jax.attention.calls.append_attention``). :attr:`cache`
+    advances each layer's fill by the valid tokens.
     """
 
-    def __init__(self, cache: LayeredKV, token_index_BT: Array, valid_BT: Array):
+    def __init__(self, cache: LayeredKV, token_index_BT: Array, valid_BT: Array, attention: AttentionConfig):
         self._cache = cache
+        self.attention = attention
         self.q_index = token_index_BT
         self.kv_index = jnp.where(valid_BT, token_index_BT, -1)
+        self.segment_ids = jnp.where(valid_BT, 0, -1).astype(jnp.int32)
         self.num_valid = jnp.sum(valid_BT[0]).astype(jnp.int32)
 
     @property
@@ -168,8 +131,26 @@ class AppendAttention:
     def append(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> tuple[Array, Array, Array]:
         """Write the chunk behind the layer's memory and attend over both; ``(start slot, out, lse)``."""
         start = self._cache.lengths[layer]
+        earlier = jnp.where(self._cache.token_index[layer] >= 0, 0, -1).astype(jnp.int32)
         self._cache = self._cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
-        return start, *self._cache.attend(layer, q_BNTH, self.q_index, start + k_BKTH.shape[2])
+        k_BKSH, v_BKSH = self._cache.k[layer], self._cache.v[layer]
+        if k_BKTH.shape[2] == 1:
+            held = jnp.where(self._cache.token_index[layer] >= 0, 0, -1).astype(jnp.int32)
+            out, lse = calls.decode_attention(
+                self.attention, q_BNTH, k_BKSH, v_BKSH, kv_segment_ids=held, q_segment_ids=self.segment_ids
+            )
+            return start, out, lse
+        out, lse = calls.append_attention(
+            self.attention,
+            q_BNTH,
+            k_BKTH,
+            v_BKTH,
+            self.segment_ids,
+            k_memory=k_BKSH,
+            v_memory=v_BKSH,
+            memory_segment_ids=earlier,
+        )
+        return start, out, lse
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         return self.append(layer, q_BNTH, k_BKTH, v_BKTH)[1]

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from qv_jax.attention.backends import AttentionConfig, Backend, Kernel
 from qv_jax.errors import InputError
 from qv_jax.pipeline.plan import PRUNE_RULES
 
@@ -46,6 +47,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="DATAxMODEL",
         help="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor "
         "parallel over 8 devices (default: one device)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=[b.value for b in Backend],
+        default=Backend.AUTO.value,
+        help="what runs every attention of the model: auto (chunked on CPU, the Pallas kernels on TPU / GPU, "
+        "cuDNN for GPU's dense calls), chunked, pallas, interpret, cudnn or reference (the jnp oracle, "
+        "O(tokens x slots) memory) (default auto)",
+    )
+    parser.add_argument(
+        "--attention-kernel",
+        choices=[k.value for k in Kernel],
+        help="Pallas kernel family for pallas / interpret (default: the device's; tpu when interpreting)",
     )
     group = parser.add_argument_group(
         "sparse decoding (DuoAttention streaming heads, LServe page selection)",
@@ -101,7 +115,8 @@ def sparsity_config(args: argparse.Namespace):
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """``mesh`` and ``sparsity`` keywords of ``VideoQA.from_pretrained`` / ``VisionLanguageModel.random``."""
+    """``mesh``, ``sparsity`` and ``attention`` keywords of ``VideoQA.from_pretrained`` /
+    ``VisionLanguageModel.random``."""
     mesh = None
     if args.mesh is not None:
         import jax
@@ -113,7 +128,8 @@ def model_options(args: argparse.Namespace) -> dict:
         if data * model > len(devices):
             raise InputError(f"--mesh {data}x{model} needs {data * model} devices, {len(devices)} visible")
         mesh = make_mesh(data=data, model=model, devices=devices[: data * model])
-    return {"mesh": mesh, "sparsity": sparsity_config(args)}
+    attention = AttentionConfig(args.attention, args.attention_kernel)
+    return {"mesh": mesh, "sparsity": sparsity_config(args), "attention": attention}
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from qv_jax.errors import ConfigError
+from qv_jax.errors import CheckpointError, ConfigError
 from qv_jax.model.config import QWEN_TOKEN_IDS, VARIANTS, ModelConfig, TextConfig, VisionConfig, token_ids
 
-__all__ = ["config_from_hf", "config_to_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "generation_defaults"]
 
 
 def config_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> ModelConfig:
@@ -107,6 +108,20 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "vision_end_token_id": config.vision_end_token_id,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
+
+
+def generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int | None]:
+    """Stop and pad ids from ``generation_config.json``, when the directory has one."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    eos = token_ids(gen.get("eos_token_id")) or None
+    pad = gen.get("pad_token_id")
+    return eos, None if pad is None else int(pad)
 
 
 def _rope(text: Mapping[str, Any]) -> tuple[float, tuple[int, int, int]]:

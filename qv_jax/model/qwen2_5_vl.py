@@ -11,6 +11,7 @@ temporal patch x patch x patch), J the three of q / k / v, U merge units, M merg
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.attention.reference import dot_product_attention
+from qv_jax.attention import calls
+from qv_jax.attention.backends import AttentionConfig
+from qv_jax.attention.patterns import HeadPattern
 from qv_jax.errors import InputError
 from qv_jax.model.config import ModelConfig, TextConfig, VisionConfig
 from qv_jax.model.vision_layout import Grid, VisionLayout, vision_layout
@@ -149,7 +152,9 @@ class VisionAttention(nnx.Module):
         self.proj = _param(rngs, (N, H, E), dtype, (MODEL_AXIS, None, None), "normal")
         self.proj_bias = _param(rngs, (E,), dtype, (None,), "zeros")
 
-    def __call__(self, x_PE: Array, cos_PH: Array, sin_PH: Array, layout: VisionLayout, windowed: bool) -> Array:
+    def __call__(
+        self, x_PE: Array, cos_PH, sin_PH, layout: VisionLayout, windowed: bool, attention: AttentionConfig
+    ) -> Array:
         qkv_PJNH = jnp.einsum("PE,EJNH->PJNH", x_PE, self.qkv[...]) + self.qkv_bias[...]
         # rotary embedding in float32, as transformers' apply_rotary_pos_emb_vision
         qk_PJNH = qkv_PJNH[:, :2].astype(jnp.float32)
@@ -164,16 +169,18 @@ class VisionAttention(nnx.Module):
                 .reshape(frames, per_frame, 3, *qkv_PJNH.shape[2:])
                 .transpose(0, 2, 3, 1, 4)
             )
-            segments_BT = None
+            segments_BT, pattern = None, calls.DENSE
             if windowed:
-                segments_BT = jnp.asarray(layout.window_ids[start : start + frames * per_frame].reshape(frames, -1))
-            out_BNTH = dot_product_attention(
+                windows = layout.window_ids[start : start + frames * per_frame].reshape(frames, -1)
+                segments_BT, pattern = jnp.asarray(windows), window_pattern(windows[0].tobytes())
+            out_BNTH = calls.self_attention(
+                attention,
                 run_BJNTH[:, 0],
                 run_BJNTH[:, 1],
                 run_BJNTH[:, 2],
                 causal=False,
-                q_segment_ids=segments_BT,
-                kv_segment_ids=segments_BT,
+                segment_ids=segments_BT,
+                patterns=pattern,
             )
             outs.append(out_BNTH.transpose(0, 2, 1, 3).reshape(frames * per_frame, *out_BNTH.shape[1:2], -1))
         out_PNH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
@@ -196,8 +203,8 @@ class VisionBlock(nnx.Module):
             self.mlp = PlainMLP(E, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_PE, cos_PH, sin_PH, layout: VisionLayout, windowed: bool) -> Array:
-        x_PE = x_PE + self.attn(self.norm1(x_PE), cos_PH, sin_PH, layout, windowed)
+    def __call__(self, x_PE, cos_PH, sin_PH, layout: VisionLayout, windowed: bool, attention: AttentionConfig):
+        x_PE = x_PE + self.attn(self.norm1(x_PE), cos_PH, sin_PH, layout, windowed, attention)
         return x_PE + self.mlp(self.norm2(x_PE))
 
 
@@ -240,7 +247,7 @@ class VisionTower(nnx.Module):
             window_units = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
         return vision_layout(grid, spatial_merge_size=cfg.spatial_merge_size, window_units=window_units)
 
-    def __call__(self, patches_PC: Array, grid: Grid) -> Array:
+    def __call__(self, patches_PC: Array, grid: Grid, attention: AttentionConfig) -> Array:
         cfg = self.cfg
         layout = self.layout(grid)
         if patches_PC.shape != (layout.num_patches, cfg.patch_dim):
@@ -260,8 +267,23 @@ class VisionTower(nnx.Module):
         cos_PH, sin_PH = jnp.cos(freqs_PH), jnp.sin(freqs_PH)
 
         for i, block in enumerate(self.blocks):
-            x_PE = block(x_PE, cos_PH, sin_PH, layout, windowed=not cfg.is_full_attention(i))
+            x_PE = block(x_PE, cos_PH, sin_PH, layout, not cfg.is_full_attention(i), attention)
         return self.merger(x_PE)[layout.unit_restore]
+
+
+# patches per cell of the vision windows' block mask: fine enough that a tile never visits far-off windows
+WINDOW_BLOCK = 16
+
+
+@functools.lru_cache(maxsize=64)
+def window_pattern(window_ids: bytes, block: int = WINDOW_BLOCK) -> HeadPattern:
+    """The attention windows of a frame (int32 window id of each patch, windows contiguous) as a block mask: cell
+    ``(i, j)`` is visited when a window holds patches of both blocks. Exact with the window ids as segment ids."""
+    ids = np.frombuffer(window_ids, np.int32)
+    blocks = -(-ids.size // block)
+    cells = np.pad(ids, (0, blocks * block - ids.size), mode="edge").reshape(blocks, block)
+    lo, hi = cells.min(axis=1), cells.max(axis=1)
+    return HeadPattern.from_block_mask((lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None]), block)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,11 +308,10 @@ class ChunkAttention:
     """
 
     segment_ids: Array | None = None
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
-        return dot_product_attention(
-            q_BNTH, k_BKTH, v_BKTH, causal=True, q_segment_ids=self.segment_ids, kv_segment_ids=self.segment_ids
-        )
+        return calls.self_attention(self.attention, q_BNTH, k_BKTH, v_BKTH, causal=True, segment_ids=self.segment_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,14 +437,23 @@ class QwenVL(nnx.Module):
     with ``qv_jax.load_model``. Arrays in, arrays out; the jitted step functions live in ``qv_jax.runtime``.
     """
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        attention: AttentionConfig | None = None,
+    ):
         self.config = config
+        # static (part of the graph definition): steps compile once per attention choice
+        self.attention = AttentionConfig() if attention is None else attention
         self.vision = VisionTower(config.vision, dtype=dtype, rngs=rngs)
         self.text = TextDecoder(config.text, dtype=dtype, rngs=rngs)
 
     def encode_vision(self, patches_PC: Array, grid: Grid) -> Array:
         """Visual token embeddings ``[tokens, D]`` for patchified pixels of the grids ``grid``."""
-        return self.vision(patches_PC, grid)
+        return self.vision(patches_PC, grid, self.attention)
 
     def embed(self, ids_BT: Array, *, image_embeds: Array | None = None, video_embeds: Array | None = None) -> Array:
         """Token embeddings with visual embeddings scattered into the ``<|image_pad|>`` / ``<|video_pad|>`` slots."""
@@ -435,9 +465,18 @@ class QwenVL(nnx.Module):
         return x_BTD
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+def with_attention(graphdef: nnx.GraphDef, state: nnx.State, attention: AttentionConfig) -> nnx.GraphDef:
+    """``graphdef`` of the same model running its attention as ``attention`` says (no array is copied)."""
+    model = nnx.merge(graphdef, state)
+    model.attention = attention
+    return nnx.split(model)[0]
+
+
+def abstract_model(
+    config: ModelConfig, dtype=jnp.float32, attention: AttentionConfig | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and shape-only state (``ShapeDtypeStruct`` leaves) of a model; allocates no weights."""
-    return nnx.split(nnx.eval_shape(lambda: QwenVL(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: QwenVL(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention)))
 
 
 def random_state(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.layered import AppendAttention, LayeredKV
 from qv_jax.pipeline.plan import GroupPlan, PruneRule
 from qv_jax.pipeline.scores import select_tokens, token_scores
@@ -68,8 +69,9 @@ class GroupPruneAttention(AppendAttention):
         rule: str,
         max_keep: tuple[int, ...],
         key: Array,
+        attention: AttentionConfig,
     ):
-        super().__init__(cache, token_index_BT, valid_BT)
+        super().__init__(cache, token_index_BT, valid_BT, attention)
         self.valid = valid_BT
         self.keep = keep
         self.n = group_tokens
@@ -118,8 +120,9 @@ def prefill_text(
 ) -> tuple[Array, LayeredKV]:
     """Append a text chunk to every layer; float32 logits ``[V]`` of its last valid token (``[T, V]`` with
     ``all_logits``) and the updated memory."""
-    text = nnx.merge(graphdef, state).text
-    handler = AppendAttention(cache, chunk.token_index[None], chunk.valid[None])
+    model = nnx.merge(graphdef, state)
+    text = model.text
+    handler = AppendAttention(cache, chunk.token_index[None], chunk.valid[None], model.attention)
     h_BTD = text(text.embed_tokens(chunk.ids[None]), chunk.positions[:, None], handler)
     if all_logits:
         return text.logits(h_BTD[0]), handler.cache
@@ -149,7 +152,8 @@ def prefill_group(
     ``key`` seeds the random rule (folded with the layer); ``question`` rides along for ``question_attention``.
     ``max_keep[l]`` (static) bounds ``keep[l]`` over the video's groups.
     """
-    text = nnx.merge(graphdef, state).text
+    model = nnx.merge(graphdef, state)
+    text = model.text
     group_tokens = embeds_TD.shape[0]
     x_BTD = embeds_TD[None].astype(text.dtype)
     positions, index, valid = positions_3T, token_index_T, valid_T
@@ -159,16 +163,25 @@ def prefill_group(
         index = jnp.concatenate([index, question.token_index])
         valid = jnp.concatenate([valid, question.valid])
     handler = GroupPruneAttention(
-        cache, index[None], valid[None], keep, group_tokens=group_tokens, rule=rule, max_keep=max_keep, key=key
+        cache,
+        index[None],
+        valid[None],
+        keep,
+        group_tokens=group_tokens,
+        rule=rule,
+        max_keep=max_keep,
+        key=key,
+        attention=model.attention,
     )
     text(x_BTD, positions[:, None], handler)  # hidden states are not needed: only the kept keys / values are
     return handler.cache
 
 
-def _decode_one(text, cache: LayeredKV, tokens_B: Array, where: tuple[Array, Array]) -> tuple[Array, LayeredKV]:
+def _decode_one(model, cache: LayeredKV, tokens_B: Array, where: tuple[Array, Array]) -> tuple[Array, LayeredKV]:
     """One token (a row of one) at rotary position and prompt token index ``where``, appended to every layer."""
     position_B, index_B = where
-    handler = AppendAttention(cache, index_B[:, None], jnp.ones((1, 1), bool))
+    text = model.text
+    handler = AppendAttention(cache, index_B[:, None], jnp.ones((1, 1), bool), model.attention)
     positions_31B = jnp.broadcast_to(position_B[None, :, None], (3, 1, 1))
     h_B1D = text(text.embed_tokens(tokens_B[:, None]), positions_31B, handler)
     return text.logits(h_B1D[:, 0]), handler.cache
@@ -193,7 +206,7 @@ def decode_loop(
     first ``count`` entries are the generated tokens (a stop token included)."""
     tokens_B = jnp.asarray(token, jnp.int32)[None]
     generated, _, count, cache = sampling_loop(
-        functools.partial(_decode_one, nnx.merge(graphdef, state).text),
+        functools.partial(_decode_one, nnx.merge(graphdef, state)),
         cache,
         tokens_B,
         (jnp.asarray(position)[None], jnp.asarray(index)[None]),

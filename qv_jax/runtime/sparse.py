@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qv_jax.attention import calls
+from qv_jax.attention.backends import AttentionConfig
 from qv_jax.attention.page_selection import needs_selection, page_scores, top_pages, visit_list
 from qv_jax.attention.patterns import HeadPattern
 from qv_jax.attention.reference import dot_product_attention, merge_attention
@@ -33,10 +35,12 @@ class SparsePrefillAttention:
     The window assumes a row's visible tokens are contiguous within a chunk (left / right padding only).
     """
 
-    def __init__(self, cache: SparseKVCache, segment_ids_BT: Array):
+    def __init__(self, cache: SparseKVCache, segment_ids_BT: Array, attention: AttentionConfig):
         self.start = cache.length
         self.num_tokens = segment_ids_BT.shape[1]
         self.q_segment_ids = segment_ids_BT
+        self.attention = attention
+        self.earlier = jnp.where(jnp.arange(cache.capacity) < self.start, cache.segment_ids, -1)
         self._prior_valid = cache.num_valid
         self._cache, self._target, self._rank = cache.with_chunk(self.start, segment_ids_BT)
         # new tokens make the last page selection stale: the next decode step selects afresh
@@ -53,19 +57,19 @@ class SparsePrefillAttention:
         split = retrieval * G  # query heads of the retrieval KV heads come first
         outs = []
         if retrieval:
-            cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :retrieval], v_BKTH[:, :retrieval])
-            outs.append(
-                dot_product_attention(
-                    q_BNTH[:, :split],
-                    cache.k[layer],
-                    cache.v[layer],
-                    causal=True,
-                    q_positions=self.start + jnp.arange(self.num_tokens),
-                    kv_positions=jnp.arange(cache.capacity),
-                    q_segment_ids=self.q_segment_ids,
-                    kv_segment_ids=cache.segment_ids,
-                )
+            k_new, v_new = k_BKTH[:, :retrieval], v_BKTH[:, :retrieval]
+            cache = cache.write_retrieval(layer, self.start, k_new, v_new)
+            out, _ = calls.append_attention(
+                self.attention,
+                q_BNTH[:, :split],
+                k_new,
+                v_new,
+                self.q_segment_ids,
+                k_memory=cache.k[layer],
+                v_memory=cache.v[layer],
+                memory_segment_ids=self.earlier,
             )
+            outs.append(out)
         if cache.streaming_heads(layer):
             k_BKTH, v_BKTH = k_BKTH[:, retrieval:], v_BKTH[:, retrieval:]
             window = self._window(cache, layer, k_BKTH, v_BKTH)
@@ -126,7 +130,8 @@ class SparsePrefillAttention:
 class SparseDecodeAttention:
     """KV handler for one token per row: page selection + the paged decode kernel (see module doc)."""
 
-    def __init__(self, cache: SparseKVCache, segment_ids_B1: Array):
+    def __init__(self, cache: SparseKVCache, segment_ids_B1: Array, attention: AttentionConfig):
+        del attention  # the pools' paged kernels are the sparse geometry's choice
         self.start = cache.length
         self._cache, self._target, _ = cache.with_chunk(self.start, segment_ids_B1)
         geometry = cache.geometry

@@ -29,8 +29,8 @@ def forward(
     graphdef: nnx.GraphDef, state: nnx.State, x_BTD: Array, positions_3BT: Array, segment_ids_BT: Array
 ) -> Array:
     """Float32 logits ``[B, T, V]`` of a whole prompt, no cache (``segment_ids`` negative on padding)."""
-    text = nnx.merge(graphdef, state).text
-    return text.logits(text(x_BTD, positions_3BT, ChunkAttention(segment_ids_BT)))
+    model = nnx.merge(graphdef, state)
+    return model.text.logits(model.text(x_BTD, positions_3BT, ChunkAttention(segment_ids_BT, model.attention)))
 
 
 def prefill_chunk(
@@ -43,10 +43,11 @@ def prefill_chunk(
     logits_index_B: Array | None = None,
     all_logits: bool = False,
 ) -> tuple[Array, Cache]:
-    """The decoder over a chunk through the KV handler ``handler_type(cache, segment_ids_BT)``: float32 logits (as
+    """The decoder over a chunk through the KV handler ``handler_type(cache, segment_ids_BT, attention)``: float32
+    logits (as
     :func:`prefill` returns them) and the updated cache (the handler's ``.cache``). Shared by the dense and the
     sparse (``qv_jax.runtime.sparse``) steps."""
-    handler = handler_type(cache, segment_ids_BT)
+    handler = handler_type(cache, segment_ids_BT, model.attention)
     h_BTD = model.text(x_BTD, positions_3BT, handler)
     if all_logits:
         return model.text.logits(h_BTD), handler.cache

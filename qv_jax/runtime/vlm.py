@@ -11,8 +11,8 @@ video continues at ``max(positions so far) + 1`` (see docs/positions.md).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,16 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qv_jax.attention.backends import AttentionConfig, Backend
 from qv_jax.attention.heads import reorder_heads
 from qv_jax.attention.sparsity import SparsityConfig
 from qv_jax.cache.dense import KVCache
 from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
-from qv_jax.converters.hf_config import config_from_hf
+from qv_jax.converters.hf_config import config_from_hf, generation_defaults
 from qv_jax.converters.qwen2_5_vl import load_hf_state
 from qv_jax.errors import CheckpointError, ConfigError, InputError
 from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, save_checkpoint
 from qv_jax.model.config import ModelConfig, token_ids
-from qv_jax.model.qwen2_5_vl import QwenVL, random_state
+from qv_jax.model.qwen2_5_vl import QwenVL, random_state, with_attention
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.numeric import round_up
@@ -85,9 +86,11 @@ class VisionLanguageModel:
         source: str | None = None,
         plan: ShardingPlan | None = None,
         sparsity: SparsityConfig | None = None,
+        attention: AttentionConfig | str = Backend.AUTO,
     ):
         self.config = config
-        self.graphdef = graphdef
+        self.attention = attention if isinstance(attention, AttentionConfig) else AttentionConfig(attention)
+        self.graphdef = with_attention(graphdef, state, self.attention)
         self.state = state
         self.plan = plan
         self.sparsity = None
@@ -119,19 +122,21 @@ class VisionLanguageModel:
         tokenizer=None,
         mesh: jax.sharding.Mesh | None = None,
         sparsity: SparsityConfig | None = None,
+        attention: AttentionConfig | str = Backend.AUTO,
     ) -> VisionLanguageModel:
         """Random weights (transformers' init scheme) from a config alone; no torch, no checkpoint.
 
         With a ``mesh`` each tensor goes straight into its shards; the weights equal the unsharded ones of the
         same seed.
         """
+        options = {"tokenizer": tokenizer, "sparsity": sparsity, "attention": attention}
         if mesh is None:
             graphdef, state = random_state(config, jnp.dtype(dtype), seed)
-            return cls(config, graphdef, state, tokenizer=tokenizer, sparsity=sparsity)
+            return cls(config, graphdef, state, **options)
         plan = ShardingPlan.create(config, mesh)
         placed = {}
         random_state(config, jnp.dtype(dtype), seed, place=lambda path, v: placed.setdefault(path, plan.place(path, v)))
-        return cls(plan.config, *plan.build(placed), tokenizer=tokenizer, plan=plan, sparsity=sparsity)
+        return cls(plan.config, *plan.build(placed), plan=plan, **options)
 
     def shard(self, mesh: jax.sharding.Mesh) -> VisionLanguageModel:
         """The same model laid out on ``mesh`` (tensor by tensor; see ``qv_jax.sharding`` for the head rule)."""
@@ -147,7 +152,15 @@ class VisionLanguageModel:
             pad_token_id=self.pad_token_id,
             source=self.source,
             plan=plan,
+            attention=self.attention,
         )
+
+    def with_attention(self, attention: AttentionConfig | str, kernel: str | None = None) -> VisionLanguageModel:
+        """The same model (its arrays shared, not copied) running every attention as ``attention`` says."""
+        config = attention if isinstance(attention, AttentionConfig) else AttentionConfig(attention, kernel)
+        model = copy.copy(self)
+        model.attention, model.graphdef = config, with_attention(self.graphdef, self.state, config)
+        return model
 
     @property
     def mesh(self) -> jax.sharding.Mesh | None:
@@ -209,23 +222,26 @@ class VisionLanguageModel:
         """Visual embeddings ``[tokens, D]`` of processor-style pixel values (all grids in one call)."""
         grid = check_grid(grid_thw, self.config.vision.spatial_merge_size)
         pixels = jnp.asarray(pixel_values)
-        if self.plan is not None and len(grid) == 1 and encode.splits_frames(self.plan.mesh, grid[0][0]):
-            # one video on a data-parallel mesh: each data shard encodes its own frames
-            return encode.encode_patches_by_frames(self.graphdef, self.state, pixels, grid, self.plan.mesh)
-        return encode.encode_patches(self.graphdef, self.state, pixels, grid)
+        with self.mesh_context():
+            if self.plan is not None and len(grid) == 1 and encode.splits_frames(self.plan.mesh, grid[0][0]):
+                # one video on a data-parallel mesh: each data shard encodes its own frames
+                return encode.encode_patches_by_frames(self.graphdef, self.state, pixels, grid, self.plan.mesh)
+            return encode.encode_patches(self.graphdef, self.state, pixels, grid)
 
     def encode_video(self, frames) -> jax.Array:
         """Visual embeddings of one video given as uint8 frames ``[frames, height, width, 3]`` (height and width
         multiples of 28)."""
         frames = jnp.asarray(frames)
         pairs, rest = divmod(frames.shape[0], self.config.vision.temporal_patch_size)
-        if self.plan is not None and not rest and encode.splits_frames(self.plan.mesh, pairs):
-            return encode.encode_frames_by_frames(self.graphdef, self.state, frames, self.plan.mesh)
-        return encode.encode_frames(self.graphdef, self.state, frames)
+        with self.mesh_context():
+            if self.plan is not None and not rest and encode.splits_frames(self.plan.mesh, pairs):
+                return encode.encode_frames_by_frames(self.graphdef, self.state, frames, self.plan.mesh)
+            return encode.encode_frames(self.graphdef, self.state, frames)
 
     def encode_images(self, frames) -> jax.Array:
         """Visual embeddings of images of one size given as uint8 ``[images, height, width, 3]``, concatenated."""
-        return encode.encode_frames(self.graphdef, self.state, jnp.asarray(frames), as_images=True)
+        with self.mesh_context():
+            return encode.encode_frames(self.graphdef, self.state, jnp.asarray(frames), as_images=True)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty dense KV cache for ``batch`` rows of ``capacity`` slots in the model's dtype.
@@ -319,8 +335,8 @@ class VisionLanguageModel:
         return loop
 
     def mesh_context(self):
-        """The model's mesh as the context mesh, or no context: run steps over the model's caches inside it, so
-        that Pallas kernels (sparse attention, paged decoding) run per shard."""
+        """The model's mesh as the context mesh, or no context: run every step inside it, so that Pallas kernels
+        run per shard."""
         return contextlib.nullcontext() if self.plan is None else jax.set_mesh(self.plan.mesh)
 
     def _batch(self, value, batch_dim: int = 0) -> jax.Array:
@@ -416,7 +432,8 @@ class VisionLanguageModel:
             second_per_grid_ts,
             position_ids,
         )
-        logits = forward(self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids))
+        with self.mesh_context():
+            logits = forward(self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids))
         return to_host(logits)
 
     def generate(
@@ -516,20 +533,6 @@ class VisionLanguageModel:
         return sequences
 
 
-def _generation_defaults(model_dir: Path) -> tuple[tuple[int, ...] | None, int | None]:
-    """Stop and pad ids from ``generation_config.json``, when the directory has one."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return None, None
-    try:
-        gen = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    eos = token_ids(gen.get("eos_token_id")) or None
-    pad = gen.get("pad_token_id")
-    return eos, None if pad is None else int(pad)
-
-
 def load_model(
     path: str | os.PathLike,
     dtype="float32",
@@ -537,6 +540,8 @@ def load_model(
     tokenizer: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     sparsity: SparsityConfig | None = None,
+    attention: AttentionConfig | str = Backend.AUTO,
+    attention_kernel: str | None = None,
 ) -> VisionLanguageModel:
     """Load a Hugging Face model directory (converted on the fly) or a qv-jax checkpoint.
 
@@ -545,8 +550,11 @@ def load_model(
     (``qv_jax.make_mesh``) every device reads only its slice of each tensor into its shard (see
     ``qv_jax.sharding``); :class:`~qv_jax.errors.ShardingError` if the model cannot be laid out on it. With
     ``sparsity`` (:class:`~qv_jax.attention.SparsityConfig`) ``generate`` decodes sparsely (see
-    :class:`VisionLanguageModel`).
+    :class:`VisionLanguageModel`). ``attention`` / ``attention_kernel``: what runs every attention of the model
+    (:class:`~qv_jax.attention.backends.AttentionConfig`; docs/attention.md, "Backends").
     """
+    if not isinstance(attention, AttentionConfig):
+        attention = AttentionConfig(attention, attention_kernel)
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no such model directory")
@@ -568,7 +576,7 @@ def load_model(
         from qv_jax.model.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(model_dir)
-    eos, pad = _generation_defaults(model_dir)
+    eos, pad = generation_defaults(model_dir)
     if eos is not None:
         eos = tuple(dict.fromkeys((*config.eos_token_ids, *eos)))
     return VisionLanguageModel(
@@ -581,4 +589,5 @@ def load_model(
         source=str(model_dir),
         plan=plan,
         sparsity=sparsity,
+        attention=attention,
     )
