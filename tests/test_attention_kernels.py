@@ -1,4 +1,5 @@
-"""The block-sparse Pallas kernels in interpret mode against the dense masked reference: outputs, lse, gradients.
+"""The block-sparse Pallas kernels in interpret mode, and the chunked jnp path that walks the same tables, against
+the dense masked reference: outputs, lse, gradients.
 
 Shapes are small (the CPU interpreter runs grid steps one by one); tile sizes are small too so that every case
 has full, partial and skipped tiles.
@@ -41,6 +42,11 @@ def make_inputs(case, dtype):
     return q, k, v, patterns, causal, seg
 
 
+# (backend, kernel) pairs under test: the Pallas kernels interpreted, and the chunked jnp tiles
+IMPLS = [("interpret", "tpu"), ("interpret", "gpu"), ("chunked", None)]
+IMPL_IDS = ["tpu", "gpu", "chunked"]
+
+
 def run(q, k, v, patterns, causal, seg, backend, kernel=None):
     return sparse_attention(
         q,
@@ -75,11 +81,11 @@ def assert_close(got, want, tol):
     assert err <= tol * max(1.0, np.max(np.abs(want), initial=0.0)), err
 
 
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize(("backend", "kernel"), IMPLS, ids=IMPL_IDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_matches_dense_reference_f32(kernel, case):
+def test_forward_matches_dense_reference_f32(backend, kernel, case):
     q, k, v, patterns, causal, seg = make_inputs(case, jnp.float32)
-    out, lse = run(q, k, v, patterns, causal, seg, "interpret", kernel)
+    out, lse = run(q, k, v, patterns, causal, seg, backend, kernel)
     want, want_lse = run(q, k, v, patterns, causal, seg, "xla")
     assert out.dtype == jnp.float32
     assert_close(out, want, 1e-5)
@@ -89,11 +95,11 @@ def test_forward_matches_dense_reference_f32(kernel, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize(("backend", "kernel"), IMPLS, ids=IMPL_IDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_gradients_match_dense_reference_f32(kernel, case):
+def test_gradients_match_dense_reference_f32(backend, kernel, case):
     q, k, v, patterns, causal, seg = make_inputs(case, jnp.float32)
-    got = jax.grad(loss_fn(patterns, causal, seg, "interpret", kernel), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss_fn(patterns, causal, seg, backend, kernel), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(loss_fn(patterns, causal, seg, "xla"), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, 1e-5)
