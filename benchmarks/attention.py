@@ -7,8 +7,11 @@ Qwen2.5-VL-7B's text shape (28 query heads, 4 KV heads, head dim 128, bf16):
   dense work left and the speedup a kernel whose run time is proportional to visited tiles would reach;
 - on TPU / GPU: the ``pallas`` kernel timed against the best dense kernel measured in the same run (jax's splash
   attention on TPU, ``jax.nn.dot_product_attention`` with cuDNN on GPU, its XLA implementation elsewhere);
-- on CPU: the ``xla`` backend (dense math under the pattern's mask, so no speedup is expected) against
-  ``jax.nn.dot_product_attention``, at the shorter lengths that fit in memory.
+- on CPU: the ``reference`` backend (dense math under the pattern's mask, so no speedup is expected) against
+  ``jax.nn.dot_product_attention``, at the shorter lengths that fit in memory;
+- on CPU, at ``--chunked-lengths`` (8K / 32K / 64K) with ``--cpu-heads`` (fewer heads than 7B, so that a dense
+  64K call takes a minute on two cores): the ``chunked`` backend's wall time, dense against 50 % streaming heads,
+  and its compiled temporary bytes against the ``reference``'s (compiled, not run where it would not fit).
 
 Run ``python -m benchmarks.attention`` (``--help`` for the knobs). Prints a table and writes
 ``benchmarks/results/attention.json``.
@@ -59,6 +62,42 @@ def dense_baseline(platform: str, seq_len: int, splash_block: int):
     return f"jax.nn.dot_product_attention[{implementation}]", attend
 
 
+def chunked_rows(lengths, fractions, heads: tuple[int, int, int], sink: int, local: int, repeats: int) -> list[dict]:
+    """CPU rows: ``chunked`` wall time per pattern mix and compiled temporary bytes against ``reference``."""
+    N, K, H = heads
+    rows = []
+    for n in lengths:
+        kq, kk, kv = jax.random.split(jax.random.key(n), 3)
+        q = jax.random.normal(kq, (1, N, n, H), jnp.float32)
+        k, v = (jax.random.normal(x, (1, K, n, H), jnp.float32) for x in (kk, kv))
+        dense_ms = None
+        for fraction in fractions:
+            streaming = round(fraction * K)
+            patterns = (HeadPattern.dense(),) * (K - streaming) + (HeadPattern.streaming(sink, local),) * streaming
+            temp = {}
+            for backend in ("chunked", "reference"):
+                fn = jax.jit(functools.partial(sparse_attention, patterns=patterns, backend=backend))
+                compiled = fn.trace(q, k, v).lower().compile()
+                temp[backend] = compiled.memory_analysis().temp_size_in_bytes
+                if backend == "chunked":
+                    timing = time_call(functools.partial(_run, compiled, q, k, v), repeats=repeats, warmup=0)
+            ms = timing["median_s"] * 1e3
+            dense_ms = ms if streaming == 0 else dense_ms
+            rows.append(
+                {
+                    "tokens": n,
+                    "streaming_heads": f"{streaming}/{K}",
+                    "chunked_ms": ms,
+                    "speedup_vs_dense": None if dense_ms is None else dense_ms / ms,
+                    "chunked_temp_MiB": temp["chunked"] / 2**20,
+                    "reference_temp_MiB": temp["reference"] / 2**20,
+                    "temp_ratio": temp["reference"] / max(temp["chunked"], 1),
+                }
+            )
+            print(f"{n} tokens, {streaming}/{K} streaming: chunked {ms:.0f} ms", flush=True)
+    return rows
+
+
 def _run(fn, *args):
     return jax.block_until_ready(fn(*args))
 
@@ -73,6 +112,21 @@ def main(argv=None) -> None:
     parser.add_argument("--block-q", type=int, default=None, help="default: the kernel's production tile")
     parser.add_argument("--block-kv", type=int, default=None)
     parser.add_argument("--splash-block", type=int, default=512)
+    parser.add_argument(
+        "--chunked-lengths",
+        type=int,
+        nargs="*",
+        default=[8192, 32768, 65536],
+        help="CPU: lengths of the chunked-against-reference rows (none to skip)",
+    )
+    parser.add_argument(
+        "--cpu-heads",
+        type=int,
+        nargs=3,
+        default=[4, 2, 128],
+        metavar=("N", "K", "H"),
+        help="CPU chunked rows: query heads, KV heads, head dim (default 4 2 128)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-timing", action="store_true", help="only count visited tiles")
     parser.add_argument("--out", default=None)
@@ -125,7 +179,7 @@ def main(argv=None) -> None:
                 )
             if q is None:
                 continue
-            backend = "pallas" if accelerated else "xla"
+            backend = "pallas" if accelerated else "reference"
             fn = jax.jit(
                 functools.partial(
                     sparse_attention,
@@ -153,14 +207,23 @@ def main(argv=None) -> None:
                 flush=True,
             )
 
+    chunked = []
+    if not accelerated and not args.no_timing and args.chunked_lengths:
+        chunked = chunked_rows(
+            args.chunked_lengths, (0.0, 0.5), tuple(args.cpu_heads), args.sink, args.local, max(1, args.repeats - 2)
+        )
     print()
     print(format_table(counts, list(counts[0])))
+    if chunked:
+        print()
+        print(format_table(chunked, list(chunked[0])))
     if timings:
         print()
         print(format_table(timings, list(timings[0])))
     shape = {"q_heads": HQ, "kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}
     config = {**vars(args), "platform": platform, "block_q": block_q, "block_kv": block_kv, "shape": shape}
-    path = write_json("attention", {"config": config, "visited": counts, "timings": timings}, args.out)
+    payload = {"config": config, "visited": counts, "timings": timings, "chunked": chunked}
+    path = write_json("attention", payload, args.out)
     print(f"\nwrote {path}")
 
 

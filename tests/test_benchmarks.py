@@ -19,6 +19,7 @@ def _check_attention(record: dict) -> None:
     """Streaming heads skip tiles once the sequence is longer than what they see (sink + local)."""
     assert record["visited"] and record["timings"]
     window = record["config"]["sink"] + record["config"]["local"]
+    assert [row["streaming_heads"] for row in record["chunked"]] == ["0/2", "1/2"]
     for row in record["visited"]:
         streams = not row["streaming_heads"].startswith("0/")
         assert (row["work_fraction"] < 1.0) == (streams and row["tokens"] > window), row
@@ -49,7 +50,10 @@ def _check_sparse_decode(record: dict) -> None:
 
 
 CASES = {
-    "attention": (["--cpu-lengths", "256", "--lengths", "1024", "--repeats", "1"], _check_attention),
+    "attention": (
+        ["--cpu-lengths", "256", "--lengths", "1024", "--repeats", "1", "--chunked-lengths", "512"],
+        _check_attention,
+    ),
     "decode": (["--workers", "2", "--repeats", "1"], _check_decode),
     "e2e": (["--max-frames", "8", "--group-frames", "4", "--max-new-tokens", "2", "--repeats", "1"], _check_e2e),
     "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
