@@ -113,7 +113,7 @@ def _frame_parallel_encoder(model, patches, grid):
     local_grid = ((t // n, h, w),)
 
     def encode(state, patches):
-        return nnx.merge(graphdef, state)(patches, local_grid)
+        return nnx.merge(graphdef, state)(patches, local_grid, model.attention)
 
     run = jax.jit(jax.shard_map(encode, mesh=mesh, in_specs=(P(), P(AXES)), out_specs=P(AXES), check_vma=False))
     patches = jax.device_put(patches, NamedSharding(mesh, P(AXES)))
