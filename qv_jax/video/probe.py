@@ -133,12 +133,13 @@ class FrameTable:
     """Per-frame timing in presentation order, and the keyframes the decoder can start from.
 
     ``pts[i]`` is frame i's timestamp in ``time_base`` units; ``occurrence[i]`` numbers frames that share a pts
-    (0 for the first), so a worker can tell them apart; ``pos[i]`` is the byte position of frame i's packet, and
-    when ``by_position`` is set (damaged timestamps) workers know frames by it instead of by pts; ``decode_pos[i]`` is the position of frame i's packet
-    among all the stream's packets in decode order. Decoding from keyframe k (packet ``key_decode_pos[k]``, found
-    by seeking with ``key_pts[k]`` or ``key_dts[k]``) yields the frames from presentation index ``key_index[k]``
-    on; GOP k is the span from ``key_index[k]`` to ``key_index[k + 1]`` (empty when the demuxer discards all of
-    it).
+    (0 for the first), so a worker can tell them apart; ``decode_pos[i]`` is the position of frame i's packet
+    among all the stream's packets in decode order, ``pos[i]`` its byte position in the file. When
+    ``by_position`` is set (damaged timestamps) workers know frames by ``pos`` instead of by pts, and
+    ``occurrence`` numbers the frames of one packet. Decoding from keyframe k (packet ``key_decode_pos[k]``,
+    found by seeking with ``key_pts[k]`` or ``key_dts[k]``) yields the frames from presentation index
+    ``key_index[k]`` on; GOP k is the span from ``key_index[k]`` to ``key_index[k + 1]`` (empty when the demuxer
+    discards all of it).
     """
 
     pts: np.ndarray
@@ -486,3 +487,61 @@ def clear_probe_cache() -> None:
     """Forget every remembered probe (benchmarks use it to time cold opens)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+def _conversion(color: ColorTags) -> str:
+    """How :func:`qv_jax.video._worker.convert_frame` turns this stream into RGB, in words."""
+    if color.pixel_format.startswith(("rgb", "bgr", "argb", "abgr", "pal", "gray")):
+        return "RGB / palette / grey input, copied to RGB24"
+    matrix = {"bt709": "BT.709", "bt2020nc": "BT.2020", "bt2020c": "BT.2020", "smpte240m": "SMPTE 240M"}
+    full = color.range == "pc" or color.pixel_format.startswith("yuvj")
+    words = f"{matrix.get(color.space, 'BT.601')} matrix, {'full' if full else 'limited'} range"
+    if color.transfer in ("smpte2084", "arib-std-b67"):
+        words += ", HDR transfer kept as coded (no tone mapping)"
+    return words
+
+
+def describe(path: str | os.PathLike) -> str:
+    """What the probe found in ``path``, for ``qv-jax decode --info``: streams, the one decoded, its codec, pixel
+    format, colour tags, rotation, frame count and how it was counted, keyframes, and whether pts are unique."""
+    info, table = probe(path)
+    container = _open_container(Path(path))
+    try:
+        streams = []
+        for s in container.streams:
+            extra = ""
+            if s.type == "video":
+                extra = f" {s.codec_context.width}x{s.codec_context.height}"
+                if s.disposition & av.stream.Disposition.attached_pic:
+                    extra += " (cover art)"
+            mark = "  <- decoded" if s.index == info.stream_index else ""
+            codec = s.codec_context.name if s.codec_context is not None else "unknown"
+            streams.append(f"  #{s.index} {s.type} {codec}{extra}{mark}")
+    finally:
+        container.close()
+    color = info.color
+    shared = int(table.pts.size - np.unique(table.pts).size)
+    keys = info.keyframe_indices
+    shown = ", ".join(map(str, keys[:12])) + (" ..." if keys.size > 12 else "")
+    counted = (
+        "decoding (damaged timestamps: frames are ordered as the decoder outputs them and known by byte position)"
+        if table.by_position
+        else "packets (one demux pass)"
+    )
+    lines = [
+        f"file: {info.path}",
+        f"container: {info.container}",
+        "streams:",
+        *streams,
+        f"codec: {info.codec}, pixel format {color.pixel_format}{', interlaced' if color.interlaced else ''}",
+        f"colour: matrix {color.space}, range {color.range}, transfer {color.transfer}, primaries {color.primaries}",
+        f"  converted with: {_conversion(color)}",
+        f"size: {info.stored_width}x{info.stored_height} stored, rotation {info.rotation} degrees counter-clockwise, "
+        f"{info.width}x{info.height} as read",
+        f"frames: {info.frame_count}, counted by {counted}",
+        f"duration: {info.duration_s:.3f} s at {info.avg_fps:.3f} fps on average, start {info.start_time_s:.3f} s, "
+        f"time base {info.time_base}",
+        f"keyframes: {keys.size} at frames {shown}",
+        f"pts unique: {'yes' if shared == 0 else f'no ({shared} frames share a pts with an earlier one)'}",
+    ]
+    return "\n".join(lines)

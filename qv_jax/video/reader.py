@@ -23,8 +23,8 @@ DEFAULT_GROUP_SIZE = 16
 
 @dataclass(frozen=True, eq=False)
 class Frames:
-    """Decoded frames: ``frames`` uint8 [frames, height, width, 3] RGB, with their presentation-order ``indices`` and pts in
-    seconds ``times_s``. A streamed group also says where it starts in its plan (``offset``)."""
+    """Decoded frames: ``frames`` uint8 [frames, height, width, 3] RGB, with their presentation-order ``indices``
+    and pts in seconds ``times_s``. A streamed group also says where it starts in its plan (``offset``)."""
 
     frames: np.ndarray
     indices: np.ndarray
