@@ -14,11 +14,10 @@ its parent over the socket ``FD`` with pickled messages:
 
 A task names the file, the seek targets of its keyframe, the pts (and occurrence number, for the rare frames that
 share a pts) of every wanted frame, or for files with damaged timestamps its packet's byte position, and the
-buffer slot each goes to. The worker seeks once, checks that the
-demuxer landed on or before its keyframe (seeking earlier otherwise), decodes with one thread (skipping the
-unwanted H.264 / HEVC frames that nothing references), converts and resizes each wanted frame with one reused
-swscale context, writes it into its slot of the memory-mapped buffer, and stops as soon as the last wanted frame
-is out.
+buffer slot each goes to. The worker seeks once, checks that the demuxer landed on or before its keyframe
+(seeking earlier otherwise), decodes with one thread (skipping the unwanted H.264 / HEVC frames that nothing
+references), converts, resizes and turns each wanted frame with one reused swscale context, writes it into its
+slot of the memory-mapped buffer, and stops as soon as the last wanted frame is out.
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ class ColorTags:
 
 @dataclass(frozen=True, eq=False)
 class VideoInfo:
-    """What a probe learns about a video's main stream. Frame counts and rates come from the packet scan."""
+    """What a probe learns about a video's main stream. Frame counts and rates come from the packet scan, or from
+    a decode pass where timestamps are damaged (``frames_counted_by``)."""
 
     path: str
     frame_count: int
@@ -273,11 +274,12 @@ def _scan(path: Path, container, stream) -> tuple[dict[str, np.ndarray], av.Vide
     return columns, first
 
 
-def _timestamps_damaged(cols: dict[str, np.ndarray], container_format: str) -> bool:
-    """Whether pts order may disagree with the decoder's output order: AVI (its timestamps count chunks, and
-    packed-bitstream MPEG-4 shows frames in another order), frames that share a pts, or a keyframe that pts
-    would show before a frame decoded ahead of it (a join whose later part lost its reordering)."""
-    if container_format == "avi":
+def _timestamps_damaged(cols: dict[str, np.ndarray], container_format: str, reorders: bool) -> bool:
+    """Whether pts order may disagree with the decoder's output order: AVI with a codec that reorders frames
+    (AVI's timestamps count chunks, so B-frames and packed-bitstream MPEG-4 come out in another order), frames
+    that share a pts, or a keyframe that pts would show before a frame decoded ahead of it (a join whose later
+    part lost its reordering)."""
+    if container_format == "avi" and reorders:
         return True
     ts = cols["ts"][~cols["discard"]]
     if np.unique(ts).size < ts.size:
@@ -296,7 +298,7 @@ def _decoded_order(path: Path, stream_index: int, rows: int) -> np.ndarray:
     try:
         stream = container.streams[stream_index]
         ctx = stream.codec_context
-        ctx.thread_count = 1
+        ctx.thread_type = "AUTO"  # frame threads keep the output order and hand each packet's opaque on
         ctx.copy_opaque = True
         frame_rows = []
         row = 0
@@ -328,7 +330,8 @@ def _build_table(
     if not key.any():
         key[0] = True  # streams without keyframe flags can only be decoded from their first packet
     first_key = int(np.argmax(key))
-    by_position = _timestamps_damaged(cols, container.format.name)
+    reorders = bool(container.streams[stream_index].codec_context.has_b_frames)
+    by_position = _timestamps_damaged(cols, container.format.name, reorders)
     if by_position:
         pos = cols["pos"]
         if np.any(pos < 0) or np.unique(pos).size < pos.size:
