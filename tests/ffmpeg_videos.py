@@ -191,6 +191,11 @@ CASES = {
         lambda path: ffmpeg("-i", _built("concat_mp4"), "-c", "copy", path),
         numbers=tuple(range(SOURCE_FRAMES)) * 3,
     ),
+    "concat_mkv_to_mp4": Case(
+        "concat_remuxed.mp4",
+        lambda path: ffmpeg("-i", _built("concat_mkv"), "-c", "copy", path),
+        numbers=tuple(range(SOURCE_FRAMES)) * 3,
+    ),
     # 4. Xvid in AVI with B-frames and N-VOP placeholders
     "xvid_avi": Case("xvid.avi", _encode("-c:v libxvid -bf 2 -g 12 -q:v 3"), encoder="libxvid"),
     # 5. odd but valid
