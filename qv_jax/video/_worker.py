@@ -60,9 +60,9 @@ def convert_frame(
 
     swscale with the frame's matrix and range tags (untagged matrix: BT.601, untagged range: by pixel format),
     one thread. At native size chroma is upsampled bilinearly, exactly as PyAV's ``to_ndarray(format="rgb24")``
-    and so torchvision's ``read_video`` (one of qwen-vl-utils' readers) convert; a resize uses ``interpolation``. Then the
-    frame is turned ``rotation`` degrees counter-clockwise (a multiple of 90). Tests run the same call on a
-    sequential decode to compare bit for bit.
+    and so torchvision's ``read_video`` (one of qwen-vl-utils' readers) convert; a resize uses ``interpolation``.
+    Then the frame is turned ``rotation`` degrees counter-clockwise (a multiple of 90). Tests run the same call on
+    a sequential decode to compare bit for bit.
     """
     turns = rotation // 90 % 4
     stored_h, stored_w = (width, height) if turns % 2 else (height, width)
