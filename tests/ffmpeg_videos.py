@@ -131,13 +131,19 @@ def bars() -> Path:
 @dataclass(frozen=True)
 class Case:
     """One file of the matrix: its name, how ffmpeg makes it, the encoder it needs, and the frame numbers its
-    frames show in display order (``None``: 0, 1, 2, ... up to the frame count)."""
+    frames show in display order (``None``: 0, 1, 2, ... up to the frame count; with ``tail``, the last of them,
+    for cuts whose first frame depends on where the encoder put keyframes)."""
 
     filename: str
     build: Callable[[Path], None]
     encoder: str = "libx264"
     numbers: tuple[int, ...] | None = None
     slow: bool = False
+    tail: bool = False
+
+    def expected(self, count: int) -> list[int]:
+        numbers = list(self.numbers or range(count))
+        return numbers[len(numbers) - count :] if self.tail else numbers
 
 
 # The encodings of the colour cases: 10-bit 4:2:0 (phones, screen recorders), tagged matrices and ranges, and
@@ -195,6 +201,12 @@ CASES = {
         "concat_remuxed.mp4",
         lambda path: ffmpeg("-i", _built("concat_mkv"), "-c", "copy", path),
         numbers=tuple(range(SOURCE_FRAMES)) * 3,
+    ),
+    "concat_mp4_cut": Case(
+        "concat_cut.mp4",
+        lambda path: ffmpeg("-ss", "4", "-i", _built("concat_mp4"), "-c", "copy", path),
+        numbers=tuple(range(SOURCE_FRAMES)) * 3,
+        tail=True,
     ),
     # 4. Xvid in AVI with B-frames and N-VOP placeholders
     "xvid_avi": Case("xvid.avi", _encode("-c:v libxvid -bf 2 -g 12 -q:v 3"), encoder="libxvid"),

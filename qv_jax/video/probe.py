@@ -356,14 +356,18 @@ def _build_table(
     occurrence = np.empty(shared.size, np.int64)
     occurrence[order] = np.arange(shared.size) - np.searchsorted(shared[order], shared[order], side="left")
     if by_position:
-        # Output index of each packet's frame; a keyframe starts an interval only if everything decoded before it
-        # is shown before it.
+        # Output index of each packet's (first) frame. A keyframe the demuxer discards (an edit list) shows
+        # nothing itself: decoding from it starts with the first frame of a later packet.
         shown_at = np.full(ts.size, -1, np.int64)
-        shown_at[frame_rows[::-1]] = np.arange(frame_rows.size)[::-1]  # a packet's first frame
-        key_rows = np.flatnonzero(key & (shown_at >= 0))
+        shown_at[frame_rows[::-1]] = np.arange(frame_rows.size)[::-1]
+        later = np.where(shown_at >= 0, shown_at, np.iinfo(np.int64).max)
+        shown_from = np.minimum.accumulate(later[::-1])[::-1]
+        key_rows = np.flatnonzero(key)
+        key_index = np.where(shown_at[key_rows] >= 0, shown_at[key_rows], shown_from[key_rows])
+        # A keyframe starts an interval only if everything decoded before it is shown before it.
         shown_before = np.maximum.accumulate(np.concatenate([[-1], shown_at]))[key_rows]
-        key_rows = key_rows[shown_at[key_rows] > shown_before]
-        key_index = shown_at[key_rows]
+        starts = (key_index > shown_before) & (key_index < frame_rows.size)
+        key_rows, key_index = key_rows[starts], key_index[starts]
     else:
         key_rows = np.flatnonzero(key)
         key_pts = ts[key_rows]
