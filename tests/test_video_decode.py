@@ -18,6 +18,7 @@ from video_helpers import (
     video,
 )
 
+from qv_jax.errors import InputError
 from qv_jax.video import VideoReader, frame_number, make_sample_video, sampling
 from qv_jax.video import buffer as buffer_module
 
@@ -125,7 +126,10 @@ def test_rotation_is_applied_unless_asked_not_to(degrees):
         np.testing.assert_array_equal(r.read(indices=[0, 40]).frames, displayed[[0, 40]])
         # Qwen's smart_resize sees the displayed orientation.
         turned = r.plan(num_frames=2, min_pixels=8 * 28 * 28, max_pixels=200_704).size
+        displayed_plan = r.plan(indices=[0])
     with VideoReader(path, workers=2, rotate=False) as r:
+        with pytest.raises(InputError, match="turns frames"):
+            r.read(displayed_plan)
         np.testing.assert_array_equal(r.read(indices=[0, 40]).frames, stored[[0, 40]])
         assert r.plan(indices=[0]).size == stored.shape[1:3]
         upright = r.plan(num_frames=2, min_pixels=8 * 28 * 28, max_pixels=200_704).size
