@@ -18,6 +18,7 @@ from video_helpers import (
     video,
 )
 
+from qv_jax.errors import InputError
 from qv_jax.video import VideoReader, frame_number, make_sample_video, sampling
 from qv_jax.video import buffer as buffer_module
 
@@ -114,12 +115,25 @@ def test_video_info_from_packets():
 
 
 @pytest.mark.parametrize("degrees", [90, -90, 180])
-def test_rotation_is_reported_not_applied(degrees):
+def test_rotation_is_applied_unless_asked_not_to(degrees):
     path = remux(video("h264_bframes"), f"rotated_{degrees}.mp4", rotation=degrees)
-    _, expected = sequential_decode(video("h264_bframes"))
-    with VideoReader(path, workers=1) as r:
+    _, stored = sequential_decode(video("h264_bframes"))
+    displayed = np.rot90(stored, degrees // 90, axes=(1, 2))
+    with VideoReader(path, workers=2) as r:
         assert r.info.rotation == degrees
-        np.testing.assert_array_equal(r.read(indices=[0, 40]).frames, expected[[0, 40]])
+        assert (r.info.height, r.info.width) == displayed.shape[1:3]
+        assert (r.info.stored_height, r.info.stored_width) == stored.shape[1:3]
+        np.testing.assert_array_equal(r.read(indices=[0, 40]).frames, displayed[[0, 40]])
+        # Qwen's smart_resize sees the displayed orientation.
+        turned = r.plan(num_frames=2, min_pixels=8 * 28 * 28, max_pixels=200_704).size
+        displayed_plan = r.plan(indices=[0])
+    with VideoReader(path, workers=2, rotate=False) as r:
+        with pytest.raises(InputError, match="turns frames"):
+            r.read(displayed_plan)
+        np.testing.assert_array_equal(r.read(indices=[0, 40]).frames, stored[[0, 40]])
+        assert r.plan(indices=[0]).size == stored.shape[1:3]
+        upright = r.plan(num_frames=2, min_pixels=8 * 28 * 28, max_pixels=200_704).size
+    assert turned == (upright[::-1] if degrees % 180 else upright)
 
 
 def test_sparse_sampling_decodes_only_needed_gops():

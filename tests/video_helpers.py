@@ -107,19 +107,24 @@ def remux(source: Path, name: str, *, rotation: int | None = None, faststart: bo
 
 
 def sequential_decode(
-    path: Path, size: tuple[int, int] | None = None, interpolation: str = "bicubic"
+    path: Path, size: tuple[int, int] | None = None, interpolation: str = "bicubic", rotate: bool = True
 ) -> tuple[list[int], np.ndarray]:
-    """Decode the whole stream in one pass with PyAV and convert each frame as the workers do (same swscale call).
+    """The reference: the video stream decoded front to back in one pass with PyAV, every frame the decoder
+    outputs, in its output order, converted as the workers do (same swscale call) and, when ``rotate``, turned
+    as displayed. ``size`` is the output size after the turn.
 
-    Returns the frames' pts in output order and the frames, uint8 [N, H, W, 3].
+    Returns the frames' pts in output order and the frames, uint8 [frames, height, width, 3].
     """
     reformatter = av.video.reformatter.VideoReformatter()
     pts, frames = [], []
     with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            height, width = size or (frame.height, frame.width)
+        stream = next(s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic)
+        for frame in container.decode(stream):
+            rotation = 90 * round(frame.rotation / 90) if rotate else 0
+            sideways = rotation % 180 != 0
+            height, width = size or ((frame.width, frame.height) if sideways else (frame.height, frame.width))
             out = np.empty((height, width, 3), np.uint8)
-            convert_frame(reformatter, frame, height, width, interpolation, out)
+            convert_frame(reformatter, frame, height, width, interpolation, out, rotation)
             pts.append(frame.pts)
             frames.append(out)
     return pts, np.stack(frames)

@@ -56,6 +56,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
     parser.add_argument("--group-size", type=int, default=16, help="frames per streamed group (default 16)")
     parser.add_argument("--out", type=Path, help="write the frames to this .npy file (uint8 [N, H, W, 3])")
+    parser.add_argument(
+        "--info",
+        action="store_true",
+        help="print what the probe found in VIDEO (streams, codec, pixel format, colour tags, rotation, frame "
+        "count and how it was counted, keyframes, whether pts are unique) and decode nothing",
+    )
     parser.set_defaults(func=run)
 
 
@@ -65,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from qv_jax.video import VideoReader
     from qv_jax.video.pool import default_pool
 
+    if args.info:
+        if args.video is None:
+            raise InputError("--info needs a VIDEO")
+        from qv_jax.video.probe import describe
+
+        print(describe(args.video))
+        return 0
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be positive, got {args.workers}")
     if args.out is not None and args.out.suffix != ".npy":

@@ -13,11 +13,11 @@ its parent over the socket ``FD`` with pickled messages:
                        ("cancelled", task_id)
 
 A task names the file, the seek targets of its keyframe, the pts (and occurrence number, for the rare frames that
-share a pts) of every wanted frame and the buffer slot each goes to. The worker seeks once, checks that the
-demuxer landed on or before its keyframe (seeking earlier otherwise), decodes with one thread (skipping the
-unwanted H.264 / HEVC frames that nothing references), converts and resizes each wanted frame with one reused
-swscale context, writes it into its slot of the memory-mapped buffer, and stops as soon as the last wanted frame
-is out.
+share a pts) of every wanted frame, or for files with damaged timestamps its packet's byte position, and the
+buffer slot each goes to. The worker seeks once, checks that the demuxer landed on or before its keyframe
+(seeking earlier otherwise), decodes with one thread (skipping the unwanted H.264 / HEVC frames that nothing
+references), converts, resizes and turns each wanted frame with one reused swscale context, writes it into its
+slot of the memory-mapped buffer, and stops as soon as the last wanted frame is out.
 """
 
 from __future__ import annotations
@@ -46,21 +46,40 @@ _INTERPOLATION = {
 }
 
 
+_COLOR_RANGES = {1: av.video.reformatter.ColorRange.MPEG, 2: av.video.reformatter.ColorRange.JPEG}
+
+
 class Cancelled(Exception):
     """The parent asked to abandon the running task, or went away."""
 
 
-def convert_frame(reformatter, frame, height: int, width: int, interpolation: str, out: np.ndarray) -> None:
-    """Colour-convert and resize a decoded frame to RGB24 ``height`` × ``width`` into ``out`` [H, W, 3].
+def convert_frame(
+    reformatter, frame, height: int, width: int, interpolation: str, out: np.ndarray, rotation: int = 0
+) -> None:
+    """Colour-convert, resize and rotate a decoded frame into ``out`` [height, width, 3], RGB24 as displayed.
 
-    One swscale pass with one thread; tests run the same call on a sequential decode to compare bit for bit.
+    swscale with the frame's matrix and range tags (untagged matrix: BT.601, untagged range: by pixel format),
+    one thread. At native size chroma is upsampled bilinearly, exactly as PyAV's ``to_ndarray(format="rgb24")``
+    and so torchvision's ``read_video`` (one of qwen-vl-utils' readers) convert; a resize uses ``interpolation``.
+    Then the frame is turned ``rotation`` degrees counter-clockwise (a multiple of 90). Tests run the same call on
+    a sequential decode to compare bit for bit.
     """
+    turns = rotation // 90 % 4
+    stored_h, stored_w = (width, height) if turns % 2 else (height, width)
+    native = (stored_h, stored_w) == (frame.height, frame.width)
     rgb = reformatter.reformat(
-        frame, width=width, height=height, format="rgb24", interpolation=_INTERPOLATION[interpolation], threads=1
+        frame,
+        width=stored_w,
+        height=stored_h,
+        format="rgb24",
+        src_color_range=_COLOR_RANGES.get(frame.color_range),
+        interpolation=_INTERPOLATION["bilinear" if native else interpolation],
+        threads=1,
     )
     plane = rgb.planes[0]
-    rows = np.frombuffer(plane, np.uint8).reshape(height, plane.line_size)
-    out[...] = rows[:, : width * 3].reshape(height, width, 3)
+    rows = np.frombuffer(plane, np.uint8).reshape(stored_h, plane.line_size)
+    image = rows[:, : stored_w * 3].reshape(stored_h, stored_w, 3)
+    out[...] = np.rot90(image, turns) if turns else image
 
 
 class _Source:
@@ -72,6 +91,7 @@ class _Source:
         self.stream = self.container.streams[stream_index]
         ctx = self.stream.codec_context
         ctx.thread_count = 1  # one decoder thread per worker: the pool is the parallelism
+        ctx.copy_opaque = True  # frames carry back what their packet carried: its byte position, when tagged
         # FFmpeg's H.264 / HEVC decoders read skip_frame per slice, so it can be switched packet by packet to skip
         # unwanted frames that no other frame references, without changing any other frame. dav1d applies it with
         # a delay, so switching it there changes which frames come out: only these two codecs qualify.
@@ -142,7 +162,7 @@ class Worker:
         """Packets from a keyframe at or before the task's keyframe. The demuxer may land late (MP4 seeks by one
         clock, MPEG-TS by another) or on a non-keyframe; we check the first keyframe it yields, and seek to an
         earlier target, or finally reopen the file and start from its beginning, when it is past ours."""
-        key_pts = task["key_pts"]
+        key_pts, key_pos = task["key_pts"], task["key_pos"]
         source = self._open(task)
         for target in task["seek_targets"]:
             stats["seeks"] += 1
@@ -156,6 +176,11 @@ class Worker:
                     break  # end of file before any keyframe
                 if not packet.is_keyframe:
                     continue
+                if key_pos is not None:
+                    # Damaged timestamps: only the byte position says whether we are at or before our keyframe.
+                    if packet.pos is not None and 0 <= packet.pos <= key_pos:
+                        return itertools.chain((packet,), packets)
+                    break
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is not None and ts <= key_pts:
                     return itertools.chain((packet,), packets)
@@ -169,10 +194,14 @@ class Worker:
 
     def _decode(self, task: dict) -> tuple[np.ndarray, dict]:
         task_id, key_pts = task["id"], task["key_pts"]
-        height, width, interpolation = task["height"], task["width"], task["interpolation"]
-        slot_of = {
-            (int(p), int(o)): int(s) for p, o, s in zip(task["pts"], task["occurrence"], task["slots"], strict=True)
-        }
+        height, width, interpolation, rotation = task["height"], task["width"], task["interpolation"], task["rotation"]
+        by_position = task["key_pos"] is not None
+        if by_position:
+            keys = task["pos"]
+        else:
+            keys = task["pts"]
+        slot_of = {(int(k), int(o)): int(s) for k, o, s in zip(keys, task["occurrence"], task["slots"], strict=True)}
+        wanted = {p for p, _ in slot_of}
         last_pts = int(task["pts"].max())
         stats = {"packets": 0, "frames_decoded": 0, "seeks": 0}
         seen: dict[int, int] = {}
@@ -186,29 +215,35 @@ class Worker:
             packets = self._seek(task, stats)
             ctx = self.source.stream.codec_context
             skipping = self.source.skip_unreferenced
-            wanted_pts = {p for p, _ in slot_of}
             mode = ctx.skip_frame = "DEFAULT"
             finished = False
             for packet in packets:
                 self._check_cancel(task_id)
                 stats["packets"] += packet.size > 0
+                if by_position and packet.size:
+                    packet.opaque = packet.pos
                 if skipping and packet.size:
-                    wanted_mode = "DEFAULT" if packet.pts is None or packet.pts in wanted_pts else "NONREF"
+                    key = packet.pos if by_position else packet.pts
+                    wanted_mode = "DEFAULT" if key is None or key in wanted else "NONREF"
                     if wanted_mode != mode:
                         ctx.skip_frame = mode = wanted_mode
                 for frame in ctx.decode(packet):
                     stats["frames_decoded"] += 1
-                    pts = frame.pts
-                    if pts is None or pts < key_pts:
-                        continue  # frames of an earlier GOP, decoded only to reach ours
-                    occurrence = seen.get(pts, 0)
-                    seen[pts] = occurrence + 1
-                    slot = slot_of.pop((pts, occurrence), None)
+                    if by_position:
+                        key = frame.opaque
+                    else:
+                        key = pts = frame.pts
+                        if pts is None or pts < key_pts:
+                            continue  # frames of an earlier GOP, decoded only to reach ours
+                    occurrence = seen.get(key, 0)
+                    seen[key] = occurrence + 1
+                    slot = slot_of.pop((key, occurrence), None)
                     if slot is not None:
-                        convert_frame(self.reformatter, frame, height, width, interpolation, frames[slot])
+                        convert_frame(self.reformatter, frame, height, width, interpolation, frames[slot], rotation)
                         written.append(slot)
-                    if not slot_of or pts > last_pts:
-                        finished = True  # the decoder emits in presentation order: nothing wanted is left
+                    # The decoder emits in presentation order: past the last wanted pts nothing wanted is left.
+                    if not slot_of or (not by_position and pts > last_pts):
+                        finished = True
                         break
                 if finished:
                     break
@@ -224,8 +259,9 @@ class Worker:
                 pass  # a traceback still holds a view of it; the mapping goes when that does
         if slot_of:
             missing = sorted(p for p, _ in slot_of)
+            what = "at byte position" if by_position else "at pts"
             raise RuntimeError(
-                f"the decoder produced no frame at pts {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                f"the decoder produced no frame {what} {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                 f"(time base {self.source.stream.time_base}): the stream is damaged there, or the file changed since "
                 "it was probed"
             )

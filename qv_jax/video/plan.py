@@ -25,7 +25,8 @@ class FramePlan:
     ``indices`` are presentation-order frame indices (int64 [N]), ``times_s`` their timestamps in seconds (pts ×
     time base, so they include the stream's start time), ``height`` × ``width`` the output size of every frame,
     ``sample_fps`` the rate qwen-vl-utils reports for the sample (N / ``frame_count`` × the video's average fps),
-    ``frame_count`` the frames in the video it was made for.
+    ``frame_count`` the frames in the video it was made for, ``rotation`` the counter-clockwise degrees each frame
+    is turned by (the display matrix's, or 0 for the stored frames); sizes are after the turn.
     """
 
     indices: np.ndarray
@@ -35,6 +36,7 @@ class FramePlan:
     sample_fps: float
     frame_count: int
     interpolation: str = "bicubic"
+    rotation: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -91,8 +93,10 @@ def make_plan(
     min_frames: int = sampling.FPS_MIN_FRAMES,
     max_frames: int | None = None,
     interpolation: str = "bicubic",
+    rotate: bool = True,
 ) -> FramePlan:
-    """Turn a request into a plan (see :meth:`VideoReader.plan` for the keywords)."""
+    """Turn a request into a plan (see :meth:`VideoReader.plan` for the keywords); sizes follow the displayed
+    orientation when ``rotate``, else the stored one."""
     path = info.path
     chosen = [name for name, v in (("indices", indices), ("fps", fps), ("num_frames", num_frames)) if v is not None]
     if len(chosen) > 1:
@@ -113,15 +117,16 @@ def make_plan(
         )
         chosen_indices = sampling.sample_indices(total, n)
     n = chosen_indices.size
+    native_h, native_w = (info.height, info.width) if rotate else (info.stored_height, info.stored_width)
     if size is not None:
         height, width = _parse_size(size, path)
     elif (min_pixels, max_pixels, total_pixels) != (None, None, None):
         low, high = sampling.video_pixel_bounds(
             n, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels
         )
-        height, width = sampling.smart_resize(info.height, info.width, min_pixels=low, max_pixels=high)
+        height, width = sampling.smart_resize(native_h, native_w, min_pixels=low, max_pixels=high)
     else:
-        height, width = info.height, info.width
+        height, width = native_h, native_w
     chosen_indices.flags.writeable = False
     times = table.pts[chosen_indices] * table.time_base.numerator / table.time_base.denominator
     times.flags.writeable = False
@@ -133,4 +138,5 @@ def make_plan(
         sample_fps=sampling.sample_fps(n, total, info.avg_fps),
         frame_count=total,
         interpolation=interpolation,
+        rotation=info.rotation if rotate else 0,
     )

@@ -23,8 +23,8 @@ DEFAULT_GROUP_SIZE = 16
 
 @dataclass(frozen=True, eq=False)
 class Frames:
-    """Decoded frames: ``frames`` uint8 [N, H, W, 3] RGB, with their presentation-order ``indices`` and pts in
-    seconds ``times_s``. A streamed group also says where it starts in its plan (``offset``)."""
+    """Decoded frames: ``frames`` uint8 [frames, height, width, 3] RGB, with their presentation-order ``indices``
+    and pts in seconds ``times_s``. A streamed group also says where it starts in its plan (``offset``)."""
 
     frames: np.ndarray
     indices: np.ndarray
@@ -56,10 +56,19 @@ class VideoReader:
 
     ``VideoReader(path, workers=None)`` probes the file (one demux pass, see :mod:`qv_jax.video.probe`) and
     starts decoder processes in the background; ``workers=None`` means ``os.cpu_count()``. ``timeout_s`` is how
-    long a worker may stay silent before the read fails. Use as a context manager.
+    long a worker may stay silent before the read fails. Frames come back as displayed: turned by the stream's
+    display matrix (``info.rotation``), with sizes and Qwen's ``smart_resize`` for that orientation;
+    ``rotate=False`` gives the stored frames. Use as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike, workers: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        workers: int | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        rotate: bool = True,
+    ):
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise InputError(f"workers must be a positive integer or None, got {workers!r}")
         if not timeout_s > 0:
@@ -67,6 +76,7 @@ class VideoReader:
         self.path = os.fspath(path)
         self.workers = workers or os.cpu_count() or 1
         self.timeout_s = float(timeout_s)
+        self.rotate = bool(rotate)
         self.last_stats: DecodeStats | None = None
         self._closed = False
         default_pool().prestart(self.workers)  # workers boot while we probe
@@ -108,6 +118,7 @@ class VideoReader:
             min_frames=min_frames,
             max_frames=max_frames,
             interpolation=interpolation,
+            rotate=self.rotate,
         )
 
     def read(self, plan: FramePlan | None = None, **options) -> Frames:
@@ -160,6 +171,8 @@ class VideoReader:
             raise InputError(f"give either a plan or plan keywords, not both (got {', '.join(sorted(options))})")
         if not isinstance(plan, FramePlan):
             raise InputError(f"plan must be a FramePlan, got {type(plan).__name__}")
+        if plan.rotation != (self.info.rotation if self.rotate else 0):
+            raise InputError(f"plan turns frames by {plan.rotation} degrees; this reader of {self.path} does not")
         if plan.frame_count != self.info.frame_count:
             raise InputError(
                 f"plan was made for a video of {plan.frame_count} frames; {self.path} has {self.info.frame_count}"
@@ -191,6 +204,7 @@ class VideoReader:
             "height": plan.height,
             "width": plan.width,
             "interpolation": plan.interpolation,
+            "rotation": plan.rotation,
         }
         tasks = []
         for interval in schedule.intervals:
@@ -200,6 +214,8 @@ class VideoReader:
                     **common,
                     "id": new_task_id(),
                     "key_pts": interval.key_pts,
+                    "key_pos": interval.key_pos,
+                    "pos": table.pos[frames],
                     "seek_targets": interval.seek_targets,
                     "pts": table.pts[frames],
                     "occurrence": table.occurrence[frames],

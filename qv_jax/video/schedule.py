@@ -37,6 +37,7 @@ class Interval:
     slot_start: int
     slot_stop: int
     key_pts: int
+    key_pos: int | None  # the keyframe's byte position, when frames are known by position (damaged timestamps)
     seek_targets: tuple[int, ...]
     cost: int
 
@@ -66,6 +67,9 @@ def _seek_targets(table: FrameTable, gop: int) -> tuple[int, ...]:
     targets = [int(table.key_pts[gop]), int(table.key_dts[gop])]
     for earlier in range(gop - 1, max(gop - 1 - FALLBACK_KEYFRAMES, -1), -1):
         targets.append(min(int(table.key_pts[earlier]), int(table.key_dts[earlier])))
+    if table.by_position:
+        # Damaged timestamps are not monotonic: below every keyframe so far, the demuxer lands before ours.
+        targets.append(min(int(table.key_pts[: gop + 1].min()), int(table.key_dts[: gop + 1].min())) - 1)
     return tuple(dict.fromkeys(targets))
 
 
@@ -92,6 +96,7 @@ def make_schedule(table: FrameTable, indices: np.ndarray, workers: int) -> Sched
                 slot_start=run["slot_start"],
                 slot_stop=run["slot_stop"],
                 key_pts=int(table.key_pts[run["first"]]),
+                key_pos=int(table.key_pos[run["first"]]) if table.by_position else None,
                 seek_targets=_seek_targets(table, run["first"]),
                 cost=run["cost"],
             )
