@@ -131,26 +131,25 @@ class AppendAttention:
     def append(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> tuple[Array, Array, Array]:
         """Write the chunk behind the layer's memory and attend over both; ``(start slot, out, lse)``."""
         start = self._cache.lengths[layer]
-        earlier = jnp.where(self._cache.token_index[layer] >= 0, 0, -1).astype(jnp.int32)
+        before = self._cache.token_index[layer]
         self._cache = self._cache.write_kv(layer, start, k_BKTH, v_BKTH).write_index(layer, start, self.kv_index)
         k_BKSH, v_BKSH = self._cache.k[layer], self._cache.v[layer]
-        if k_BKTH.shape[2] == 1:
-            held = jnp.where(self._cache.token_index[layer] >= 0, 0, -1).astype(jnp.int32)
+        if k_BKTH.shape[2] == 1:  # one token: the decode call over the memory, which now holds it too
+            held = _held(self._cache.token_index[layer])
             out, lse = calls.decode_attention(
                 self.attention, q_BNTH, k_BKSH, v_BKSH, kv_segment_ids=held, q_segment_ids=self.segment_ids
             )
-            return start, out, lse
-        out, lse = calls.append_attention(
-            self.attention,
-            q_BNTH,
-            k_BKTH,
-            v_BKTH,
-            self.segment_ids,
-            k_memory=k_BKSH,
-            v_memory=v_BKSH,
-            memory_segment_ids=earlier,
-        )
+        else:
+            out, lse = calls.append_attention(
+                self.attention, q_BNTH, k_BKTH, v_BKTH, self.segment_ids,
+                k_memory=k_BKSH, v_memory=v_BKSH, memory_segment_ids=_held(before),
+            )  # fmt: skip
         return start, out, lse
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         return self.append(layer, q_BNTH, k_BKTH, v_BKTH)[1]
+
+
+def _held(token_index_BS: Array) -> Array:
+    """Segment ids of a memory's slots: 0 where a slot holds a token, -1 (never seen) where it is empty."""
+    return jnp.where(token_index_BS >= 0, 0, -1).astype(jnp.int32)
