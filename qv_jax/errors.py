@@ -40,5 +40,15 @@ class MemoryMismatchError(QVError):
     """A saved VideoMemory was made by a different model or configuration than the one asked to use it."""
 
 
+class OutputError(QVError):
+    """An output path cannot be written: it is an input, a path of the wrong kind, or an existing output that may
+    not be replaced (not empty and no ``overwrite``, or not written by qv-jax)."""
+
+    def __init__(self, path: object, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
 class ShardingError(QVError):
     """A model or cache cannot be laid out on the requested device mesh."""

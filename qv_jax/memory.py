@@ -20,7 +20,8 @@ import numpy as np
 
 from qv_jax.cache.layered import LayeredKV
 from qv_jax.errors import CheckpointError, MemoryMismatchError
-from qv_jax.marker import fresh_directory, read_marker, write_marker
+from qv_jax.marker import atomic_output, read_marker, write_marker
+from qv_jax.model.checkpoint import restore_arrays
 from qv_jax.model.config import ModelConfig
 from qv_jax.pipeline.executor import Timings
 from qv_jax.pipeline.plan import GroupPlan, make_group_plan
@@ -160,16 +161,22 @@ class VideoMemory:
         """Bytes of the keys and values the memory holds (filled slots of every layer)."""
         return self.cache.kv_bytes
 
-    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the memory to ``directory`` (orbax arrays + a JSON description); returns the directory."""
-        out = fresh_directory(directory, overwrite=overwrite)
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
+        """Write the memory to ``directory`` (orbax arrays + a JSON description), whole or not at all
+        (:func:`qv_jax.marker.atomic_output`); returns the directory. ``inputs`` (the video, the model) are never
+        replaced by it."""
         cache = self.cache.trimmed(max(1, int(self.tokens_per_layer.max())))
         import orbax.checkpoint as ocp
 
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(out / "kv", _as_tree(cache))
-        checkpointer.wait_until_finished()
-        meta = {
+        with atomic_output(directory, overwrite=overwrite, inputs=inputs) as partial:
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(partial / "kv", _as_tree(cache))
+            checkpointer.wait_until_finished()
+            write_marker(partial, MARKER, self._meta(cache))
+        return Path(directory).absolute()
+
+    def _meta(self, cache: LayeredKV) -> dict:
+        return {
             "format": FORMAT,
             "version": VERSION,
             "info": dataclasses.asdict(self.info),
@@ -178,8 +185,6 @@ class VideoMemory:
             "num_kv_heads": cache.k[0].shape[1],
             "head_dim": cache.k[0].shape[3],
         }
-        write_marker(out, MARKER, meta)
-        return out
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> VideoMemory:
@@ -203,12 +208,7 @@ class VideoMemory:
             "token_index": jax.ShapeDtypeStruct((layers, 1, capacity), jnp.int32, sharding=sharding),
             "lengths": jax.ShapeDtypeStruct((layers,), jnp.int32, sharding=sharding),
         }
-        import orbax.checkpoint as ocp
-
-        try:
-            tree = ocp.StandardCheckpointer().restore(path / "kv", target)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot restore the memory's arrays ({type(e).__name__}: {e})") from e
+        tree = restore_arrays(path / "kv", target, "memory's arrays")
         cache = LayeredKV(
             k=tuple(tree["k"][str(i)] for i in range(layers)),
             v=tuple(tree["v"][str(i)] for i in range(layers)),

@@ -168,24 +168,3 @@ def test_truncated_and_missing_files_raise_checkpoint_errors(hf_dir, tmp_path):
         load_hf_state(empty)
     with pytest.raises(CheckpointError, match="neither"):
         qv_jax.load_model(tmp_path)
-
-
-def test_saved_directory_markers_are_checked_before_anything_is_read(tmp_path):
-    from qv_jax.marker import fresh_directory, read_marker, write_marker
-
-    out = fresh_directory(tmp_path / "saved", overwrite=False)
-    (out / "part").write_text("x")
-    with pytest.raises(CheckpointError, match="not empty"):
-        fresh_directory(out, overwrite=False)
-    assert not any(fresh_directory(out, overwrite=True).iterdir())
-    read = dict(format="fmt", version=2, what="a saved thing")
-    with pytest.raises(CheckpointError, match="not a saved thing"):
-        read_marker(out, "m.json", **read)
-    write_marker(out, "m.json", {"format": "fmt", "version": 2, "x": 1})
-    assert read_marker(out, "m.json", **read)["x"] == 1
-    write_marker(out, "m.json", {"format": "fmt", "version": 3})
-    with pytest.raises(CheckpointError, match="version 3; this qv-jax reads 'fmt' version 2"):
-        read_marker(out, "m.json", **read)
-    (out / "m.json").write_text("{")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        read_marker(out, "m.json", **read)

@@ -27,6 +27,7 @@ from flax import nnx, traverse_util
 from qv_jax.converters.hf_config import config_from_hf
 from qv_jax.converters.safetensors_io import open_checkpoint
 from qv_jax.errors import CheckpointError, InputError
+from qv_jax.marker import check_output
 from qv_jax.model.checkpoint import save_checkpoint
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
@@ -266,8 +267,11 @@ def convert(
 
     Tensors are converted one at a time, by default onto the host CPU device; with a ``mesh`` (``qv_jax.make_mesh``)
     each goes straight into its shards on the mesh's devices, so no host ever holds the whole model, and orbax
-    writes the checkpoint from the shards. The checkpoint is written once all tensors are in place.
+    writes the checkpoint from the shards. The checkpoint is written once all tensors are in place, whole or not at
+    all; an output it may not write (``hf_dir`` itself, or an existing directory without ``overwrite``) is refused
+    before any tensor is read.
     """
+    check_output(out_dir, overwrite=overwrite, inputs=(hf_dir,))
     if mesh is not None:
         from qv_jax.sharding import ShardingPlan
 

@@ -42,6 +42,10 @@ class SafetensorsFile:
                 if len(raw_len) != 8:
                     raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
                 header_len = int.from_bytes(raw_len, "little")
+                if header_len > self.path.stat().st_size - 8:
+                    raise CheckpointError(
+                        f"{self.path}: not a safetensors file (its first 8 bytes announce a {header_len}-byte header)"
+                    )
                 header_bytes = f.read(header_len)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from e
@@ -51,16 +55,21 @@ class SafetensorsFile:
             header = json.loads(header_bytes)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
         size = self.path.stat().st_size
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
-            dtype = _DTYPES.get(entry.get("dtype"))
+            try:
+                dtype = _DTYPES.get(entry.get("dtype"))
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry {name!r} ({e})") from e
             if dtype is None:
                 raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
             if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or self._data_start + end > size:
                 raise CheckpointError(f"{self.path}: tensor {name} has inconsistent offsets (truncated file?)")
             self._entries[name] = (dtype, shape, begin, end)

@@ -14,8 +14,10 @@ them, so a bfloat16 checkpoint can be loaded as float32 and vice versa.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from flax import nnx
 
 from qv_jax.converters.hf_config import config_to_hf
 from qv_jax.errors import CheckpointError
-from qv_jax.marker import fresh_directory, read_marker, write_marker
+from qv_jax.marker import atomic_output, read_marker, write_marker
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
 
@@ -72,20 +74,80 @@ def save_checkpoint(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    inputs: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
-    """Write ``state`` (of :class:`~qv_jax.model.QwenVL`) and ``config`` as a checkpoint directory."""
-    out = fresh_directory(out_dir, overwrite=overwrite)
+    """Write ``state`` (of :class:`~qv_jax.model.QwenVL`) and ``config`` as a checkpoint directory, whole or not at
+    all (:func:`qv_jax.marker.atomic_output`); ``tokenizer_dir`` and ``inputs`` are never replaced by it."""
     params = nnx.to_pure_dict(state)
     leaves = jax.tree.leaves(params)
     dtype = str(jnp.dtype(leaves[0].dtype)) if leaves else "float32"
+    sources = (*inputs, *(() if tokenizer_dir is None else (tokenizer_dir,)))
+    with atomic_output(out_dir, overwrite=overwrite, inputs=sources) as partial:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(partial / "params", params)
+        checkpointer.wait_until_finished()
+        (partial / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, partial)
+        meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config.to_dict()}
+        write_marker(partial, MARKER, meta)
+    return Path(out_dir).absolute()
+
+
+def _flat(tree) -> list[tuple[tuple[str, ...], object]]:
+    """Leaves by path of names (orbax stores integer keys as strings)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf) for path, leaf in leaves]
+
+
+def _drop_orbax_leftovers() -> None:
+    """When a restore fails, orbax's abandoned coroutines and callbacks report themselves as they are collected
+    ("Exception ignored in ...", dozens of lines around the one error that says it all): drop those reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_leftovers", False):
+        return
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value
+        )
+        if closed_loop or "orbax" in getattr(code, "co_filename", ""):
+            return
+        previous(unraisable)
+
+    hook.drops_orbax_leftovers = True
+    sys.unraisablehook = hook
+    # and asyncio's "Task exception was never retrieved" about orbax's tasks
+    logging.getLogger("asyncio").addFilter(lambda record: "orbax" not in record.getMessage())
+
+
+def restore_arrays(directory: Path, target, what: str):
+    """orbax's restore of ``target`` (a tree of ShapeDtypeStructs) from ``directory``, with every failure as a
+    CheckpointError naming it: a missing or damaged data file (orbax raises bare ``Exception`` s), or arrays of
+    other shapes than ``target`` (checked first, so no restore is left half-run to print noise at exit)."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory.parent}: cannot restore the {what}: {directory.name}/ is missing")
+    _drop_orbax_leftovers()  # a failing restore reports from orbax's threads even before it raises
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "params", params)
-    checkpointer.wait_until_finished()
-    (out / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
-    if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, out)
-    write_marker(out, MARKER, {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config.to_dict()})
-    return out
+    try:
+        stored = checkpointer.metadata(directory)
+        stored = getattr(stored, "item_metadata", stored)
+        stored = dict(_flat(getattr(stored, "tree", stored)))
+        for key, want in _flat(target):
+            have = stored.get(key)
+            if have is None or tuple(have.shape) != tuple(want.shape):
+                found = "missing" if have is None else f"of shape {tuple(have.shape)}"
+                raise CheckpointError(
+                    f"{directory}: array {'/'.join(key)} is {found}, expected {tuple(want.shape)} "
+                    f"(the {what} do not match their description: edited or mixed files)"
+                )
+        return checkpointer.restore(directory, target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax and tensorstore raise untyped errors for damaged files
+        cause = str(e).strip().splitlines()[0].split(" See full TensorStore details")[0] or type(e).__name__
+        raise CheckpointError(f"{directory}: cannot restore the {what} (damaged or incomplete: {cause})") from e
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
@@ -116,9 +178,6 @@ def load_checkpoint(
         lambda keys, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where(tuple(k.key for k in keys), s)),
         nnx.to_pure_dict(abstract),
     )
-    try:
-        restored = ocp.StandardCheckpointer().restore(path / "params", target)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from e
+    restored = restore_arrays(path / "params", target, "parameters")
     nnx.replace_by_pure_dict(abstract, restored)
     return config, graphdef, abstract
