@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -78,8 +79,8 @@ class VideoQAConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     def __post_init__(self):
-        if not isinstance(self.fps, int | float) or not self.fps > 0:
-            raise ConfigError(f"fps must be positive, got {self.fps!r}")
+        if not isinstance(self.fps, int | float) or not 0 < self.fps < math.inf:
+            raise ConfigError(f"fps must be positive and finite, got {self.fps!r}")
         if not isinstance(self.max_frames, int) or self.max_frames < 2:
             raise ConfigError(f"max_frames must be an integer >= 2, got {self.max_frames!r}")
         for name in ("max_pixels", "min_pixels"):

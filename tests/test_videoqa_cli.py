@@ -9,20 +9,10 @@ from pipeline_helpers import SIDE, model_dir, sample_video
 
 from qv_jax.cli import main
 
-OPTIONS = [
-    "--fps",
-    "4",
-    "--min-pixels",
-    str(SIDE * SIDE),
-    "--max-pixels",
-    str(SIDE * SIDE),
-    "--group-frames",
-    "8",
-    "--workers",
-    "2",
-    "--max-new-tokens",
-    "6",
-]
+VIDEO = ["--fps", "4", "--min-pixels", str(SIDE * SIDE), "--max-pixels", str(SIDE * SIDE), "--group-frames", "8"]
+VIDEO += ["--workers", "2"]
+ANSWER = ["--max-new-tokens", "6"]
+OPTIONS = VIDEO + ANSWER
 
 
 def _answer(stdout: str) -> str:
@@ -38,17 +28,16 @@ def test_encode_then_ask_the_memory_answers_like_the_video(tmp_path, capsys):
     assert "wall" in direct and "decode" in direct and "prefill" in direct and "KV cache" in direct
 
     memory = tmp_path / "memory"
-    encode_options = OPTIONS[:-2]  # no answer length for encode
-    assert main(["encode", str(sample_video()), "--model", model, "--out", str(memory), *encode_options]) == 0
+    assert main(["encode", str(sample_video()), "--model", model, "--out", str(memory), *VIDEO]) == 0
     encoded = capsys.readouterr().out
     assert "20 frames at 112x112 in 3 groups of 8" in encoded and str(memory) in encoded
 
-    assert main(["ask", str(memory), "What happens?", "--model", model, *OPTIONS]) == 0
+    assert main(["ask", str(memory), "What happens?", "--model", model, *ANSWER]) == 0
     from_memory = capsys.readouterr().out
     assert _answer(from_memory) == _answer(direct)
     assert "load" in from_memory and "decode" not in from_memory
     # the jnp oracle answers like the default (chunked on CPU)
-    assert main(["ask", str(memory), "What happens?", "--model", model, *OPTIONS, "--attention", "reference"]) == 0
+    assert main(["ask", str(memory), "What happens?", "--model", model, *ANSWER, "--attention", "reference"]) == 0
     assert _answer(capsys.readouterr().out) == _answer(direct)
 
 
@@ -110,11 +99,11 @@ def test_sparse_decoding_and_mesh_options_answer_like_the_python_api(tmp_path, c
     assert _answer(out) == expected.text and _kv_mib(out) == pytest.approx(expected.kv_bytes / 2**20, abs=0.01)
 
     memory = tmp_path / "memory"
-    assert main(["encode", str(sample_video()), "--model", model, "--out", str(memory), *OPTIONS[:-2], *sparse]) == 0
+    assert main(["encode", str(sample_video()), "--model", model, "--out", str(memory), *VIDEO, *sparse]) == 0
     capsys.readouterr()
-    assert main(["ask", str(memory), "What happens?", "--model", model, *OPTIONS, *sparse]) == 0
+    assert main(["ask", str(memory), "What happens?", "--model", model, *ANSWER, *sparse]) == 0
     assert _answer(capsys.readouterr().out) == expected.text
-    assert main(["ask", str(memory), "What happens?", "--model", model, *OPTIONS]) == 2
+    assert main(["ask", str(memory), "What happens?", "--model", model, *ANSWER]) == 2
     assert "heads in another order" in capsys.readouterr().err
 
 

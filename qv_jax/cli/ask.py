@@ -13,6 +13,7 @@ from qv_jax.cli.options import (
     generation_options,
     model_options,
     print_answer,
+    refuse_video_options,
     run_with_bars,
     videoqa_config,
 )
@@ -38,10 +39,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qv_jax.memory import is_memory_dir
     from qv_jax.videoqa import VideoQA
 
     if not args.video.exists():
         raise InputError(f"{args.video}: no such video file or memory directory")
+    if is_memory_dir(args.video):
+        refuse_video_options(args, args.video)
     qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, config=videoqa_config(args), **model_options(args))
     answer = run_with_bars(
         qa, args.video, lambda bars: qa.ask(args.video, args.question, progress=bars, **generation_options(args))

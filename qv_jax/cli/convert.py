@@ -20,7 +20,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output checkpoint directory")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype (default: bfloat16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it holds a qv-jax checkpoint (or another qv-jax output)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -32,12 +36,17 @@ def run(args: argparse.Namespace) -> int:
     from qv_jax.model.checkpoint import read_config
 
     start = time.perf_counter()
-    with tqdm(desc="converting", unit="tensor", disable=args.quiet) as bar:
-        out = convert(args.hf_dir, args.out_dir, args.dtype, overwrite=args.overwrite, progress=lambda _: bar.update())
-        tensors = bar.n
+    names: list[str] = []
+
+    def progress(name: str) -> None:
+        names.append(name)
+        bar.update()
+
+    with tqdm(desc="converting", unit="tensor", disable=True if args.quiet else None) as bar:
+        out = convert(args.hf_dir, args.out_dir, args.dtype, overwrite=args.overwrite, progress=progress)
     config, _ = read_config(out)
     print(
-        f"{config.variant}: {tensors} tensors -> {out} ({args.dtype}, {config.text.num_layers} text layers, "
+        f"{config.variant}: {len(names)} tensors -> {out} ({args.dtype}, {config.text.num_layers} text layers, "
         f"{config.vision.depth} vision blocks) in {time.perf_counter() - start:.1f} s"
     )
     return 0

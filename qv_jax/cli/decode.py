@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from qv_jax.errors import InputError
+from qv_jax.marker import atomic_output, check_output
 
 # The clip `qv-jax decode` makes when no video is given: long enough to show parallel decoding, quick to encode.
 SAMPLE = {"seconds": 20.0, "fps": 24.0, "size": (360, 640), "gop": 48, "bframes": 2}
@@ -55,7 +57,10 @@ def add_parser(subparsers) -> None:
     sizing.add_argument("--max-pixels", type=int, help="Qwen smart_resize to at most this many pixels per frame")
     parser.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
     parser.add_argument("--group-size", type=int, default=16, help="frames per streamed group (default 16)")
-    parser.add_argument("--out", type=Path, help="write the frames to this .npy file (uint8 [N, H, W, 3])")
+    parser.add_argument(
+        "--out", type=Path, help="write the frames to this .npy file (uint8 [N, H, W, 3]), complete or not at all"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
         "--info",
         action="store_true",
@@ -80,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be positive, got {args.workers}")
-    if args.out is not None and args.out.suffix != ".npy":
-        raise InputError(f"--out must name a .npy file, got {args.out}")
+    if args.out is not None:
+        if args.out.suffix != ".npy":
+            raise InputError(f"--out must name a .npy file, got {args.out}")
+        inputs = () if args.video is None else (args.video,)
+        check_output(args.out, overwrite=args.overwrite, inputs=inputs, directory=False)
     default_pool().prestart(args.workers or os.cpu_count() or 1)  # workers boot while we encode or probe
     with tempfile.TemporaryDirectory(prefix="qv-jax-sample-") as scratch:
         video = args.video if args.video is not None else generate_sample(Path(scratch))
@@ -94,18 +102,20 @@ def run(args: argparse.Namespace) -> int:
                 f"{info.width}x{info.height} {info.codec}; decoding {plan.num_frames} frames at "
                 f"{plan.width}x{plan.height} with {reader.workers} workers"
             )
-            out = None
-            if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                shape = (plan.num_frames, plan.height, plan.width, 3)
-                out = np.lib.format.open_memmap(args.out, mode="w+", dtype=np.uint8, shape=shape)
-            with tqdm(total=plan.num_frames, unit="frame", file=sys.stderr, disable=None) as bar:
-                for group in reader.stream(plan, group_size=args.group_size):
-                    if out is not None:
-                        out[group.offset : group.offset + len(group)] = group.frames
-                    bar.update(len(group))
-            if out is not None:
-                out.flush()
+            with contextlib.ExitStack() as stack:
+                out = None
+                if args.out is not None:
+                    partial = stack.enter_context(atomic_output(args.out, overwrite=args.overwrite, directory=False))
+                    shape = (plan.num_frames, plan.height, plan.width, 3)
+                    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+                with tqdm(total=plan.num_frames, unit="frame", file=sys.stderr, disable=None) as bar:
+                    for group in reader.stream(plan, group_size=args.group_size):
+                        if out is not None:
+                            out[group.offset : group.offset + len(group)] = group.frames
+                        bar.update(len(group))
+                if out is not None:
+                    out.flush()
+                    del out  # the mapping closes before the file is renamed into place
             stats = reader.last_stats
         seconds = time.perf_counter() - started
     print(

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("video", type=Path, help="video file")
     parser.add_argument("--model", type=Path, required=True, help="model directory (HF or qv-jax checkpoint)")
     parser.add_argument("--out", type=Path, required=True, help="memory directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds a memory (or other qv-jax output)"
+    )
     parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     add_model_options(parser)
     add_videoqa_options(parser)
@@ -28,13 +30,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qv_jax.marker import check_output
     from qv_jax.videoqa import VideoQA
 
     if not args.video.is_file():
         raise InputError(f"{args.video}: no such video file")
+    inputs = (args.video, args.model)
+    check_output(args.out, overwrite=args.overwrite, inputs=inputs)  # before the minutes encoding takes
     qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, config=videoqa_config(args), **model_options(args))
     memory = run_with_bars(qa, args.video, lambda bars: qa.encode(args.video, progress=bars))
-    out = memory.save(args.out, overwrite=args.overwrite)
+    out = memory.save(args.out, overwrite=args.overwrite, inputs=inputs)
     tokens = memory.tokens_per_layer
     print(
         f"{args.video}: {len(memory.info.frame_indices)} frames at {memory.info.width}x{memory.info.height} in "

@@ -14,21 +14,35 @@ from qv_jax.pipeline.plan import PRUNE_RULES
 
 def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
     """Frame sampling, QuickPrefill and decoder options (the keywords of ``VideoQA``)."""
-    group = parser.add_argument_group("video and QuickPrefill")
-    group.add_argument("--fps", type=float, default=2.0, help="frames per second to sample (default 2)")
-    group.add_argument("--max-frames", type=int, default=768, help="most frames to sample (default 768)")
+    group = parser.add_argument_group(
+        "video and QuickPrefill", "How a video is sampled and encoded; fixed in a saved memory, so refused with one."
+    )
+    group.add_argument("--fps", type=float, help="frames per second to sample (default 2)")
+    group.add_argument("--max-frames", type=int, help="most frames to sample (default 768)")
     group.add_argument("--max-pixels", type=int, help="per-frame pixel cap (default: Qwen's video budget)")
     group.add_argument("--min-pixels", type=int, help="per-frame pixel floor (default: Qwen's, 128*28*28)")
-    group.add_argument("--group-frames", type=int, default=16, help="frames per prefill group (default 16)")
-    group.add_argument(
-        "--retention", type=float, default=0.5, help="fraction of each group's tokens kept per layer (default 0.5)"
-    )
-    group.add_argument(
-        "--prune", choices=PRUNE_RULES, default="key_norms_small", help="score rule (default %(default)s)"
-    )
+    group.add_argument("--group-frames", type=int, help="frames per prefill group (default 16)")
+    group.add_argument("--retention", type=float, help="fraction of each group's tokens kept per layer (default 0.5)")
+    group.add_argument("--prune", choices=PRUNE_RULES, help="score rule (default key_norms_small)")
     group.add_argument("--layer-decay", type=float, help="per-layer decay of the retention (default: none)")
     group.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
+
+
+# The VideoQAConfig fields the options above set (``--seed`` is also sampling's, so it is always taken).
+VIDEO_OPTIONS = (
+    *("fps", "max_frames", "max_pixels", "min_pixels", "group_frames", "retention", "prune", "layer_decay", "workers"),
+)
+
+
+def refuse_video_options(args: argparse.Namespace, memory: Path) -> None:
+    """InputError when options that only act on a video file are given with the saved memory ``memory``."""
+    given = ["--" + name.replace("_", "-") for name in VIDEO_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise InputError(
+            f"{', '.join(given)} {'act' if len(given) > 1 else 'acts'} when a video is encoded; {memory} is a saved "
+            "memory, encoded with its own settings (encode the video again to change them)"
+        )
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -147,18 +161,8 @@ def videoqa_config(args: argparse.Namespace):
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be positive, got {args.workers}")
-    return VideoQAConfig(
-        group_frames=args.group_frames,
-        retention=args.retention,
-        prune=args.prune,
-        fps=args.fps,
-        max_frames=args.max_frames,
-        max_pixels=args.max_pixels,
-        min_pixels=args.min_pixels,
-        layer_decay=args.layer_decay,
-        workers=args.workers,
-        seed=args.seed,
-    )
+    given = {name: getattr(args, name) for name in VIDEO_OPTIONS if getattr(args, name) is not None}
+    return VideoQAConfig(**given, seed=args.seed)
 
 
 def generation_options(args: argparse.Namespace) -> dict:
