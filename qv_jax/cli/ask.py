@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from qv_jax.cli.options import (
+    DTYPES,
     add_generation_options,
     add_model_options,
     add_videoqa_options,
@@ -31,7 +32,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("video", type=Path, help="video file, or a memory directory from `qv-jax encode`")
     parser.add_argument("question", help="the question")
     parser.add_argument("--model", type=Path, required=True, help="model directory (HF or qv-jax checkpoint)")
-    parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)"
+    )
     add_model_options(parser)
     add_videoqa_options(parser)
     add_generation_options(parser)

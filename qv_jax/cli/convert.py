@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-DTYPES = ("bfloat16", "float32", "float16")
+from qv_jax.cli.options import DTYPES
 
 
 def add_parser(subparsers) -> None:

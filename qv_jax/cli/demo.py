@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qv_jax.cli.decode import generate_sample  # the clip the demo makes: 20 s of 640x360 H.264 (40 frames at 2 fps)
 from qv_jax.cli.options import (
+    DTYPES,
     add_generation_options,
     add_model_options,
     add_videoqa_options,
@@ -40,7 +41,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("video", nargs="?", type=Path, help="video file (default: a generated 20 s 640x360 clip)")
     parser.add_argument("--question", default=QUESTION, help=f"the question (default: {QUESTION!r})")
     parser.add_argument("--model", type=Path, help="model directory (default: a tiny random-weight model)")
-    parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)"
+    )
     add_model_options(parser)
     add_videoqa_options(parser)
     add_generation_options(parser)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qv_jax.cli.options import add_model_options, add_videoqa_options, model_options, run_with_bars, videoqa_config
+from qv_jax.cli.options import (
+    DTYPES,
+    add_model_options,
+    add_videoqa_options,
+    model_options,
+    run_with_bars,
+    videoqa_config,
+)
 from qv_jax.errors import InputError
 
 
@@ -23,7 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it holds a memory (or other qv-jax output)"
     )
-    parser.add_argument("--dtype", help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)"
+    )
     add_model_options(parser)
     add_videoqa_options(parser)
     parser.set_defaults(func=run)

@@ -11,6 +11,8 @@ from qv_jax.attention.backends import AttentionConfig, Backend, Kernel
 from qv_jax.errors import InputError
 from qv_jax.pipeline.plan import PRUNE_RULES
 
+DTYPES = ("bfloat16", "float32", "float16")  # what --dtype takes
+
 
 def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
     """Frame sampling, QuickPrefill and decoder options (the keywords of ``VideoQA``)."""
