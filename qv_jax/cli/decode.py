@@ -58,7 +58,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
     parser.add_argument("--group-size", type=int, default=16, help="frames per streamed group (default 16)")
     parser.add_argument(
-        "--out", type=Path, help="write the frames to this .npy file (uint8 [N, H, W, 3]), complete or not at all"
+        "--out",
+        type=Path,
+        help="write the frames to this .npy file (uint8 [frames, height, width, 3]), whole or not at all",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
