@@ -559,13 +559,12 @@ def load_model(
     if not model_dir.is_dir():
         kind = "a file, not a model directory" if model_dir.exists() else "no such model directory"
         raise CheckpointError(f"{model_dir}: {kind}")
-    if dtype is not None:
-        try:
-            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-        except TypeError:
-            floating = False
-        if not floating:
-            raise ConfigError(f"dtype must be a floating type (float32, bfloat16, float16), got {dtype!r}")
+    try:
+        floating = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ConfigError(f"dtype must be a floating type (float32, bfloat16, float16), got {dtype!r}")
     plan = None
     if is_checkpoint(model_dir):
         if mesh is None:

@@ -108,7 +108,7 @@ class Worker:
         self.reformatter = av.video.reformatter.VideoReformatter()
 
     def serve(self) -> None:
-        self.conn.send(("ready", os.getpid()))
+        self._send(("ready", os.getpid()))
         while True:
             try:
                 message = self.conn.recv()
