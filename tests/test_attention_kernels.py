@@ -94,6 +94,22 @@ def test_forward_matches_dense_reference_f32(backend, kernel, case):
     assert_close(np.asarray(lse)[finite], np.asarray(want_lse)[finite], 1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_chunked_default_tiles_fit_short_queries_behind_a_long_memory(T):
+    """A decode token or a short question behind a long cache runs in a query tile of its own size, not the
+    default 256 rows: the same outputs and lse as the reference, with unwritten slots (negative ids) unseen."""
+    B, N, K, S, H = 2, 4, 2, 600, 64
+    rng = np.random.default_rng(T)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, N, T, H), (B, K, S, H), (B, K, S, H)))
+    kv_ids = jnp.asarray(np.where(np.arange(S) < [[450], [S]], 0, -1))
+    seg = (jnp.zeros((B, T), jnp.int32), kv_ids)
+    patterns = (DENSE, HeadPattern.streaming(sink=4, local=100))
+    out, lse = sparse_attention(q, k, v, patterns, segment_ids=seg, backend="chunked", return_lse=True)
+    want, want_lse = sparse_attention(q, k, v, patterns, segment_ids=seg, backend="reference", return_lse=True)
+    assert_close(out, want, 1e-5)
+    assert_close(lse, want_lse, 1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("backend", "kernel"), IMPLS, ids=IMPL_IDS)
 @pytest.mark.parametrize("case", list(CASES))

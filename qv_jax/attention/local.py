@@ -17,6 +17,7 @@ from qv_jax.attention.tables import block_tables
 from qv_jax.errors import InputError
 from qv_jax.kernels import paged_decode
 from qv_jax.kernels.block_sparse import block_sparse_attention
+from qv_jax.kernels.padding import next_pow2
 from qv_jax.kernels.page_select import logical_page_scores as _kernel_page_scores
 
 Array = jax.Array
@@ -91,6 +92,9 @@ def sparse_attention(
             return_lse=return_lse,
         )
     default_q, default_kv = DEFAULT_BLOCKS[impl]
+    if impl == CHUNKED:
+        # jnp pays for every padded query row: a decode token or a short question gets a tile of its own size
+        default_q = min(default_q, max(8, next_pow2(T)))
     tables = block_tables(
         patterns, T, S, num_kv_heads=K, causal=causal, block_q=block_q or default_q, block_kv=block_kv or default_kv
     )
