@@ -35,6 +35,10 @@ _FIRST_FRAME_PACKETS = 256
 # also lists zero-length chunks (dropped frames, the placeholders packed-bitstream Xvid writes), which hold no frame.
 _INDEXED_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2")
 
+# FFmpeg's text-art demuxers and codecs: they turn any .txt / .nfo / .ans file into an "ansi" video of its pages.
+_TEXT_FORMATS = ("tty", "bin", "xbin", "adf", "idf")
+_TEXT_CODECS = ("ansi", "bintext", "xbin", "idf")
+
 # FFmpeg's enum values (libavutil/pixfmt.h) by name, for VideoInfo and `qv-jax decode --info`.
 COLOR_SPACES = {
     0: "rgb",
@@ -194,7 +198,16 @@ def _open_container(path: Path) -> av.container.InputContainer:
         ) from e
 
 
+def _is_image_format(name: str) -> bool:
+    """Whether FFmpeg's demuxer ``name`` reads pictures (PNG, JPEG, ... through image2 or an image pipe, GIF)."""
+    return name in ("image2", "image2pipe", "gif", "apng") or name.endswith("_pipe")
+
+
 def _video_stream(path: Path, container) -> av.video.stream.VideoStream:
+    formats = container.format.name.split(",")
+    codecs = {s.codec_context.name for s in container.streams.video if s.codec_context is not None}
+    if set(formats) & set(_TEXT_FORMATS) or codecs & set(_TEXT_CODECS):
+        raise VideoError(path, f"is a text file ({container.format.name} format to FFmpeg), not a video")
     for stream in container.streams.video:
         # Cover art in audio files is a one-picture "video" stream; it is not a video.
         if not stream.disposition & av.stream.Disposition.attached_pic:
@@ -425,6 +438,9 @@ def probe_uncached(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
         if not time_base:
             raise VideoError(path, "video stream has no time base")
         cols, first = _scan(path, container, stream)
+        if cols["ts"].size == 1 and _is_image_format(container.format.name):
+            # One picture is an image, not a video; an image sequence or an animated GIF is read as a video.
+            raise VideoError(path, f"is a still image ({container.format.name}), not a video")
         table, keyframe_indices, last_packet_duration = _build_table(path, cols, time_base, st, container, stream.index)
         rotation = _normalized_degrees(90 * round(first.rotation / 90))  # the display matrix, to whole turns
         n = table.pts.size
