@@ -191,7 +191,7 @@ def _ffmpeg_cause(e: Exception) -> str:
 
 def _open_container(path: Path) -> av.container.InputContainer:
     try:
-        return av.open(str(path), mode="r")
+        return av.open(str(path), mode="r", metadata_errors="replace")  # damaged tags must not stop us
     except av.FFmpegError as e:
         raise VideoError(
             path, f"cannot be opened as a video: {_ffmpeg_cause(e)} (corrupt, truncated, or not a video file)"
@@ -211,6 +211,8 @@ def _video_stream(path: Path, container) -> av.video.stream.VideoStream:
     for stream in container.streams.video:
         # Cover art in audio files is a one-picture "video" stream; it is not a video.
         if not stream.disposition & av.stream.Disposition.attached_pic:
+            if stream.codec_context is None:
+                raise VideoError(path, f"video stream #{stream.index} has a codec this FFmpeg cannot decode")
             return stream
     kinds = sorted({s.type for s in container.streams}) or ["none"]
     raise VideoError(path, f"has no video stream (streams: {', '.join(kinds)})")
@@ -257,6 +259,8 @@ def _scan(path: Path, container, stream) -> tuple[dict[str, np.ndarray], av.Vide
                     decode_error = RuntimeError(f"no frame after {fed} packets")
     except av.FFmpegError as e:
         raise VideoError(path, f"demuxing failed after {len(ts_col)} packets: {_ffmpeg_cause(e)}") from e
+    except IndexError as e:  # PyAV's demux on a packet of a stream that FFmpeg found only mid-file
+        raise VideoError(path, f"demuxing failed after {len(ts_col)} packets: a stream appeared mid-file") from e
     if first is None and decode_error is None and fed:
         try:
             frames = ctx.decode(None)  # short streams: the first frame may only come out on draining
@@ -322,7 +326,7 @@ def _decoded_order(path: Path, stream_index: int, rows: int) -> np.ndarray:
             for frame in ctx.decode(packet):
                 if frame.opaque is not None:
                     frame_rows.append(frame.opaque)
-    except av.FFmpegError as e:
+    except (av.FFmpegError, IndexError) as e:  # IndexError: as in _scan
         raise VideoError(path, f"decoding failed while ordering its frames: {_ffmpeg_cause(e)}") from e
     finally:
         container.close()
