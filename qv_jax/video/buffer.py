@@ -62,9 +62,9 @@ def _owner_tag(pid: int) -> str:
     return f"{pid}-" if start is None or ns is None else f"{pid}-{start}-{ns}-"
 
 
-def buffer_prefix() -> str:
-    """File name prefix of this process's frame buffers (computed per pid, so a forked child has its own)."""
-    return f"qv-jax-{_owner_tag(os.getpid())}"
+def buffer_prefix(pid: int | None = None) -> str:
+    """File name prefix of the frame buffers of process ``pid`` (default: this one; a forked child has its own)."""
+    return f"qv-jax-{_owner_tag(os.getpid() if pid is None else pid)}"
 
 
 def buffer_dirs() -> list[str]:
@@ -139,8 +139,7 @@ def leftovers() -> list[Leftover]:
             state, reason = _owner_state(int(match["pid"]), start and int(start), ns and int(ns))
             if uid is not None and st.st_uid != uid and state == "dead":
                 state, reason = "unknown", f"owned by another user (uid {st.st_uid}); {reason}"
-            nbytes = st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size  # memory or disk in use
-            found.append(Leftover(entry.path, int(match["pid"]), nbytes, state, reason))
+            found.append(Leftover(entry.path, int(match["pid"]), st.st_size, state, reason))
     return found
 
 
