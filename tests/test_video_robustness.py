@@ -153,6 +153,18 @@ def test_workers_beyond_the_cpus_are_cut_with_one_warning(capsys):
     assert len(POOL.pids()) <= limit
 
 
+def test_ask_encode_and_demo_cut_workers_in_one_line(capsys):
+    from qv_jax.cli import build_parser
+    from qv_jax.cli.options import videoqa_config
+
+    limit = cpu_limit()
+    for command in (["ask", "v.mp4", "?", "--model", "m"], ["encode", "v.mp4", "--model", "m", "--out", "o"], ["demo"]):
+        config = videoqa_config(build_parser().parse_args([*command, "--workers", "1000"]))
+        assert config.workers == limit
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("warning: 1000 decoder workers asked for")
+
+
 def _png(name: str) -> Path:
     path = scratch(name)
     with av.open(str(path), "w", format="image2") as out:
