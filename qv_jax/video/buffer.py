@@ -56,15 +56,18 @@ def _pid_namespace() -> int | None:
         return None
 
 
-@functools.cache
 def _owner_tag(pid: int) -> str:
     start, ns = _start_time(pid), _pid_namespace()
     return f"{pid}-" if start is None or ns is None else f"{pid}-{start}-{ns}-"
 
 
+_own_tag = functools.cache(_owner_tag)  # keyed by pid, so a forked child gets its own
+
+
 def buffer_prefix(pid: int | None = None) -> str:
-    """File name prefix of the frame buffers of process ``pid`` (default: this one; a forked child has its own)."""
-    return f"qv-jax-{_owner_tag(os.getpid() if pid is None else pid)}"
+    """File name prefix of the frame buffers of process ``pid`` (default: this one)."""
+    own = os.getpid()
+    return f"qv-jax-{_own_tag(own) if pid in (None, own) else _owner_tag(pid)}"
 
 
 def buffer_dirs() -> list[str]:
