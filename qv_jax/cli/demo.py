@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-# the clip the demo makes: 20 s of 640x360 H.264 (40 frames at 2 fps)
+# generate_sample makes the demo's clip: 20 s of 640x360 H.264 (40 frames at 2 fps)
 from qv_jax.cli.decode import capped_workers, generate_sample
 from qv_jax.cli.options import (
     DTYPES,
