@@ -109,8 +109,10 @@ def run(args: argparse.Namespace) -> int:
         inputs = () if args.video is None else (args.video,)
         check_output(args.out, overwrite=args.overwrite, inputs=inputs, directory=False)
     default_pool().prestart(workers)  # workers boot while we encode or probe
-    with tempfile.TemporaryDirectory(prefix="qv-jax-sample-") as scratch:
-        video = args.video if args.video is not None else generate_sample(Path(scratch))
+    # Only a generated sample needs a scratch directory (a run killed outright would leave it behind).
+    scratch = tempfile.TemporaryDirectory(prefix="qv-jax-sample-") if args.video is None else contextlib.nullcontext()
+    with scratch as directory:
+        video = args.video if args.video is not None else generate_sample(Path(directory))
         started = time.perf_counter()
         with VideoReader(video, workers=workers) as reader:
             info = reader.info
