@@ -21,6 +21,7 @@ from video_helpers import (
 from qv_jax.errors import InputError
 from qv_jax.video import VideoReader, frame_number, make_sample_video, sampling
 from qv_jax.video import buffer as buffer_module
+from qv_jax.video.pool import cpu_limit
 
 NAMES = sorted(VIDEOS) + sorted(DERIVED)
 
@@ -89,7 +90,7 @@ def test_unsorted_and_repeated_indices():
     np.testing.assert_array_equal(np.concatenate([g.frames for g in groups]), expected[wanted])
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [1, min(3, cpu_limit())])  # more than the CPUs is cut to them
 def test_worker_count_does_not_change_frames(workers):
     assert_full_read_exact(video("mpegts"), workers)
 
@@ -159,8 +160,16 @@ def test_dense_sampling_decodes_each_frame_once():
 
 
 def test_file_backed_buffer_when_shared_memory_is_short(monkeypatch):
-    monkeypatch.setattr(buffer_module, "_free_bytes", lambda directory: 0)
+    monkeypatch.setattr(buffer_module, "_free_bytes", lambda d: 0 if d == buffer_module.SHM_DIR else 1 << 40)
     assert_full_read_exact(video("h264_bframes"))
+    assert not buffer_files()
+
+
+def test_no_room_anywhere_is_an_input_error(monkeypatch):
+    # A sparse file larger than the disk maps fine, then kills its writers with SIGBUS: refuse it up front.
+    monkeypatch.setattr(buffer_module, "_free_bytes", lambda directory: 0)
+    with VideoReader(video("h264_bframes"), workers=1) as r, pytest.raises(InputError, match="do not fit in shared"):
+        r.read(num_frames=8)
     assert not buffer_files()
 
 

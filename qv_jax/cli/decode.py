@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -14,6 +13,7 @@ import numpy as np
 
 from qv_jax.errors import InputError
 from qv_jax.marker import atomic_output, check_output
+from qv_jax.video.sampling import MAX_SIDE
 
 # The clip `qv-jax decode` makes when no video is given: long enough to show parallel decoding, quick to encode.
 SAMPLE = {"seconds": 20.0, "fps": 24.0, "size": (360, 640), "gop": 48, "bframes": 2}
@@ -29,6 +29,19 @@ def generate_sample(directory: Path) -> Path:
     height, width = SAMPLE["size"]
     print(f"generated {video.name}: {SAMPLE['seconds']:g} s of {width}x{height} H.264 in {seconds:.1f} s")
     return video
+
+
+def capped_workers(workers: int | None) -> int:
+    """``--workers`` (None: the default) as the decoder pool will run it: at most one per CPU this process may
+    use (:func:`qv_jax.video.pool.cap_workers`); a larger request is cut, with one warning line on stderr."""
+    from qv_jax.video.pool import cap_workers
+
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be positive, got {workers}")
+    count, note = cap_workers(workers)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    return count
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -53,9 +66,13 @@ def add_parser(subparsers) -> None:
     which.add_argument("--fps", type=float, help="frames per second to sample (Qwen rule; default 2)")
     which.add_argument("--num-frames", type=int, help="number of frames to sample uniformly")
     sizing = parser.add_mutually_exclusive_group()
-    sizing.add_argument("--size", type=_size, metavar="HxW", help="output size (default: native)")
+    sizing.add_argument(
+        "--size", type=_size, metavar="HxW", help=f"output size, at most {MAX_SIDE} per side (default: native)"
+    )
     sizing.add_argument("--max-pixels", type=int, help="Qwen smart_resize to at most this many pixels per frame")
-    parser.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
+    parser.add_argument(
+        "--workers", type=int, help="decoder processes (default, and most: one per CPU this process may use)"
+    )
     parser.add_argument("--group-size", type=int, default=16, help="frames per streamed group (default 16)")
     parser.add_argument(
         "--out",
@@ -85,18 +102,19 @@ def run(args: argparse.Namespace) -> int:
 
         print(describe(args.video))
         return 0
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers must be positive, got {args.workers}")
+    workers = capped_workers(args.workers)
     if args.out is not None:
         if args.out.suffix != ".npy":
             raise InputError(f"--out must name a .npy file, got {args.out}")
         inputs = () if args.video is None else (args.video,)
         check_output(args.out, overwrite=args.overwrite, inputs=inputs, directory=False)
-    default_pool().prestart(args.workers or os.cpu_count() or 1)  # workers boot while we encode or probe
-    with tempfile.TemporaryDirectory(prefix="qv-jax-sample-") as scratch:
-        video = args.video if args.video is not None else generate_sample(Path(scratch))
+    default_pool().prestart(workers)  # workers boot while we encode or probe
+    # Only a generated sample needs a scratch directory (a run killed outright would leave it behind).
+    scratch = tempfile.TemporaryDirectory(prefix="qv-jax-sample-") if args.video is None else contextlib.nullcontext()
+    with scratch as directory:
+        video = args.video if args.video is not None else generate_sample(Path(directory))
         started = time.perf_counter()
-        with VideoReader(video, workers=args.workers) as reader:
+        with VideoReader(video, workers=workers) as reader:
             info = reader.info
             plan = reader.plan(fps=args.fps, num_frames=args.num_frames, size=args.size, max_pixels=args.max_pixels)
             print(

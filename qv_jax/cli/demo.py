@@ -9,11 +9,11 @@ real model.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
-from qv_jax.cli.decode import generate_sample  # the clip the demo makes: 20 s of 640x360 H.264 (40 frames at 2 fps)
+# generate_sample makes the demo's clip: 20 s of 640x360 H.264 (40 frames at 2 fps)
+from qv_jax.cli.decode import capped_workers, generate_sample
 from qv_jax.cli.options import (
     DTYPES,
     add_generation_options,
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.video is not None and not args.video.is_file():
         raise InputError(f"{args.video}: no such video file")
     config, placement = videoqa_config(args), model_options(args)
-    default_pool().prestart(args.workers or os.cpu_count() or 1)  # decoders boot while the model is built
+    default_pool().prestart(capped_workers(config.workers))  # decoders boot while the model is built
     with tempfile.TemporaryDirectory(prefix="qv-jax-demo-") as scratch:
         video = generate_sample(Path(scratch)) if args.video is None else args.video
         if args.model is None:

@@ -27,7 +27,9 @@ def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--retention", type=float, help="fraction of each group's tokens kept per layer (default 0.5)")
     group.add_argument("--prune", choices=PRUNE_RULES, help="score rule (default key_norms_small)")
     group.add_argument("--layer-decay", type=float, help="per-layer decay of the retention (default: none)")
-    group.add_argument("--workers", type=int, help="decoder processes (default: CPU count)")
+    group.add_argument(
+        "--workers", type=int, help="decoder processes (default, and most: one per CPU this process may use)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
 
 
@@ -159,11 +161,12 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def videoqa_config(args: argparse.Namespace):
     """The :class:`~qv_jax.videoqa.VideoQAConfig` the options ask for."""
+    from qv_jax.cli.decode import capped_workers
     from qv_jax.videoqa import VideoQAConfig
 
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers must be positive, got {args.workers}")
     given = {name: getattr(args, name) for name in VIDEO_OPTIONS if getattr(args, name) is not None}
+    if "workers" in given:
+        given["workers"] = capped_workers(given["workers"])  # cut here, so the warning is one line
     return VideoQAConfig(**given, seed=args.seed)
 
 

@@ -87,7 +87,7 @@ class _Source:
 
     def __init__(self, path: str, stream_index: int, identity: tuple):
         self.path, self.identity = path, identity
-        self.container = av.open(path, mode="r")
+        self.container = av.open(path, mode="r", metadata_errors="replace")
         self.stream = self.container.streams[stream_index]
         ctx = self.stream.codec_context
         ctx.thread_count = 1  # one decoder thread per worker: the pool is the parallelism

@@ -127,6 +127,12 @@ def make_plan(
         height, width = sampling.smart_resize(native_h, native_w, min_pixels=low, max_pixels=high)
     else:
         height, width = native_h, native_w
+    if max(height, width) > sampling.MAX_SIDE:
+        how = "native size" if (height, width) == (native_h, native_w) else "size"
+        raise InputError(
+            f"{how} {height}x{width} for {path} exceeds the limit of {sampling.MAX_SIDE} pixels per side; ask for a "
+            "smaller size= (--size) or max_pixels= (--max-pixels)"
+        )
     chosen_indices.flags.writeable = False
     times = table.pts[chosen_indices] * table.time_base.numerator / table.time_base.denominator
     times.flags.writeable = False

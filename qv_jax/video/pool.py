@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection, wait
 import numpy as np
 
 from qv_jax.errors import DecodeWorkerError
+from qv_jax.video.buffer import remove_stale
 
 START_TIMEOUT_S = 120.0  # a cold interpreter importing PyAV on a busy machine
 CANCEL_TIMEOUT_S = 5.0  # a worker checks for cancellation between packets; one packet never takes this long
@@ -36,6 +37,24 @@ CANCEL_TIMEOUT_S = 5.0  # a worker checks for cancellation between packets; one 
 POLL_S = 0.2
 
 _task_ids = itertools.count()
+
+
+def cpu_limit() -> int:
+    """CPUs this process may run on (its affinity mask where the system has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cap_workers(requested: int | None) -> tuple[int, str | None]:
+    """Decoder processes for a request (None: one per usable CPU), never more than :func:`cpu_limit`: more would
+    only share the same CPUs at the cost of their memory. Returns the count and, when the request was cut, a
+    one-line note saying so. (A read also uses no more workers than it has intervals.)"""
+    limit = cpu_limit()
+    if requested is None or requested <= limit:
+        return requested or limit, None
+    return limit, f"{requested} decoder workers asked for, but this process may use {limit} CPUs: using {limit}"
 
 
 def new_task_id() -> int:
@@ -131,6 +150,7 @@ class WorkerPool:
         self._idle: list[WorkerProcess] = []
         self._busy: set[WorkerProcess] = set()
         self.owner_pid = os.getpid()  # a forked child must not drive its parent's workers
+        remove_stale()  # frame buffers of earlier runs that were killed outright
 
     def prestart(self, count: int) -> None:
         """Start processes (without waiting for them) until ``count`` are idle or starting."""

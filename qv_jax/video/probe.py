@@ -35,6 +35,10 @@ _FIRST_FRAME_PACKETS = 256
 # also lists zero-length chunks (dropped frames, the placeholders packed-bitstream Xvid writes), which hold no frame.
 _INDEXED_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2")
 
+# FFmpeg's text-art demuxers and codecs: they turn any .txt / .nfo / .ans file into an "ansi" video of its pages.
+_TEXT_FORMATS = ("tty", "bin", "xbin", "adf", "idf")
+_TEXT_CODECS = ("ansi", "bintext", "xbin", "idf")
+
 # FFmpeg's enum values (libavutil/pixfmt.h) by name, for VideoInfo and `qv-jax decode --info`.
 COLOR_SPACES = {
     0: "rgb",
@@ -187,17 +191,28 @@ def _ffmpeg_cause(e: Exception) -> str:
 
 def _open_container(path: Path) -> av.container.InputContainer:
     try:
-        return av.open(str(path), mode="r")
+        return av.open(str(path), mode="r", metadata_errors="replace")  # damaged tags must not stop us
     except av.FFmpegError as e:
         raise VideoError(
             path, f"cannot be opened as a video: {_ffmpeg_cause(e)} (corrupt, truncated, or not a video file)"
         ) from e
 
 
+def _is_image_format(name: str) -> bool:
+    """Whether FFmpeg's demuxer ``name`` reads pictures (PNG, JPEG, ... through image2 or an image pipe, GIF)."""
+    return name in ("image2", "image2pipe", "gif", "apng") or name.endswith("_pipe")
+
+
 def _video_stream(path: Path, container) -> av.video.stream.VideoStream:
+    formats = container.format.name.split(",")
+    codecs = {s.codec_context.name for s in container.streams.video if s.codec_context is not None}
+    if set(formats) & set(_TEXT_FORMATS) or codecs & set(_TEXT_CODECS):
+        raise VideoError(path, f"is a text file ({container.format.name} format to FFmpeg), not a video")
     for stream in container.streams.video:
         # Cover art in audio files is a one-picture "video" stream; it is not a video.
         if not stream.disposition & av.stream.Disposition.attached_pic:
+            if stream.codec_context is None:
+                raise VideoError(path, f"video stream #{stream.index} has a codec this FFmpeg cannot decode")
             return stream
     kinds = sorted({s.type for s in container.streams}) or ["none"]
     raise VideoError(path, f"has no video stream (streams: {', '.join(kinds)})")
@@ -244,6 +259,8 @@ def _scan(path: Path, container, stream) -> tuple[dict[str, np.ndarray], av.Vide
                     decode_error = RuntimeError(f"no frame after {fed} packets")
     except av.FFmpegError as e:
         raise VideoError(path, f"demuxing failed after {len(ts_col)} packets: {_ffmpeg_cause(e)}") from e
+    except IndexError as e:  # PyAV's demux on a packet of a stream that FFmpeg found only mid-file
+        raise VideoError(path, f"demuxing failed after {len(ts_col)} packets: a stream appeared mid-file") from e
     if first is None and decode_error is None and fed:
         try:
             frames = ctx.decode(None)  # short streams: the first frame may only come out on draining
@@ -309,7 +326,7 @@ def _decoded_order(path: Path, stream_index: int, rows: int) -> np.ndarray:
             for frame in ctx.decode(packet):
                 if frame.opaque is not None:
                     frame_rows.append(frame.opaque)
-    except av.FFmpegError as e:
+    except (av.FFmpegError, IndexError) as e:  # IndexError: as in _scan
         raise VideoError(path, f"decoding failed while ordering its frames: {_ffmpeg_cause(e)}") from e
     finally:
         container.close()
@@ -425,6 +442,9 @@ def probe_uncached(path: str | os.PathLike) -> tuple[VideoInfo, FrameTable]:
         if not time_base:
             raise VideoError(path, "video stream has no time base")
         cols, first = _scan(path, container, stream)
+        if cols["ts"].size == 1 and _is_image_format(container.format.name):
+            # One picture is an image, not a video; an image sequence or an animated GIF is read as a video.
+            raise VideoError(path, f"is a still image ({container.format.name}), not a video")
         table, keyframe_indices, last_packet_duration = _build_table(path, cols, time_base, st, container, stream.index)
         rotation = _normalized_degrees(90 * round(first.rotation / 90))  # the display matrix, to whole turns
         n = table.pts.size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from qv_jax.errors import InputError, VideoError
 from qv_jax.video import sampling
 from qv_jax.video.buffer import FrameBuffer
 from qv_jax.video.plan import FramePlan, make_plan
-from qv_jax.video.pool import default_pool, new_task_id, run_tasks
+from qv_jax.video.pool import cap_workers, default_pool, new_task_id, run_tasks
 from qv_jax.video.probe import VideoInfo, probe
 from qv_jax.video.schedule import Schedule, make_schedule
 
@@ -55,8 +56,9 @@ class VideoReader:
     """Exact, parallel frame reads from one video file.
 
     ``VideoReader(path, workers=None)`` probes the file (one demux pass, see :mod:`qv_jax.video.probe`) and
-    starts decoder processes in the background; ``workers=None`` means ``os.cpu_count()``. ``timeout_s`` is how
-    long a worker may stay silent before the read fails. Frames come back as displayed: turned by the stream's
+    starts decoder processes in the background; ``workers=None`` means one per CPU this process may use, and a
+    larger ``workers`` is cut to that with a warning (a read also uses at most one per interval). ``timeout_s``
+    is how long a worker may stay silent before the read fails. Frames come back as displayed: turned by the stream's
     display matrix (``info.rotation``), with sizes and Qwen's ``smart_resize`` for that orientation;
     ``rotate=False`` gives the stored frames. Use as a context manager.
     """
@@ -74,7 +76,9 @@ class VideoReader:
         if not timeout_s > 0:
             raise InputError(f"timeout_s must be positive, got {timeout_s!r}")
         self.path = os.fspath(path)
-        self.workers = workers or os.cpu_count() or 1
+        self.workers, note = cap_workers(workers)
+        if note:
+            warnings.warn(note, stacklevel=2)
         self.timeout_s = float(timeout_s)
         self.rotate = bool(rotate)
         self.last_stats: DecodeStats | None = None
@@ -181,7 +185,13 @@ class VideoReader:
 
     def _start(self, plan: FramePlan, schedule: Schedule):
         """Allocate the frame buffer and create the job that fills it (it starts when first iterated)."""
-        buffer = FrameBuffer(schedule.unique.size, plan.height, plan.width)
+        try:
+            buffer = FrameBuffer(schedule.unique.size, plan.height, plan.width)
+        except MemoryError as e:
+            raise InputError(
+                f"{self.path}: {schedule.unique.size} frames of {plan.width}x{plan.height} do not fit in shared "
+                f"memory: {e}; ask for fewer frames or a smaller size"
+            ) from e
         try:
             tasks = self._tasks(plan, schedule, buffer)
         except BaseException:

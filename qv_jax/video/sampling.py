@@ -24,6 +24,9 @@ MAX_RATIO = 200
 VIDEO_MIN_PIXELS = 128 * IMAGE_FACTOR * IMAGE_FACTOR
 VIDEO_MAX_PIXELS = 768 * IMAGE_FACTOR * IMAGE_FACTOR
 VIDEO_TOTAL_PIXELS = 128000 * IMAGE_FACTOR * IMAGE_FACTOR * 0.9  # qwen-vl-utils' default model budget (128K tokens)
+# Not Qwen's: the decoder's largest output side. 8K (7680 x 4320) and DCI 8K (8192 x 4320) fit; beyond it swscale
+# refuses, or one frame takes hundreds of MiB of shared memory. Larger videos are read at a smaller size.
+MAX_SIDE = 8192
 
 
 def round_by_factor(number: float, factor: int) -> int:
@@ -64,8 +67,8 @@ def smart_nframes(
         nframes = round_by_factor(num_frames, FRAME_FACTOR)
     else:
         fps = FPS if fps is None else fps
-        if not fps > 0:
-            raise InputError(f"fps must be positive, got {fps}")
+        if not 0 < fps < math.inf:
+            raise InputError(f"fps must be positive and finite, got {fps}")
         if not video_fps > 0:
             raise InputError(f"video_fps must be positive, got {video_fps}")
         low = ceil_by_factor(min_frames, FRAME_FACTOR)
