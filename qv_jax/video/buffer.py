@@ -90,29 +90,30 @@ class Leftover:
     reason: str
 
 
+def _exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts: signalling it is refused, not unknown)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _owner_state(pid: int, start: int | None, ns: int | None) -> tuple[str, str]:
     here = _pid_namespace()
     if start is None:
         if here is not None:
             return "unknown", "named without a start time, so a reused pid cannot be told from its owner"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "dead", f"pid {pid} is not running"
-        except PermissionError:
-            pass
-        return "live", f"pid {pid} is running"
+        return ("live", f"pid {pid} is running") if _exists(pid) else ("dead", f"pid {pid} is not running")
     if ns != here:
         return "unknown", f"made in another pid namespace ({ns}), whose processes this one cannot see"
     now = _start_time(pid)
     if now is None:
         # No /proc entry: gone, unless /proc hides it from us (hidepid), which os.kill still sees through.
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _exists(pid):
             return "dead", f"pid {pid} is not running"
-        except PermissionError:
-            pass
         return "unknown", f"pid {pid} is running but its start time cannot be read"
     if now != start:
         return "dead", f"pid {pid} is now another process (started at tick {now}, the owner at {start})"
