@@ -15,16 +15,24 @@ runs first, so the baseline's figure is the larger of the two).
 "answer" is the question prefill plus decoding for quick, decoding alone for the baseline (whose prompt prefill
 includes the question).
 
+With ``--hf``, also what users run today on the same model (written once as a Hugging Face directory, loaded by
+both sides) and video: transformers' Qwen2.5-VL with qwen-vl-utils' sampling (``benchmarks/hf_pipeline.py``), and
+``quick`` at ρ = 1, whose answer tokens must equal HF's. ``--no-baseline`` skips the baseline (an hour-long video);
+the JSON holds the process's peak RSS after ``quick`` and at the end.
+
 The overlap target: the quick wall time within 20 % of its longest lane, the host lane (probe + decode) or the
 device lane (vision + prefill + answer), which run at the same time. Run ``python -m benchmarks.e2e``; prints a
 table and writes ``benchmarks/results/e2e.json``. The default video (generated once into
-``benchmarks/results/videos``) is 60 s of 1280x720 H.264 at 30 fps, sampled at 1 fps, at most 448x448 pixels.
-``--preset 7b`` builds a random-weight Qwen2.5-VL-7B (bfloat16) for the GPU target.
+``benchmarks/results/videos``) is 60 s of 1920x1080 H.264 at 30 fps, sampled at 1 fps with Qwen's pixel budget.
+``--preset bench`` is a 42M-parameter model (8 layers each side); ``--preset 7b`` a random-weight Qwen2.5-VL-7B
+(bfloat16) for the GPU target. Results: docs/benchmarks/e2e.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import resource
 import statistics
 import tempfile
 import time
@@ -36,32 +44,78 @@ import jax.numpy as jnp
 from benchmarks.common import RESULTS_DIR, format_table, write_json
 
 QUESTION = "What happens in the video? Describe the main events in order."
-PRESETS = ("tiny", "3b", "7b")
-VIDEO = {"seconds": 60.0, "fps": 30.0, "size": (720, 1280), "gop": 60, "bframes": 2}
+PRESETS = ("tiny", "bench", "3b", "7b")
+VIDEO = {"seconds": 60.0, "fps": 30.0, "size": (1080, 1920), "gop": 60, "bframes": 2}
+
+
+def bench_config():
+    """A 41M-parameter random Qwen2.5-VL (8 text layers of width 512, 8 vision blocks of width 384): big enough
+    that the vision tower's and the LLM's arithmetic, not the frameworks' overheads, set the times."""
+    from qv_jax.model.config import TextConfig, VisionConfig
+    from qv_jax.testing import tiny_config
+
+    text = TextConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        mrope_section=(8, 12, 12),
+        max_position_embeddings=128000,
+    )
+    vision = VisionConfig(
+        variant="qwen2_5_vl",
+        depth=8,
+        hidden_size=384,
+        num_heads=6,
+        intermediate_size=1024,
+        out_hidden_size=512,
+        fullatt_block_indexes=(3, 7),
+    )
+    return dataclasses.replace(tiny_config(), text=text, vision=vision)
 
 
 def default_video() -> Path:
     from qv_jax.testing.videos import make_sample_video
 
-    path = RESULTS_DIR / "videos" / "e2e_720p_60s.mp4"
+    path = RESULTS_DIR / "videos" / "e2e_1080p_60s.mp4"
     if not path.is_file():
         print(f"generating {path} ...", flush=True)
         make_sample_video(path, **VIDEO)
     return path
 
 
-def random_model(preset: str, dtype: str, scratch: Path):
-    """A random-weight model of a preset size with a trained test tokenizer."""
+def preset_config(preset: str):
     from qv_jax.model.config import ModelConfig
-    from qv_jax.testing import random_model, tiny_config
+    from qv_jax.testing import tiny_config
 
-    config = {"tiny": tiny_config, "3b": ModelConfig.qwen2_5_vl_3b, "7b": ModelConfig.qwen2_5_vl_7b}[preset]()
-    return random_model(config, tokenizer_dir=scratch / "tokenizer", dtype=dtype)
+    configs = {"tiny": tiny_config, "bench": bench_config}
+    return (configs | {"3b": ModelConfig.qwen2_5_vl_3b, "7b": ModelConfig.qwen2_5_vl_7b})[preset]()
+
+
+def random_model(preset: str, dtype: str, scratch: Path):
+    """A random-weight model of a preset size with a trained test tokenizer, built in memory."""
+    from qv_jax.testing import random_model
+
+    return random_model(preset_config(preset), tokenizer_dir=scratch / "tokenizer", dtype=dtype)
+
+
+def random_model_dir(preset: str, scratch: Path) -> Path:
+    """The same as a Hugging Face model directory, which qv-jax and transformers both load (identical weights)."""
+    from qv_jax.testing import write_hf_dir
+
+    return write_hf_dir(scratch / f"random-{preset}", preset_config(preset))
 
 
 def peak_device_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (the model and every run before this point included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_baseline(model, video: Path, frame_plan, plan, max_new_tokens: int) -> dict:
@@ -124,7 +178,12 @@ def run_baseline(model, video: Path, frame_plan, plan, max_new_tokens: int) -> d
 def run_quick(qa, video: Path, max_new_tokens: int) -> dict:
     answer = qa.ask(video, QUESTION, max_new_tokens=max_new_tokens)
     stages = dict(answer.timings.stages)
-    return {"stages": stages, "wall_s": answer.timings.wall_s, "kv_bytes": answer.kv_bytes}
+    return {
+        "stages": stages,
+        "wall_s": answer.timings.wall_s,
+        "kv_bytes": answer.kv_bytes,
+        "token_ids": [int(t) for t in answer.token_ids],
+    }
 
 
 def median_run(fn, repeats: int) -> dict:
@@ -134,6 +193,10 @@ def median_run(fn, repeats: int) -> dict:
     return runs[walls.index(statistics.median_low(walls))]
 
 
+# stages of the rows: qv-jax's, then HF's processor (normalise + patchify) and generate (vision + prefill + answer)
+STAGES = ("decode", "vision", "prefill", "answer", "wait", "processor", "generate")
+
+
 def row(name: str, result: dict, frames: int, tokens: int, peak: int | None) -> dict:
     stages = result["stages"]
     busy = sum(v for k, v in stages.items() if k != "wait")
@@ -141,10 +204,10 @@ def row(name: str, result: dict, frames: int, tokens: int, peak: int | None) -> 
         "variant": name,
         "frames": frames,
         "video tokens": tokens,
-        **{f"{s} s": stages.get(s, 0.0) for s in ("decode", "vision", "prefill", "answer", "wait")},
+        **{f"{s} s": stages.get(s, 0.0) for s in STAGES},
         "sum s": busy,
         "wall s": result["wall_s"],
-        "KV MiB": result["kv_bytes"] / 2**20,
+        "KV MiB": None if result.get("kv_bytes") is None else result["kv_bytes"] / 2**20,
         "peak MiB": None if peak is None else peak / 2**20,
     }
 
@@ -156,13 +219,25 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="tiny", help="random model size (default tiny)")
     parser.add_argument("--dtype", help="default: float32 on CPU, bfloat16 on GPU/TPU")
     parser.add_argument("--fps", type=float, default=1.0)
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
+    parser.add_argument("--max-pixels", type=int, help="per-frame pixel cap (default: Qwen's video budget)")
+    parser.add_argument("--min-pixels", type=int, help="per-frame pixel floor (default: Qwen's, 128 x 28 x 28)")
     parser.add_argument("--max-frames", type=int, default=768)
     parser.add_argument("--group-frames", type=int, default=16)
     parser.add_argument("--retention", type=float, default=0.5)
     parser.add_argument("--workers", type=int, help="decoder processes of the quick variant (default: CPU count)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attention", default="auto", help="qv-jax's attention backend (default auto)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the sequential qv-jax baseline (an hour-long video's RSS)"
+    )
+    parser.add_argument(
+        "--hf",
+        action="store_true",
+        help="also run Hugging Face transformers + qwen-vl-utils on the same model and video "
+        "(benchmarks/hf_pipeline.py; needs torchvision, qwen-vl-utils and decord), and qv-jax at retention 1 to "
+        "compare its answer tokens",
+    )
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/e2e.json)")
     args = parser.parse_args()
 
@@ -173,17 +248,15 @@ def main() -> None:
     video = args.video or default_video()
     with tempfile.TemporaryDirectory(prefix="qv-jax-e2e-") as scratch:
         started = time.perf_counter()
-        model = load_model(args.model, dtype) if args.model else random_model(args.preset, dtype, Path(scratch))
+        model_dir = args.model
+        if model_dir is None and args.hf:
+            model_dir = random_model_dir(args.preset, Path(scratch))
+        model = load_model(model_dir, dtype) if model_dir else random_model(args.preset, dtype, Path(scratch))
+        model = model.with_attention(args.attention)
         print(f"model ready in {time.perf_counter() - started:.1f} s", flush=True)
-        qa = VideoQA(
-            model,
-            group_frames=args.group_frames,
-            retention=args.retention,
-            fps=args.fps,
-            max_frames=args.max_frames,
-            max_pixels=args.max_pixels,
-            workers=args.workers,
-        )
+        options = {"group_frames": args.group_frames, "fps": args.fps, "max_frames": args.max_frames}
+        options |= {"max_pixels": args.max_pixels, "min_pixels": args.min_pixels, "workers": args.workers}
+        qa = VideoQA(model, retention=args.retention, **options)
         frame_plan, plan = qa.plan(video)
         print(
             f"{video}: {frame_plan.num_frames} frames at {frame_plan.width}x{frame_plan.height}, "
@@ -191,31 +264,67 @@ def main() -> None:
             flush=True,
         )
         quick = median_run(lambda: run_quick(qa, video, args.max_new_tokens), args.repeats)
-        quick_peak = peak_device_bytes()
-        baseline = median_run(lambda: run_baseline(model, video, frame_plan, plan, args.max_new_tokens), args.repeats)
-        baseline_peak = peak_device_bytes()
+        quick_peak, quick_rss = peak_device_bytes(), peak_rss_bytes()
+        baseline = baseline_peak = None
+        if not args.no_baseline:
+            baseline = median_run(
+                lambda: run_baseline(model, video, frame_plan, plan, args.max_new_tokens), args.repeats
+            )
+            baseline_peak = peak_device_bytes()
+        hf = exact = None
+        if args.hf:
+            exact_qa = VideoQA(model, retention=1.0, **options)
+            exact = median_run(lambda: run_quick(exact_qa, video, args.max_new_tokens), args.repeats)
+            from benchmarks.hf_pipeline import HFPipeline
 
-    rows = [
-        row("baseline", baseline, frame_plan.num_frames, plan.video_tokens, baseline_peak),
-        row(
-            f"quick (G={args.group_frames}, ρ={args.retention})",
-            quick,
-            frame_plan.num_frames,
-            plan.video_tokens,
-            quick_peak,
-        ),
-    ]
+            pipeline = HFPipeline(
+                model_dir,
+                model.tokenizer,
+                model.config,
+                fps=args.fps,
+                max_pixels=args.max_pixels,
+                min_pixels=args.min_pixels,
+                max_frames=args.max_frames,
+                dtype=dtype,
+            )
+            hf = median_run(lambda: pipeline(video, QUESTION, args.max_new_tokens), args.repeats)
+
+    rows = (
+        [] if baseline is None else [row("baseline", baseline, frame_plan.num_frames, plan.video_tokens, baseline_peak)]
+    )
+    name = f"quick (G={args.group_frames}, ρ={args.retention})"
+    rows.append(row(name, quick, frame_plan.num_frames, plan.video_tokens, quick_peak))
+    if hf is not None:
+        rows.append(row("quick (ρ=1)", exact, frame_plan.num_frames, plan.video_tokens, None))
+        rows.append(row("HF transformers + qwen-vl-utils", hf | {"kv_bytes": None}, hf["frames"], None, None))
     columns = list(rows[0])
     print(format_table(rows, columns))
     stages = quick["stages"]
     host = stages.get("probe", 0.0) + stages.get("decode", 0.0)
     device = sum(stages.get(s, 0.0) for s in ("vision", "prefill", "answer"))
     ratio = quick["wall_s"] / max(host, device)
-    speedup = baseline["wall_s"] / quick["wall_s"]
+    speedup = None if baseline is None else baseline["wall_s"] / quick["wall_s"]
     print(
-        f"quick: wall / longest lane (host {host:.2f} s, device {device:.2f} s) = {ratio:.2f} "
-        f"(target <= 1.20); end-to-end speedup over the baseline {speedup:.2f}x"
+        f"quick: wall / longest lane (host {host:.2f} s, device {device:.2f} s) = {ratio:.2f} (target <= 1.20); "
+        f"peak RSS after it {quick_rss / 2**30:.2f} GiB"
+        + ("" if speedup is None else f"; end-to-end speedup over the baseline {speedup:.2f}x")
     )
+    comparison = {}
+    if hf is not None:
+        same = exact["token_ids"] == hf["token_ids"]
+        comparison = {
+            "hf": hf,
+            "quick_exact": exact,
+            "speedup_over_hf": hf["wall_s"] / quick["wall_s"],
+            "speedup_over_hf_exact": hf["wall_s"] / exact["wall_s"],
+            "same_tokens_as_hf_at_retention_1": same,
+            "same_frames_as_hf": [hf["frames"], *hf["frame_size"]] == [frame_plan.num_frames, *frame_plan.size],
+        }
+        print(
+            f"over HF transformers + qwen-vl-utils: {comparison['speedup_over_hf']:.2f}x at ρ={args.retention}, "
+            f"{comparison['speedup_over_hf_exact']:.2f}x at ρ=1 (target >= 2x); answer tokens at ρ=1 "
+            f"{'equal' if same else 'differ'}: {exact['token_ids']} vs {hf['token_ids']}"
+        )
     config = model.config
     path = write_json(
         "e2e",
@@ -237,6 +346,12 @@ def main() -> None:
             "quick_peak_bytes": quick_peak,
             "quick_wall_over_longest_lane": ratio,
             "speedup": speedup,
+            "parameters": sum(int(a.size) for a in jax.tree.leaves(model.state)),
+            "attention": args.attention,
+            "quick_peak_rss_bytes": quick_rss,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "rows": rows,
+            **comparison,
         },
         args.out,
     )
