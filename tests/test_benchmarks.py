@@ -86,3 +86,27 @@ def test_benchmark_runs_and_writes_its_record(name, videos, tmp_path):
     record = json.loads(out.read_text())
     assert record["benchmark"] == name and record["machine"]["cpu_count"]
     check(record)
+
+
+def test_report_renders_each_record_and_names_the_device(tmp_path):
+    """``benchmarks/accelerator.sh`` ends with this page: the device, one table per list of rows, the scalars, and
+    the records a failed step did not produce."""
+    from benchmarks.report import main
+
+    record = {
+        "benchmark": "sparse_decode",
+        "time": "2026-12-04T12:00:00+0000",
+        "machine": {"devices": ["cuda:0 NVIDIA H200"], "jax": "0.11.2", "python": "3.12.3", "cpu_count": 16},
+        "rows": [{"context": 65536, "variant": "dense", "step_ms": 1.25}, {"context": 65536, "variant": "streaming"}],
+        "backend": "pallas",
+        "config": {"nested": True},
+    }
+    (tmp_path / "sparse_decode.json").write_text(json.dumps(record))
+    out = tmp_path / "accelerator.md"
+    main([str(out), str(tmp_path / "sparse_decode.json"), str(tmp_path / "e2e.json")])
+    text = out.read_text()
+    assert "Device: cuda:0 NVIDIA H200; jax 0.11.2" in text
+    assert "| context | variant | step_ms |" in text and "| 65536 | dense | 1.25 |" in text
+    assert "| 65536 | streaming |  |" in text and "- backend: pallas" in text and "nested" not in text
+    assert "## Missing" in text and "`e2e.json`: not produced" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
