@@ -186,6 +186,20 @@ class WorkerPool:
                 return
         worker.kill()
 
+    def replace(self, worker: WorkerProcess) -> WorkerProcess:
+        """Kill a checked-out ``worker`` and check out a newly started process in its place."""
+        fresh = WorkerProcess()
+        with self._lock:
+            self._busy.discard(worker)
+            self._busy.add(fresh)
+        worker.kill()
+        try:
+            fresh.wait_ready(time.monotonic() + START_TIMEOUT_S)
+        except WorkerStartError:
+            self.discard(fresh)
+            raise
+        return fresh
+
     def discard(self, worker: WorkerProcess) -> None:
         with self._lock:
             self._busy.discard(worker)
@@ -246,16 +260,27 @@ def run_tasks(
         raise DecodeWorkerError(path, f"cannot start decoder workers: {e}") from e
     idle = list(checked_out)
 
-    def assign(worker: WorkerProcess) -> None:
-        worker.task = pending.popleft()
-        worker.last_heard = time.monotonic()
+    def assign(worker: WorkerProcess, replaced: bool = False) -> None:
+        task = pending.popleft()
+        worker.task, worker.last_heard = task, time.monotonic()
         try:
-            worker.send(("decode", worker.task))
+            worker.send(("decode", task))
         except OSError:
             failed.append(worker)
-            raise DecodeWorkerError(
-                path, f"decoder worker pid {worker.pid} {worker.exit_reason()} before decoding {_describe(worker.task)}"
-            ) from None
+            if replaced:
+                raise DecodeWorkerError(
+                    path, f"decoder worker pid {worker.pid} {worker.exit_reason()} before decoding {_describe(task)}"
+                ) from None
+            # It died between tasks (killed while idle, the OOM killer) and holds no work of ours: one fresh
+            # process takes its place, and a second death fails the read.
+            pending.appendleft(task)
+            try:
+                fresh = pool.replace(worker)
+            except WorkerStartError as e:
+                raise DecodeWorkerError(path, f"cannot replace a dead decoder worker: {e}") from e
+            checked_out.append(fresh)
+            assign(fresh, replaced=True)
+            return
         running[worker.conn] = worker
 
     try:
