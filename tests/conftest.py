@@ -1,5 +1,30 @@
-"""Shared test set-up: float32 matmuls at full precision so parity checks against PyTorch are meaningful."""
+"""Shared test set-up: float32 matmuls at full precision so parity checks against PyTorch are meaningful, and one
+persistent XLA compilation cache for the whole run.
 
-import jax
+Most of the suite's time is XLA compiling the same tiny-model steps again in every process that needs them (the
+CLI, docs, notebook and mesh tests run in subprocesses, and pytest-xdist's workers are processes too). The cache
+directory is made once, by the first process that loads this file, and handed to every later one through the
+environment (``JAX_COMPILATION_CACHE_DIR``, which jax reads when it is imported); that process removes it at the
+end. A cache directory the caller set already is used as it is and kept.
+"""
+
+import os
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qv-jax-tests-xla-cache-")
+    _OWNED_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _OWNED_CACHE = None
+# the tiny models' steps compile in a fraction of a second each, but there are thousands of them
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+import jax  # after the environment above, which jax reads when imported
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if _OWNED_CACHE is not None:
+        shutil.rmtree(_OWNED_CACHE, ignore_errors=True)
