@@ -26,6 +26,7 @@ class _Line:
     stage: str
     total: int
     n: int = 0
+    busy: float = 0.0  # seconds of the stage's spans: its rate is the timing table's, not diluted by waits
     started: float | None = None
     ended: float | None = None
     compiling: bool = False
@@ -34,10 +35,11 @@ class _Line:
         from tqdm import tqdm
 
         elapsed = 0.0 if self.started is None else (self.ended or now) - self.started
+        rate = self.n / self.busy if self.n and self.busy > 0 else None
         note = "compiling" if self.compiling else None
         prefix = self.stage.ljust(max(map(len, UNITS)))
         return tqdm.format_meter(
-            self.n, self.total, elapsed, ncols=width, prefix=prefix, unit=UNITS[self.stage], postfix=note
+            self.n, self.total, elapsed, ncols=width, prefix=prefix, unit=UNITS[self.stage], rate=rate, postfix=note
         )
 
 
@@ -82,6 +84,7 @@ class StageBars:
             if self._running.get(threading.get_ident()) is line:
                 del self._running[threading.get_ident()]
             line.compiling = False
+            line.busy += event.seconds
             if line.started is None:  # decode spans are recorded when they end; the first began at the start
                 line.started = time.perf_counter() - event.seconds
             if event.stage == "decode":
@@ -165,9 +168,10 @@ def _is_terminal(file) -> bool:
 
 def _columns(file) -> int:
     try:
-        return os.get_terminal_size(file.fileno()).columns
+        columns = os.get_terminal_size(file.fileno()).columns
     except (AttributeError, ValueError, OSError):
-        return 80
+        columns = 0
+    return columns or 80  # a terminal that reports no size (a fresh pseudo-terminal) gets the usual width
 
 
 def stage_bars(plans, *, answers: int = 1, enabled: bool = True) -> StageBars:
