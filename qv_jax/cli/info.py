@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from qv_jax.cli.options import DTYPES, parse_mesh
+from qv_jax.cli.options import add_placement_options
 from qv_jax.cli.report import plural, print_json
 from qv_jax.errors import InputError, QVError
 
@@ -26,15 +26,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--model", type=Path, help="also describe this model directory, Hugging Face or qv-jax (default: none)"
     )
-    parser.add_argument(
-        "--mesh",
-        type=parse_mesh,
-        metavar="DATAxMODEL",
-        help="with --model: the parameter bytes each device holds on this (data, model) mesh of the first "
-        "DATA*MODEL devices (default: one device)",
-    )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, help="with --model: the dtype counted (default: bfloat16 on GPU/TPU, float32 on CPU)"
+    add_placement_options(
+        parser,
+        dtype="with --model: the dtype its bytes are counted in",
+        mesh="with --model: the parameter bytes each device holds on this (data, model) mesh of the first "
+        "DATA*MODEL devices",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text (default: text)")
     parser.set_defaults(func=run)
@@ -193,7 +189,7 @@ def _text(record: dict) -> str:
         f"{where} {_size(s['free_bytes'])} free of {_size(s['total_bytes'])}"
         for where, s in decoder_info["frame_buffer_space"].items()
     )
-    lines.append(f"decoder: {decoder_info['workers']} workers at most; frame buffers in {space}")
+    lines.append(f"decoder: {plural(decoder_info['workers'], 'worker')} at most; frame buffers in {space}")
     if "model" in record:
         m = record["model"]
         text, vision = m["config"]["text"], m["config"]["vision"]

@@ -58,21 +58,23 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return int(data), int(model)
 
 
+def add_placement_options(parser: argparse.ArgumentParser, *, dtype: str, mesh: str) -> None:
+    """``--dtype`` and ``--mesh``, with what each does in the command (their defaults are the same everywhere)."""
+    parser.add_argument("--dtype", choices=DTYPES, help=f"{dtype} (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--mesh", type=parse_mesh, metavar="DATAxMODEL", help=f"{mesh} (default: one device)")
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, answers: bool = True) -> None:
     """``--dtype``, where the model runs (``--mesh``, ``--attention``) and the sparse decoding options.
 
     Without ``answers`` (``encode``) only the options that fix the memory's head order are offered: the page
     selection of answer-time decoding never acts there.
     """
-    parser.add_argument(
-        "--dtype", choices=DTYPES, help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)"
-    )
-    parser.add_argument(
-        "--mesh",
-        type=parse_mesh,
-        metavar="DATAxMODEL",
-        help="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor "
-        "parallel over 8 devices (default: one device)",
+    add_placement_options(
+        parser,
+        dtype="parameter dtype",
+        mesh="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor parallel "
+        "over 8 devices",
     )
     parser.add_argument(
         "--attention",
