@@ -231,3 +231,25 @@ def test_progress_lines_on_a_terminal_close_stage_by_stage_and_say_compiling(tmp
             assert any("compiling" in text for _, text in writes), stage
     # every stage's line stopped before the next stage's did: closed one by one, not all at the end
     assert last_redraw == sorted(last_redraw) and len(set(last_redraw)) == 4, last_redraw
+
+
+def test_plurals_and_quiet_progress(capsys):
+    from qv_jax.cli.progress import StageBars
+    from qv_jax.cli.report import plural
+    from qv_jax.pipeline.executor import StageEvent
+
+    assert (plural(1, "group"), plural(3, "group"), plural(0, "frame")) == ("1 group", "3 groups", "0 frames")
+    main_fd, child_fd = pty.openpty()
+    with open(child_fd, "w") as terminal:
+        for enabled in (False, True):
+            with StageBars({"decode": 4}, group_frames=4, enabled=enabled, file=terminal) as bars:
+                bars.started("decode", 0)
+                bars(StageEvent("decode", 0, 0.0, 0.5))
+            terminal.write("END\n")  # what comes before it is what the bars drew
+            terminal.flush()
+            drawn = b""
+            while b"END" not in drawn:
+                drawn += os.read(main_fd, 1 << 16)
+            assert ("4/4" in drawn.decode()) == enabled, drawn
+            assert drawn.startswith(b"END") != enabled, drawn
+    os.close(main_fd)

@@ -4,6 +4,7 @@ decoder's workers and shared memory, and with ``--model`` the model's size per d
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import sys
@@ -112,7 +113,9 @@ def model_info(path: Path, mesh_shape: tuple[int, int] | None, dtype: str | None
     if is_checkpoint(path):
         config, stored = read_config(path)
     elif (path / "config.json").is_file():
-        config, stored = config_from_hf(path), "as in config.json"
+        config = config_from_hf(path)  # a malformed config.json fails here, as a typed error
+        raw = json.loads((path / "config.json").read_text())
+        stored = str(raw.get("torch_dtype") or raw.get("dtype") or "not stated")
     else:
         raise InputError(f"{path}: neither a qv-jax checkpoint nor a Hugging Face model (config.json)")
     if dtype is None:
@@ -197,7 +200,7 @@ def _text(record: dict) -> str:
         lines.append(
             f"model {m['path']}: {m['variant']}, {_count(m['parameters'])} parameters ({m['parameters']:,}), "
             f"{text['num_layers']} text layers of {text['hidden_size']} ({text['num_heads']} heads, "
-            f"{text['num_kv_heads']} KV heads), {vision['depth']} vision blocks; stored {m['stored_dtype']}"
+            f"{text['num_kv_heads']} KV heads), {vision['depth']} vision blocks; stored dtype {m['stored_dtype']}"
         )
         lines.append(f"  {m['dtype']}: {_size(m['bytes'])} in all, {_size(m['bytes_per_device'])} per device on {mesh}")
     return "\n".join(lines)
