@@ -26,7 +26,7 @@ from qv_jax.model.config import ModelConfig
 from qv_jax.pipeline.executor import Timings
 from qv_jax.pipeline.plan import GroupPlan, make_group_plan
 
-__all__ = ["MemoryInfo", "ModelFingerprint", "VideoMemory", "is_memory_dir"]
+__all__ = ["MemoryInfo", "ModelFingerprint", "VideoMemory", "is_memory_dir", "read_memory_info"]
 
 FORMAT = "qv-jax-video-memory"
 VERSION = 1
@@ -192,8 +192,7 @@ class VideoMemory:
         path = Path(directory).absolute()
         meta = read_marker(path, MARKER, format=FORMAT, version=VERSION, what="a saved video memory")
         try:
-            info_dict = dict(meta["info"])
-            info = MemoryInfo(**{**info_dict, **{k: tuple(info_dict[k]) for k in ("frame_indices", "prefix_ids")}})
+            info = _info(meta)
             fingerprint = ModelFingerprint(**meta["fingerprint"])
             config = ModelConfig.from_dict(fingerprint.config)
             capacity, heads, head_dim = int(meta["capacity"]), int(meta["num_kv_heads"]), int(meta["head_dim"])
@@ -216,6 +215,21 @@ class VideoMemory:
             lengths=tree["lengths"],
         )
         return cls(cache=cache, plan=info.group_plan(config), info=info, fingerprint=fingerprint)
+
+
+def read_memory_info(directory: str | os.PathLike) -> MemoryInfo:
+    """How the memory saved in ``directory`` was made, from its description alone (no arrays are read)."""
+    path = Path(directory).absolute()
+    meta = read_marker(path, MARKER, format=FORMAT, version=VERSION, what="a saved video memory")
+    try:
+        return _info(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / MARKER}: malformed ({type(e).__name__}: {e})") from e
+
+
+def _info(meta: dict) -> MemoryInfo:
+    info = dict(meta["info"])
+    return MemoryInfo(**{**info, **{k: tuple(info[k]) for k in ("frame_indices", "prefix_ids")}})
 
 
 def _as_tree(cache: LayeredKV) -> dict:

@@ -363,6 +363,7 @@ def report(tmp_path_factory) -> dict[tuple[str, int], dict]:
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={HOST_DEVICES}",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        XDG_CACHE_HOME=str(out.parent / "cache"),  # where `qv-jax decode` / `demo` keep their sample video
     )
     proc = subprocess.run(
         [sys.executable, __file__, str(out), *pages()], env=env, capture_output=True, text=True, timeout=900

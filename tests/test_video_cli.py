@@ -1,5 +1,6 @@
 """``qv-jax decode``: frames to .npy, a one-line summary, clear errors, and a sample video when none is given."""
 
+import os
 import re
 import subprocess
 import sys
@@ -50,13 +51,18 @@ def test_decode_rejects_conflicting_options():
 
 
 @pytest.mark.slow
-def test_decode_without_a_video_generates_a_sample():
-    # The README's main job: `qv-jax decode` with nothing else.
+def test_decode_without_a_video_generates_a_sample(tmp_path):
+    # The README's main job: `qv-jax decode` with nothing else; the sample is kept in the cache directory.
     result = subprocess.run(
-        [sys.executable, "-m", "qv_jax", "decode", "--workers", "2"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "qv_jax", "decode", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("generated sample.mp4")
+    (sample,) = (tmp_path / "qv-jax").iterdir()
+    assert lines[0].startswith(f"sample video: {sample} (20 s of 640x360 H.264, made in")
     assert "480 frames" in lines[1] and "decoding 40 frames at 640x360" in lines[1]
     assert lines[-1].startswith("decoded 40 frames")

@@ -1,6 +1,7 @@
 """``qv-jax ask`` / ``encode`` / ``demo``: a saved memory answers like the video, errors are reported, and the
 demo runs with the runtime dependencies alone."""
 
+import os
 import subprocess
 import sys
 
@@ -55,13 +56,14 @@ def test_errors_exit_with_code_2_and_a_message(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_without_test_dependencies():
+def test_demo_runs_without_test_dependencies(tmp_path):
     """`qv-jax demo` as the README runs it, with torch and transformers made unimportable."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
         "from qv_jax.cli import main; sys.exit(main(['demo', '--max-new-tokens', '4']))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the sample video is kept there
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     assert "noise" in out.stdout and "RANDOM-WEIGHT" in out.stdout
     assert "40 frames at 644x364, 3 groups of 16 frames" in out.stdout
@@ -93,13 +95,14 @@ def test_sparse_decoding_and_mesh_options_answer_like_the_python_api(tmp_path, c
     expected = qa.ask(sample_video(), "What happens?", max_new_tokens=6)
 
     model = str(model_dir())
-    sparse = ["--duo-attention", str(tmp_path), "--streaming-fraction", "0.5", *SPARSE_OPTIONS, "--mesh", "1x1"]
+    heads = ["--duo-attention", str(tmp_path), "--streaming-fraction", "0.5", "--mesh", "1x1"]
+    sparse = [*heads, *SPARSE_OPTIONS]  # encode takes only what fixes the head order
     assert main(["ask", str(sample_video()), "What happens?", "--model", model, *OPTIONS, *sparse]) == 0
     out = capsys.readouterr().out
     assert _answer(out) == expected.text and _kv_mib(out) == pytest.approx(expected.kv_bytes / 2**20, abs=0.01)
 
     memory = tmp_path / "memory"
-    assert main(["encode", str(sample_video()), "--model", model, "--out", str(memory), *VIDEO, *sparse]) == 0
+    assert main(["encode", str(sample_video()), "--model", model, "--out", str(memory), *VIDEO, *heads]) == 0
     capsys.readouterr()
     assert main(["ask", str(memory), "What happens?", "--model", model, *ANSWER, *sparse]) == 0
     assert _answer(capsys.readouterr().out) == expected.text

@@ -18,7 +18,7 @@ import traceback
 from qv_jax.errors import QVError
 
 # Subcommand modules, in the order ``qv-jax --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "decode", "convert", "doctor")
+COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "decode", "convert", "info", "doctor")
 # Signals that end a run the way Ctrl-C does: unwinding, so shared memory, workers and partial outputs go.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qv-jax", description="Answer questions about long videos with Qwen2.5-VL in JAX."
     )
+    from qv_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"qv-jax {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from qv_jax.cli.options import DTYPES
+from qv_jax.cli.report import add_output_options, plural, print_json
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +27,7 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="replace OUT_DIR if it holds a qv-jax checkpoint (or another qv-jax output)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -42,11 +44,27 @@ def run(args: argparse.Namespace) -> int:
         names.append(name)
         bar.update()
 
-    with tqdm(desc="converting", unit="tensor", disable=True if args.quiet else None) as bar:
+    with tqdm(desc="converting", unit="tensor", file=sys.stderr, disable=True if args.quiet else None) as bar:
         out = convert(args.hf_dir, args.out_dir, args.dtype, overwrite=args.overwrite, progress=progress)
     config, _ = read_config(out)
+    seconds = time.perf_counter() - start
+    if args.json:
+        record = {
+            "command": "convert",
+            "input": str(args.hf_dir),
+            "out": str(out),
+            "variant": config.variant,
+            "tensors": len(names),
+            "text_layers": config.text.num_layers,
+            "vision_blocks": config.vision.depth,
+            "timings": {"wall_s": seconds},
+            "settings": {"dtype": args.dtype, "overwrite": args.overwrite},
+        }
+        print_json(record)
+        return 0
     print(
-        f"{config.variant}: {len(names)} tensors -> {out} ({args.dtype}, {config.text.num_layers} text layers, "
-        f"{config.vision.depth} vision blocks) in {time.perf_counter() - start:.1f} s"
+        f"{config.variant}: {plural(len(names), 'tensor')} -> {out} ({args.dtype}, "
+        f"{plural(config.text.num_layers, 'text layer')}, {plural(config.vision.depth, 'vision block')}) in "
+        f"{seconds:.1f} s"
     )
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from qv_jax.cli.report import plural
+
 STATES = {"dead": "owner gone", "live": "in use", "unknown": "kept"}
 
 
@@ -28,10 +30,6 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB"
 
 
-def _buffers(count: int) -> str:
-    return f"{count} frame buffer{'' if count == 1 else 's'}"
-
-
 def run(args: argparse.Namespace) -> int:
     from qv_jax.video.buffer import buffer_dirs, leftovers, remove_stale
 
@@ -46,10 +44,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"no qv-jax frame buffers in {where}")
     elif args.clean:
         freed = sum(leftover.nbytes for leftover in dead if leftover.path in removed)
-        print(f"removed {_buffers(len(removed))} of dead processes ({_mib(freed)})")
+        print(f"removed {plural(len(removed), 'frame buffer')} of dead processes ({_mib(freed)})")
     elif dead:
         total = sum(leftover.nbytes for leftover in dead)
-        print(f"{_buffers(len(dead))} of dead processes ({_mib(total)}): `qv-jax doctor --clean` removes them")
+        dead_buffers = plural(len(dead), "frame buffer")
+        print(f"{dead_buffers} of dead processes ({_mib(total)}): `qv-jax doctor --clean` removes them")
     else:
         print("nothing to remove")
     return 0

@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qv_jax.cli.options import (
-    DTYPES,
-    add_model_options,
-    add_videoqa_options,
-    model_options,
-    run_with_bars,
-    videoqa_config,
-)
+from qv_jax.cli.options import add_model_options, add_videoqa_options, model_options, videoqa_config
+from qv_jax.cli.progress import stage_bars
+from qv_jax.cli.report import add_output_options, describe_source, model_record, plural, print_json
 from qv_jax.errors import InputError
 
 
@@ -25,16 +20,16 @@ def add_parser(subparsers) -> None:
         "touching the video again. The score rule must not depend on the question.",
     )
     parser.add_argument("video", type=Path, help="video file")
-    parser.add_argument("--model", type=Path, required=True, help="model directory (HF or qv-jax checkpoint)")
-    parser.add_argument("--out", type=Path, required=True, help="memory directory to write")
+    parser.add_argument(
+        "--model", type=Path, required=True, help="model directory: Hugging Face or qv-jax checkpoint (required)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="memory directory to write (required)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it holds a memory (or other qv-jax output)"
     )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, help="parameter dtype (default: bfloat16 on GPU/TPU, float32 on CPU)"
-    )
-    add_model_options(parser)
-    add_videoqa_options(parser)
+    add_model_options(parser, answers=False)
+    add_videoqa_options(parser, sampling=False)
+    add_output_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,13 +42,29 @@ def run(args: argparse.Namespace) -> int:
     inputs = (args.video, args.model)
     check_output(args.out, overwrite=args.overwrite, inputs=inputs)  # before the minutes encoding takes
     qa = VideoQA.from_pretrained(args.model, dtype=args.dtype, config=videoqa_config(args), **model_options(args))
-    memory = run_with_bars(qa, args.video, lambda bars: qa.encode(args.video, progress=bars))
+    plans, video, video_settings = describe_source(qa, args.video)
+    with stage_bars(plans, answers=0, enabled=not args.quiet) as bars:
+        memory = qa.encode(args.video, progress=bars)
     out = memory.save(args.out, overwrite=args.overwrite, inputs=inputs)
     tokens = memory.tokens_per_layer
+    if args.json:
+        record = {
+            "command": "encode",
+            "out": str(out),
+            "timings": memory.timings.as_dict(),
+            "kv_bytes": int(memory.kv_bytes),
+            "tokens_per_layer": [int(t) for t in tokens],
+            "video": video,
+            "settings": {**model_record(args, qa.model), "video": video_settings},
+        }
+        print_json(record)
+        return 0
+    plan = memory.plan
     print(
-        f"{args.video}: {len(memory.info.frame_indices)} frames at {memory.info.width}x{memory.info.height} in "
-        f"{memory.plan.num_groups} groups of {memory.plan.group_frames}; {memory.plan.video_tokens} video tokens, "
-        f"{int(tokens.min())}-{int(tokens.max())} kept per layer ({memory.kv_bytes / 2**20:.2f} MiB) -> {out}"
+        f"{args.video}: {plural(len(memory.info.frame_indices), 'frame')} at {memory.info.width}x"
+        f"{memory.info.height} in {plural(plan.num_groups, 'group')} of {plan.group_frames}; "
+        f"{plural(plan.video_tokens, 'video token')}, {int(tokens.min())}-{int(tokens.max())} kept per layer "
+        f"({memory.kv_bytes / 2**20:.2f} MiB) -> {out}"
     )
     print()
     print(memory.timings.table())

@@ -1,10 +1,9 @@
 """What ``ask``, ``encode`` and ``demo`` share: the model placement, sparse decoding, QuickPrefill and sampling
-options, the settings they make, and the per-stage progress bars."""
+options, and the settings they make. See docs/guide.md (Command line)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from qv_jax.attention.backends import AttentionConfig, Backend, Kernel
@@ -14,8 +13,9 @@ from qv_jax.pipeline.plan import PRUNE_RULES
 DTYPES = ("bfloat16", "float32", "float16")  # what --dtype takes
 
 
-def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
-    """Frame sampling, QuickPrefill and decoder options (the keywords of ``VideoQA``)."""
+def add_videoqa_options(parser: argparse.ArgumentParser, *, sampling: bool = True) -> None:
+    """Frame sampling, QuickPrefill and decoder options (the keywords of ``VideoQA``); ``--seed``, which also
+    seeds answer sampling when ``sampling``."""
     group = parser.add_argument_group(
         "video and QuickPrefill", "How a video is sampled and encoded; fixed in a saved memory, so refused with one."
     )
@@ -30,7 +30,8 @@ def add_videoqa_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--workers", type=int, help="decoder processes (default, and most: one per CPU this process may use)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random rule and of sampling (default 0)")
+    what = "of the random prune rule and of answer sampling" if sampling else "of the random prune rule"
+    parser.add_argument("--seed", type=int, default=0, help=f"seed {what} (default 0)")
 
 
 # The VideoQAConfig fields the options above set (``--seed`` is also sampling's, so it is always taken).
@@ -57,14 +58,23 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return int(data), int(model)
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Where the model runs and how it decodes: ``--mesh`` and the sparse decoding options."""
-    parser.add_argument(
-        "--mesh",
-        type=parse_mesh,
-        metavar="DATAxMODEL",
-        help="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor "
-        "parallel over 8 devices (default: one device)",
+def add_placement_options(parser: argparse.ArgumentParser, *, dtype: str, mesh: str) -> None:
+    """``--dtype`` and ``--mesh``, with what each does in the command (their defaults are the same everywhere)."""
+    parser.add_argument("--dtype", choices=DTYPES, help=f"{dtype} (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--mesh", type=parse_mesh, metavar="DATAxMODEL", help=f"{mesh} (default: one device)")
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, answers: bool = True) -> None:
+    """``--dtype``, where the model runs (``--mesh``, ``--attention``) and the sparse decoding options.
+
+    Without ``answers`` (``encode``) only the options that fix the memory's head order are offered: the page
+    selection of answer-time decoding never acts there.
+    """
+    add_placement_options(
+        parser,
+        dtype="parameter dtype",
+        mesh="split the model over a (data, model) mesh of the first DATA*MODEL devices, e.g. 1x8: tensor parallel "
+        "over 8 devices",
     )
     parser.add_argument(
         "--attention",
@@ -79,23 +89,33 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=[k.value for k in Kernel],
         help="Pallas kernel family for pallas / interpret (default: the device's; tpu when interpreting)",
     )
-    group = parser.add_argument_group(
-        "sparse decoding (DuoAttention streaming heads, LServe page selection)",
-        "On when --duo-attention or --token-budget is given. A memory made with --duo-attention is answered only "
-        "with the same heads streaming.",
-    )
+    if answers:
+        group = parser.add_argument_group(
+            "sparse decoding (DuoAttention streaming heads, LServe page selection)",
+            "On when --duo-attention or --token-budget is given. A memory made with --duo-attention is answered "
+            "only with the same heads streaming.",
+        )
+    else:
+        group = parser.add_argument_group(
+            "DuoAttention head order",
+            "A memory to be answered with sparse decoding over DuoAttention streaming heads must be encoded with "
+            "the same pattern and fraction (they fix the order its heads are stored in); the other sparse "
+            "decoding options act when answering, so `ask` takes them.",
+        )
     group.add_argument(
         "--duo-attention",
         type=Path,
         metavar="TSV",
         help="DuoAttention pattern of this model (full_attention_heads.tsv, or its directory): its lowest-gated "
-        "heads become streaming heads",
+        "heads become streaming heads (default: none, every head reads the whole memory)",
     )
     group.add_argument(
         "--streaming-fraction",
         type=float,
         help="fraction of the KV heads that stream, with --duo-attention (default 0.5)",
     )
+    if not answers:
+        return
     group.add_argument(
         "--token-budget",
         type=int,
@@ -114,18 +134,20 @@ def sparsity_config(args: argparse.Namespace):
     """The :class:`~qv_jax.attention.SparsityConfig` the options ask for, or ``None`` for dense decoding."""
     from qv_jax.attention import SparsityConfig
 
-    layout = {name: getattr(args, name) for name in SPARSE_LAYOUT if getattr(args, name) is not None}
+    # encode has no answer-time options: they read as not given
+    layout = {name: getattr(args, name) for name in SPARSE_LAYOUT if getattr(args, name, None) is not None}
+    budget = getattr(args, "token_budget", None)
     if args.duo_attention is None and args.streaming_fraction is not None:
         raise InputError("--streaming-fraction chooses heads of a --duo-attention pattern: give the pattern too")
-    if args.duo_attention is None and args.token_budget is None:
+    if args.duo_attention is None and budget is None:
         if layout:
             flags = ", ".join("--" + name.replace("_", "-") for name in layout)
             raise InputError(f"{flags} configure sparse decoding: give --duo-attention or --token-budget as well")
         return None
-    if args.token_budget is not None:
-        if args.token_budget < 0:
-            raise InputError(f"--token-budget must be >= 0, got {args.token_budget}")
-        layout["token_budget"] = args.token_budget or None
+    if budget is not None:
+        if budget < 0:
+            raise InputError(f"--token-budget must be >= 0, got {budget}")
+        layout["token_budget"] = budget or None
     if args.duo_attention is None:
         return SparsityConfig(**layout)
     fraction = 0.5 if args.streaming_fraction is None else args.streaming_fraction
@@ -150,13 +172,30 @@ def model_options(args: argparse.Namespace) -> dict:
     return {"mesh": mesh, "sparsity": sparsity_config(args), "attention": attention}
 
 
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
+def add_generation_options(parser: argparse.ArgumentParser, *, max_new_tokens: int = 128) -> None:
+    """How the answer is generated: its length and greedy decoding or sampling."""
     group = parser.add_argument_group("answer")
-    group.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    group.add_argument("--top-p", type=float, default=1.0, help="1 disables top-p")
+    group.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"longest answer in tokens (default {max_new_tokens})",
+    )
+    group.add_argument(
+        "--sample", action="store_true", help="sample the answer with --temperature, --top-k, --top-p (default: greedy)"
+    )
+    group.add_argument(
+        "--temperature", type=float, default=1.0, help="divides the logits before sampling, with --sample (default 1)"
+    )
+    group.add_argument(
+        "--top-k", type=int, default=0, help="sample among the K likeliest tokens, with --sample (default 0: all)"
+    )
+    group.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the likeliest tokens holding this much probability, with --sample (default 1: all)",
+    )
 
 
 def videoqa_config(args: argparse.Namespace):
@@ -179,57 +218,3 @@ def generation_options(args: argparse.Namespace) -> dict:
         "top_p": args.top_p,
         "seed": args.seed,
     }
-
-
-class StageBars:
-    """tqdm progress bars for decoding (frames), vision encoding and prefill (groups), fed by stage events.
-
-    Use as a context manager around the work; pass the instance as the ``progress`` callback.
-    """
-
-    def __init__(self, num_frames: int, group_frames: int, num_groups: int):
-        from tqdm import tqdm
-
-        self.num_frames, self.group_frames = num_frames, group_frames
-        options = {"file": sys.stderr, "disable": None, "leave": True, "dynamic_ncols": True}
-        self.bars = {
-            "decode": tqdm(total=num_frames, desc="decode ", unit="frame", position=0, **options),
-            "vision": tqdm(total=num_groups, desc="vision ", unit="group", position=1, **options),
-            "prefill": tqdm(total=num_groups, desc="prefill", unit="group", position=2, **options),
-        }
-
-    def __call__(self, event) -> None:
-        bar = self.bars.get(event.stage)
-        if bar is None or event.group < 0:
-            return
-        if event.stage == "decode":
-            start = event.group * self.group_frames
-            bar.update(min(self.group_frames, self.num_frames - start))
-        else:
-            bar.update(1)
-
-    def __enter__(self) -> StageBars:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def run_with_bars(qa, video: Path, work):
-    """Run ``work(progress)`` with stage bars sized from ``video``'s plan (no bars for a saved memory)."""
-    from qv_jax.memory import is_memory_dir
-
-    if is_memory_dir(video):
-        return work(None)
-    frame_plan, plan = qa.plan(video)
-    with StageBars(frame_plan.num_frames, plan.group_frames, plan.num_groups) as bars:
-        return work(bars)
-
-
-def print_answer(answer, out=None) -> None:
-    out = sys.stdout if out is None else out  # looked up at call time: the caller may have redirected it
-    print(answer.text, file=out)
-    print(file=out)
-    print(answer.timings.table(), file=out)
-    print(f"KV cache at the end: {answer.kv_bytes / 2**20:.2f} MiB", file=out)

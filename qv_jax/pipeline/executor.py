@@ -47,7 +47,8 @@ class Timeline:
     """Thread-safe record of stage spans, with a clock started at construction.
 
     ``listener`` (optional) is called with each event as it is recorded, from whichever thread records it (the CLI
-    drives its progress bars with it).
+    drives its progress bars with it). A listener with a ``started(stage, group)`` method is also told when each
+    :meth:`span` begins, on the thread that runs it.
     """
 
     def __init__(self, listener: Callable[[StageEvent], None] | None = None):
@@ -55,6 +56,7 @@ class Timeline:
         self._events: list[StageEvent] = []
         self._lock = threading.Lock()
         self._listener = listener
+        self._started = getattr(listener, "started", None)
 
     def now(self) -> float:
         return time.perf_counter() - self._origin
@@ -71,6 +73,8 @@ class Timeline:
     def span(self, stage: str, group: int = -1):
         """Record the time the ``with`` body takes as a span of ``stage``."""
         start = self.now()
+        if self._started is not None:
+            self._started(stage, group)
         try:
             yield
         finally:
@@ -167,8 +171,10 @@ class DecodeAhead:
             for g, group in enumerate(source):
                 if self._stop.is_set():
                     return
-                self._ready.put(pad_group(group, self._group_frames))
+                group = pad_group(group, self._group_frames)
+                # recorded before the group is handed on, so its decode event precedes any event of its encoding
                 last = self._timeline.record("decode", g, last).end
+                self._ready.put(group)
             self._ready.put(_END)
         except BaseException as e:  # every failure, KeyboardInterrupt included, goes to the consumer
             self._ready.put(_Failure(e))
