@@ -33,6 +33,7 @@ CASES = {
     "packed_segments_with_padding": (4, 1, 200, 200, DENSE, True, "packed"),
     "vision_windows_noncausal": (2, 2, 144, 144, DENSE, False, "windows"),
     "chunk_behind_cache": (4, 2, 96, 300, (DENSE, STREAM), True, None),
+    "dense_chunk_behind_cache": (4, 2, 96, 300, DENSE, True, None),  # one mask for all heads: computed in-kernel
 }
 
 

@@ -49,6 +49,8 @@ CHUNKED = "chunked"  # ... and for the tiles in jnp
 
 # What "auto" runs, per platform and call kind. Not yet measured on TPU / GPU hardware: TPU and GPU use our Pallas
 # kernels (block tables, segment ids, GQA and T < S in one kernel), GPU hands dense unsegmented calls to cuDNN.
+# benchmarks/attention.py on an accelerator times ours, jax's kernels (Backend.JAX) and cuDNN per call kind and
+# writes the fastest of each ("fastest_per_call"): set this table from that record.
 AUTO = {
     "cpu": dict.fromkeys(CallKind, Backend.CHUNKED),
     "tpu": dict.fromkeys(CallKind, Backend.PALLAS),
