@@ -77,9 +77,7 @@ def sparse_attention(
     q_seg, kv_seg = split_segment_ids(segment_ids, B, T, S)
     if backend in SHIPPED:
         own_ids = segment_ids is None or not isinstance(segment_ids, tuple | list)
-        shipped = shipped_attention(
-            q, k, v, patterns, q_seg, kv_seg, causal, impl, interpret, scale, block_q, block_kv, own_ids=own_ids
-        )
+        shipped = shipped_attention(q, k, v, patterns, q_seg, kv_seg, causal, impl, interpret, scale, own_ids=own_ids)
         if shipped is not None:
             return shipped if return_lse else shipped[0]
 
@@ -114,7 +112,7 @@ def sparse_attention(
 
 
 def shipped_attention(
-    q, k, v, patterns, q_seg, kv_seg, causal, impl, interpret, scale, block_q, block_kv, *, own_ids: bool
+    q, k, v, patterns, q_seg, kv_seg, causal, impl, interpret, scale, *, own_ids: bool
 ) -> tuple[Array, Array] | None:
     """``(out, lse)`` from jax's kernel of the ``impl`` family where it serves the call, else ``None``.
 
@@ -128,9 +126,8 @@ def shipped_attention(
             return None
         windows = tuple(None if p.is_dense else (p.sink, p.local) for p in patterns)
         return jax_tpu.splash_attention(
-            q, k, v, windows, q_seg, kv_seg, causal=causal, scale=scale, block_q=block_q, block_kv=block_kv,
-            interpret=interpret,
-        )  # fmt: skip
+            q, k, v, windows, q_seg, kv_seg, causal=causal, scale=scale, interpret=interpret
+        )
     if impl == Kernel.GPU and own_ids and q.shape[2] == k.shape[2] and all(p.is_dense for p in patterns):
         return jax_gpu.mha_attention(q, k, v, q_seg, causal=causal, scale=scale, interpret=interpret)
     return None

@@ -100,12 +100,8 @@ def _kernel(mask, blocks: tuple[int, int], interpret: bool):
     )
 
 
-def _tile(length: int, requested: int | None) -> tuple[int, int]:
-    """``(padded length, tile)``: whole 128-lane tiles, the requested tile or the largest of :data:`TILES`."""
-    if requested is not None:
-        if requested % LANES:
-            raise ConfigError(f"splash attention tiles must be multiples of {LANES}, got {requested}")
-        return -(-length // requested) * requested, requested
+def _tile(length: int) -> tuple[int, int]:
+    """``(padded length, tile)``: whole 128-lane tiles, the tile the largest of :data:`TILES` that divides."""
     padded = -(-length // LANES) * LANES
     return padded, next(t for t in TILES if padded % t == 0)
 
@@ -120,17 +116,15 @@ def splash_attention(
     *,
     causal: bool,
     scale: float,
-    block_q: int | None = None,
-    block_kv: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [B, N, T, H], lse [B, N, T] float32)``; a query that sees no key (negative id, or none of its
-    segment) gets zeros and ``lse = -inf``, as ours."""
+    segment) gets zeros and ``lse = -inf``, as ours. Splash picks its own tiles (``AttentionConfig``'s are ours)."""
     B, N, T, _ = q.shape
     K, S = k.shape[1], k.shape[2]
     sa = _module()
-    Tp, bq = _tile(T, block_q)
-    Sp, bkv = _tile(S, block_kv)
+    Tp, bq = _tile(T)
+    Sp, bkv = _tile(S)
     if q_segment_ids is None and (causal is False and Sp != S):
         # padded keys are later than every query when causal; otherwise ids keep them out
         q_segment_ids, kv_segment_ids = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
