@@ -33,12 +33,8 @@ TILE = 128  # mha's default tiles; the decode kernel's key tile
 MAX_SPLITS = 16  # gqa's default split-K
 
 
-def available() -> bool:
-    return gpu_attention is not None and gpu_decode is not None
-
-
 def _check():
-    if not available():  # pragma: no cover - only on jax releases without them
+    if gpu_attention is None:  # pragma: no cover - only on jax releases without them
         raise ConfigError(
             f"attention='jax' on GPU needs jax.experimental.pallas.ops.gpu.attention / decode_attention, which jax "
             f"{jax.__version__} does not ship; use attention='pallas'"

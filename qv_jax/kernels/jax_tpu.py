@@ -31,10 +31,6 @@ TILES = (512, 256, 128)  # the largest that divides the padded length (splash's 
 Window = tuple[int, int] | None  # per KV head: None for dense, (sink, local) for a streaming head
 
 
-def available() -> bool:
-    return splash is not None
-
-
 def _module():
     if splash is None:  # pragma: no cover - only on jax releases without it
         raise ConfigError(
