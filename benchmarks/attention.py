@@ -82,13 +82,13 @@ def call_fn(kind: CallKind, config: AttentionConfig, patterns):
     return jax.jit(lambda q, k, v, ids: call(config, q, k, v, **ids))
 
 
-def call_rows(backends, kernel, lengths, fractions, sink: int, local: int, chunk: int, repeats: int) -> list[dict]:
-    """One row per call kind, length and head mix: each backend's median time (or its error), and the fastest.
+def call_rows(rows: list[dict], backends, kernel, lengths, fractions, sink: int, local: int, chunk: int, repeats: int):
+    """Append to ``rows`` one row per call kind, length and head mix: each backend's median time (or its error),
+    and the fastest. Rows are appended as they are timed, so an interrupted run keeps the ones it finished.
 
     The memory and decode calls take no head patterns (a memory or cache is read densely), so they run once per
     length; cuDNN only differs from ``pallas`` on a dense call without segment ids.
     """
-    rows = []
     for n in lengths:
         for kind in CallKind:
             for fraction in fractions if kind in (CallKind.SELF, CallKind.SELF_SEGMENTS) else fractions[:1]:
@@ -111,7 +111,6 @@ def call_rows(backends, kernel, lengths, fractions, sink: int, local: int, chunk
                 row["fastest"] = min(timed, key=timed.get) if timed else None
                 rows.append(row)
                 print(f"{kind} T={row['tokens_T']} S={n} {row['streaming_heads']} streaming: {timed}", flush=True)
-    return rows
 
 
 def fastest_per_call(rows: list[dict], backends) -> list[dict]:
@@ -285,12 +284,17 @@ def main(argv=None) -> None:
             args.chunked_lengths, (0.0, 0.5), tuple(args.cpu_heads), args.sink, args.local, max(1, args.repeats - 2)
         )
     call_backends = CALL_BACKENDS.get(platform, ()) if args.call_backends is None else tuple(args.call_backends)
-    per_call, fastest = [], []
+    per_call, fastest, interrupted = [], [], False
     if call_backends and not args.no_timing:
         lengths_ = args.lengths if args.call_lengths is None else args.call_lengths
-        per_call = call_rows(
-            call_backends, args.kernel, lengths_, (0.0, 0.5), args.sink, args.local, args.call_chunk, args.repeats
-        )
+        try:
+            call_rows(
+                per_call, call_backends, args.kernel, lengths_, (0.0, 0.5), args.sink, args.local, args.call_chunk,
+                args.repeats,
+            )  # fmt: skip
+        except KeyboardInterrupt:  # benchmarks/accelerator.sh stops a step past its limit with SIGINT: keep the rows
+            interrupted = True
+            print("interrupted: writing the call rows timed so far", flush=True)
         fastest = fastest_per_call(per_call, call_backends)
     print()
     print(format_table(counts, list(counts[0])))
@@ -306,6 +310,7 @@ def main(argv=None) -> None:
         print(format_table(timings, list(timings[0])))
     shape = {"q_heads": HQ, "kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": "bfloat16", "batch": 1}
     config = {**vars(args), "platform": platform, "block_q": block_q, "block_kv": block_kv, "shape": shape}
+    config["call_rows_interrupted"] = interrupted
     payload = {
         "config": config,
         "visited": counts,
