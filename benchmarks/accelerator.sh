@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator checks of docs/benchmarks, in one run of at most 8 minutes on one H100 / H200 (or a TPU):
-#   1. prefill attention, ours (pallas) against cuDNN / splash, 8K-64K tokens, dense and 50 % streaming heads;
+#   1. every attention call kind of the model, ours (pallas) against jax's shipped kernels (jax: splash on TPU,
+#      Pallas mha / gqa decode on GPU) and cuDNN, 8K-64K tokens, dense and 50 % streaming heads, and per call kind
+#      the fastest (attention.json "fastest_per_call": what AUTO in qv_jax/attention/backends.py should say);
 #   2. sparse decoding at a 64K context against the dense cache;
 #   3. end to end, a random model of Qwen2.5-VL-7B's geometry on a generated 1-hour video at 1 fps (3600 frames).
 # Writes the JSON records, the log and accelerator.md (tables naming the device) to $RESULTS
@@ -39,7 +41,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 $PYTHON -c "import jax; print('devices:', jax.devices())" 2>&1 | tee -a "$LOG"
 
 # shellcheck disable=SC2086  # the knobs are argument lists
-step attention 120 $PYTHON -m benchmarks.attention ${ATTENTION_ARGS:---lengths 8192 32768 65536 --fractions 0.0 0.5} \
+step attention 120 $PYTHON -m benchmarks.attention ${ATTENTION_ARGS:---lengths 8192 32768 65536 --fractions 0.0 0.5 --repeats 2} \
     --out "$RESULTS/attention.json"
 # shellcheck disable=SC2086
 step sparse_decode 60 $PYTHON -m benchmarks.sparse_decode ${DECODE_ARGS:---contexts 65536} \

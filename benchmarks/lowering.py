@@ -40,6 +40,7 @@ from qv_jax.testing import tiny_config
 PRESETS = {"7b": ModelConfig.qwen2_5_vl_7b, "3b": ModelConfig.qwen2_5_vl_3b, "tiny": tiny_config}
 KERNELS = {"tpu": "tpu", "cuda": "gpu"}
 STEPS = ("prefill", "group", "decode")
+KERNEL_BACKENDS = ("pallas", "interpret", "jax", "jax-interpret")  # the backends that take a kernel family
 # a ranked tensor type of the StableHLO text: tensor<2x28x1664x128xbf16>
 TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)+)[a-z]\w*>")
 
@@ -129,7 +130,7 @@ def lower_steps(
     sizes = clashing_sizes(config)
     if {tokens, memory} & sizes:
         raise SystemExit(f"--tokens {tokens} / --memory {memory} equal a model dimension: pick other sizes")
-    attention = AttentionConfig(backend, KERNELS[platform] if backend in ("pallas", "interpret") else None)
+    attention = AttentionConfig(backend, KERNELS[platform] if backend in KERNEL_BACKENDS else None)
     records = []
     for name, (fn, args, T, S) in steps(config, attention, tokens=tokens, memory=memory, dtype=dtype).items():
         if name not in which:

@@ -14,11 +14,12 @@ from qv_jax.testing import tiny_config
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("attention", ["pallas", "jax"])
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_7b_steps_lower_with_no_tokens_by_slots_tensor(platform, tmp_path):
+def test_7b_steps_lower_with_no_tokens_by_slots_tensor(platform, attention, tmp_path):
     # two of the 28 layers: every layer has the same shapes, and lowering all of them costs a minute per platform
-    records = lowering.main(["--platform", platform, "--layers", "2", "--hlo-dir", str(tmp_path), "--out",
-                             str(tmp_path / "lowering.json")])  # fmt: skip
+    records = lowering.main(["--platform", platform, "--attention", attention, "--layers", "2", "--hlo-dir",
+                             str(tmp_path), "--out", str(tmp_path / "lowering.json")])  # fmt: skip
     by_step = {r["step"]: r for r in records}
     assert all(r["lowered"] for r in records), records
     assert by_step["group"]["slots_S"] == 65536 and by_step["prefill"]["tokens_T"] == 1664

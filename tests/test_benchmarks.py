@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _check_attention(record: dict) -> None:
-    """Streaming heads skip tiles once the sequence is longer than what they see (sink + local)."""
+    """Streaming heads skip tiles once the sequence is longer than what they see (sink + local); every call kind
+    is timed on each backend asked for, and gets its fastest."""
     assert record["visited"] and record["timings"]
+    assert {row["call"] for row in record["calls"]} == {"self", "self_segments", "memory", "decode"}
+    assert all(row["chunked_ms"] > 0 and row["jax-interpret_ms"] > 0 for row in record["calls"])
+    assert [row["call"] for row in record["fastest_per_call"]] == ["self", "self_segments", "memory", "decode"]
     window = record["config"]["sink"] + record["config"]["local"]
     assert [row["streaming_heads"] for row in record["chunked"]] == ["0/2", "1/2"]
     for row in record["visited"]:
@@ -51,7 +55,23 @@ def _check_sparse_decode(record: dict) -> None:
 
 CASES = {
     "attention": (
-        ["--cpu-lengths", "256", "--lengths", "1024", "--repeats", "1", "--chunked-lengths", "512"],
+        [
+            "--cpu-lengths",
+            "256",
+            "--lengths",
+            "1024",
+            "--repeats",
+            "1",
+            "--chunked-lengths",
+            "512",
+            "--call-backends",
+            "chunked",
+            "jax-interpret",
+            "--call-lengths",
+            "256",
+            "--call-chunk",
+            "128",
+        ],
         _check_attention,
     ),
     "decode": (["--workers", "2", "--repeats", "1"], _check_decode),

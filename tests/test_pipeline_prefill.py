@@ -110,7 +110,7 @@ def test_kept_tokens_follow_each_score_rule(rule):
     np.testing.assert_array_equal(np.asarray(handler.cache.lengths), MEMORY + np.asarray(keep))
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "interpret"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "interpret", "jax-interpret"])
 def test_a_long_memory_is_read_in_tiles(backend):
     """A group behind a 100-slot memory with empty slots, read in tiles of 16 slots, equals numpy attention over
     ``[memory ; group]``: every held slot, then the group causally, the padding never seen."""

@@ -118,7 +118,8 @@ def test_sparse_decoding_and_mesh_options_answer_like_the_python_api(tmp_path, c
         (["--token-budget", "-1"], "--token-budget must be >= 0"),
         (["--duo-attention", "missing-dir"], "no DuoAttention pattern file"),
         (["--mesh", "1x2"], "--mesh 1x2 needs 2 devices, 1 visible"),
-        (["--attention", "pallas"], "needs a TPU or GPU"),
+        (["--attention", "pallas"], "need a TPU or GPU"),
+        (["--attention", "jax"], "need a TPU or GPU"),
         (["--attention", "cudnn"], "needs a GPU"),
     ],
 )

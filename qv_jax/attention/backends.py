@@ -19,6 +19,8 @@ class Backend(enum.StrEnum):
     PALLAS = "pallas"  # our Pallas kernels compiled for the device
     INTERPRET = "interpret"  # the same kernels in the CPU interpreter (tests)
     CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn") for dense calls; Pallas for the rest
+    JAX = "jax"  # jax's shipped Pallas kernel for a call where one serves (qv_jax/kernels/jax_*.py), ours otherwise
+    JAX_INTERPRET = "jax-interpret"  # the same in the CPU interpreter (tests)
     AUTO = "auto"
 
 
@@ -47,11 +49,17 @@ CHUNKED = "chunked"  # ... and for the tiles in jnp
 
 # What "auto" runs, per platform and call kind. Not yet measured on TPU / GPU hardware: TPU and GPU use our Pallas
 # kernels (block tables, segment ids, GQA and T < S in one kernel), GPU hands dense unsegmented calls to cuDNN.
+# benchmarks/attention.py on an accelerator times ours, jax's kernels (Backend.JAX) and cuDNN per call kind and
+# writes the fastest of each ("fastest_per_call"): set this table from that record.
 AUTO = {
     "cpu": dict.fromkeys(CallKind, Backend.CHUNKED),
     "tpu": dict.fromkeys(CallKind, Backend.PALLAS),
     "gpu": {**dict.fromkeys(CallKind, Backend.PALLAS), CallKind.SELF: Backend.CUDNN},
 }
+
+
+INTERPRETED = (Backend.INTERPRET, Backend.JAX_INTERPRET)
+SHIPPED = (Backend.JAX, Backend.JAX_INTERPRET)  # jax's kernels where they serve a call, ours for the rest
 
 
 def parse(enum_type: type[enum.StrEnum], value, what: str) -> enum.StrEnum:
@@ -78,7 +86,10 @@ def default_kernel() -> Kernel:
     name = platform()
     if name in ("tpu", "gpu"):
         return Kernel(name)
-    raise InputError(f"backend='pallas' needs a TPU or GPU, but jax runs on {name!r}; use 'chunked' or 'interpret'")
+    raise InputError(
+        f"the Pallas kernels ('pallas', 'jax') need a TPU or GPU, but jax runs on {name!r}; use 'chunked', "
+        "'interpret' or 'jax-interpret', or name a kernel family to lower for"
+    )
 
 
 def kernel_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
@@ -92,9 +103,10 @@ def kernel_impl(backend: str, kernel: str | None) -> tuple[str, bool]:
         raise InputError("backend='auto' is resolved by an AttentionConfig; give a concrete backend here")
     if backend in (Backend.REFERENCE, Backend.CHUNKED):
         return str(backend), False
+    interpret = backend in INTERPRETED
     if kernel is None:
-        kernel = Kernel.TPU if backend == Backend.INTERPRET else default_kernel()
-    return str(parse(Kernel, kernel, "kernel")), backend == Backend.INTERPRET
+        kernel = Kernel.TPU if interpret else default_kernel()
+    return str(parse(Kernel, kernel, "kernel")), interpret
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +126,7 @@ class AttentionConfig:
         object.__setattr__(self, "backend", parse(Backend, self.backend, "attention"))
         if self.kernel is not None:
             object.__setattr__(self, "kernel", parse(Kernel, self.kernel, "attention_kernel"))
-        if self.backend == Backend.PALLAS and self.kernel is None:
+        if self.backend in (Backend.PALLAS, Backend.JAX) and self.kernel is None:
             default_kernel()  # fails now, on a machine with no kernel family, rather than at the first call
         if self.backend == Backend.CUDNN and platform() != "gpu":
             raise InputError(f"attention='cudnn' needs a GPU, but jax runs on {platform()!r}")

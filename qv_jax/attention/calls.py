@@ -5,7 +5,8 @@
   segment ids only, so an unfilled slot costs nothing where the backend skips empty tiles;
 - :func:`append_attention` — a chunk written behind a memory: the two above, merged by their log-sum-exp, which is
   exactly causal attention over ``[memory ; chunk]`` without a ``[T, S]`` mask of the cache's dynamic fill;
-- :func:`decode_attention` — one token per row over a cache (the paged decode kernel on TPU / GPU).
+- :func:`decode_attention` — one token per row over a cache (the paged decode kernel on TPU / GPU; jax's decode
+  kernel on GPU with ``attention="jax"`` where each row's visible slots are one run).
 
 Every call goes down to ``qv_jax.attention.sharded`` (per shard on a mesh) and from there to ``local``. See
 docs/attention.md, "Backends".
@@ -14,7 +15,6 @@ docs/attention.md, "Backends".
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from qv_jax.attention import sharded
 from qv_jax.attention.backends import AttentionConfig, Backend, CallKind
@@ -47,13 +47,13 @@ def self_attention(
     backend, kernel = config.for_call(CallKind.SELF if segment_ids is None else CallKind.SELF_SEGMENTS)
     if backend == Backend.CUDNN and not return_lse and all(p.is_dense for p in _tuple(patterns)):
         return _cudnn(q, k, v, causal=causal)
-    segments = None if segment_ids is None else (segment_ids, segment_ids)
+    # key ids alone: the queries are the same tokens, which lets a kernel that compares one id array serve it
     return sharded.sparse_attention(
         q,
         k,
         v,
         patterns,
-        segments,
+        segment_ids,
         causal,
         _block_backend(backend),
         *config.blocks(),
@@ -121,17 +121,9 @@ def decode_attention(
     K, S = k.shape[1], k.shape[2]
     if _block_backend(backend) in (Backend.REFERENCE, Backend.CHUNKED) or S % DECODE_PAGE:
         return memory_attention(config, q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    pages = S // DECODE_PAGE
     visible = (kv_segment_ids >= 0) & (kv_segment_ids == q_segment_ids)
-    out, lse = sharded.paged_decode_attention(
-        q[:, :, 0].reshape(B, K, N // K, H),
-        k.reshape(B, K, pages, DECODE_PAGE, H),
-        v.reshape(B, K, pages, DECODE_PAGE, H),
-        visible.reshape(B, pages, DECODE_PAGE),
-        jnp.broadcast_to(jnp.arange(pages, dtype=jnp.int32), (B, K, pages)),
-        jnp.full((B, K), pages, jnp.int32),
-        backend=backend,
-        kernel=kernel,
+    out, lse = sharded.dense_decode_attention(
+        q[:, :, 0].reshape(B, K, N // K, H), k, v, visible, page_size=DECODE_PAGE, backend=backend, kernel=kernel
     )
     return out.reshape(B, N, 1, H), lse.reshape(B, N, 1)
 

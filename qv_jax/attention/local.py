@@ -1,8 +1,10 @@
 """Attention on one device (or one shard): each call runs the jnp reference or a Pallas kernel.
 
 Three kernel families: block-sparse prefill (:func:`sparse_attention`), paged decode
-(:func:`paged_decode_attention`) and LServe's page scores (:func:`logical_page_scores`). Nothing here knows about
-meshes: ``qv_jax.attention.sharded`` runs these per shard and is what the model calls. See docs/attention.md.
+(:func:`paged_decode_attention`, and :func:`dense_decode_attention` over a dense cache) and LServe's page scores
+(:func:`logical_page_scores`). The ``jax`` backends hand a call to jax's shipped kernel where one serves it
+(:func:`shipped_attention`) and run ours otherwise. Nothing here knows about meshes: ``qv_jax.attention.sharded``
+runs these per shard and is what the model calls. See docs/attention.md.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qv_jax.attention.backends import CHUNKED, DEFAULT_BLOCKS, REFERENCE, Backend, kernel_impl
-from qv_jax.attention.patterns import HeadPattern, normalize_patterns, pattern_mask
+from qv_jax.attention.backends import CHUNKED, DEFAULT_BLOCKS, REFERENCE, SHIPPED, Backend, Kernel, kernel_impl
+from qv_jax.attention.patterns import HeadPattern, StreamingPattern, normalize_patterns, pattern_mask
 from qv_jax.attention.reference import check_shapes, dot_product_attention
 from qv_jax.attention.tables import block_tables
 from qv_jax.errors import InputError
-from qv_jax.kernels import paged_decode
+from qv_jax.kernels import jax_gpu, jax_tpu, paged_decode
 from qv_jax.kernels.block_sparse import block_sparse_attention
 from qv_jax.kernels.padding import next_pow2
 from qv_jax.kernels.page_select import logical_page_scores as _kernel_page_scores
@@ -73,6 +75,11 @@ def sparse_attention(
     impl, interpret = kernel_impl(backend, kernel)
     patterns = normalize_patterns(patterns, K)
     q_seg, kv_seg = split_segment_ids(segment_ids, B, T, S)
+    if backend in SHIPPED:
+        own_ids = segment_ids is None or not isinstance(segment_ids, tuple | list)
+        shipped = shipped_attention(q, k, v, patterns, q_seg, kv_seg, causal, impl, interpret, scale, own_ids=own_ids)
+        if shipped is not None:
+            return shipped if return_lse else shipped[0]
 
     if impl == REFERENCE:
         for p in dict.fromkeys(patterns):
@@ -102,6 +109,65 @@ def sparse_attention(
         q, k, v, tables, q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale, impl=impl, interpret=interpret
     )
     return (out, lse) if return_lse else out
+
+
+def shipped_attention(
+    q, k, v, patterns, q_seg, kv_seg, causal, impl, interpret, scale, *, own_ids: bool
+) -> tuple[Array, Array] | None:
+    """``(out, lse)`` from jax's kernel of the ``impl`` family where it serves the call, else ``None``.
+
+    TPU: splash attention, for dense and streaming heads (``T <= S``, segment ids or none). GPU: ``mha``, for
+    dense heads of a chunk over itself (``T == S``, one id per token: ``own_ids``). Strided and block-mask heads, and
+    on GPU a chunk over a memory, stay on ours (docs/attention.md, "jax's kernels").
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == Kernel.TPU:
+        if not all(p.is_dense or isinstance(p, StreamingPattern) for p in patterns):
+            return None
+        windows = tuple(None if p.is_dense else (p.sink, p.local) for p in patterns)
+        return jax_tpu.splash_attention(
+            q, k, v, windows, q_seg, kv_seg, causal=causal, scale=scale, interpret=interpret
+        )
+    if impl == Kernel.GPU and own_ids and q.shape[2] == k.shape[2] and all(p.is_dense for p in patterns):
+        return jax_gpu.mha_attention(q, k, v, q_seg, causal=causal, scale=scale, interpret=interpret)
+    return None
+
+
+def dense_decode_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    visible: Array,
+    *,
+    page_size: int,
+    backend: str = Backend.REFERENCE,
+    kernel: str | None = None,
+    scale: float | None = None,
+) -> tuple[Array, Array]:
+    """One decode token per row, ``q [B, K, G, H]``, over a dense cache ``k`` / ``v [B, K, S, H]`` of which row
+    ``b`` sees the slots ``visible [B, S]``: ours reads it as pages of ``page_size`` slots; the ``jax`` backends on
+    GPU run jax's decode kernel where each row's visible slots are one run (a left-padded cache), ours otherwise."""
+    B, K, S, H = k.shape
+    pages = S // page_size
+
+    def ours():
+        return paged_decode_attention(
+            q,
+            k.reshape(B, K, pages, page_size, H),
+            v.reshape(B, K, pages, page_size, H),
+            visible.reshape(B, pages, page_size),
+            jnp.broadcast_to(jnp.arange(pages, dtype=jnp.int32), (B, K, pages)),
+            jnp.full((B, K), pages, jnp.int32),
+            backend=backend,
+            kernel=kernel,
+            scale=scale,
+        )
+
+    impl, interpret = kernel_impl(backend, kernel)
+    if backend in SHIPPED and impl == Kernel.GPU:
+        scale = H**-0.5 if scale is None else scale
+        return jax_gpu.decode_attention(q, k, v, visible, scale=scale, fallback=ours, interpret=interpret)
+    return ours()
 
 
 def paged_decode_attention(

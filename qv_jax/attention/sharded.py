@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.attention import local
-from qv_jax.attention.backends import CHUNKED, REFERENCE, Backend, Kernel, kernel_impl
+from qv_jax.attention.backends import CHUNKED, INTERPRETED, REFERENCE, Backend, Kernel, kernel_impl
 from qv_jax.attention.patterns import HeadPattern, normalize_patterns
 from qv_jax.sharding.layout import per_shard, shard_by_layouts
 from qv_jax.sharding.mesh import MODEL_AXIS, context_mesh
@@ -123,7 +123,7 @@ def sharded_sparse_attention(
         segments = (jnp.broadcast_to(jnp.asarray(segment_ids), (B, segment_ids.shape[-1])),)
         seg_layouts = ("BS",)
 
-    if backend == Backend.INTERPRET and kernel is None:
+    if backend in INTERPRETED and kernel is None:
         # the TPU interpreter simulates every device of a shard_map with barriers between them, which hangs when
         # XLA's CPU client does not run all the shards at once; the GPU kernel interprets shard by shard
         kernel = Kernel.GPU
@@ -195,6 +195,27 @@ def paged_decode_attention(
     return per_shard(
         run, *operands, in_layouts=("BKGH", "BK..H", "BK..H", "B..", "BK.", "BK"), out_layouts=("BKGH", "BKG")
     )
+
+
+def dense_decode_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    visible: Array,
+    *,
+    page_size: int,
+    backend: str = Backend.REFERENCE,
+    kernel: str | None = None,
+    scale: float | None = None,
+) -> tuple[Array, Array]:
+    """One decode token per row, ``q [B, K, G, H]``, over a dense cache ``k`` / ``v [B, K, S, H]`` (``S`` a multiple
+    of ``page_size``) whose visible slots are ``visible [B, S]``: ``(out [B, K, G, H], lse [B, K, G])``."""
+    run = functools.partial(
+        local.dense_decode_attention, page_size=page_size, backend=backend, kernel=kernel, scale=scale
+    )
+    if kernel_impl(backend, kernel)[0] in (REFERENCE, CHUNKED):
+        return run(q, k, v, visible)
+    return per_shard(run, q, k, v, visible, in_layouts=("BKGH", "BK.H", "BK.H", "B."), out_layouts=("BKGH", "BKG"))
 
 
 def logical_page_scores(

@@ -81,13 +81,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, answers: bool = True) 
         choices=[b.value for b in Backend],
         default=Backend.AUTO.value,
         help="what runs every attention of the model: auto (chunked on CPU, the Pallas kernels on TPU / GPU, "
-        "cuDNN for GPU's dense calls), chunked, pallas, interpret, cudnn or reference (the jnp oracle, "
+        "cuDNN for GPU's dense calls), chunked, pallas, interpret, cudnn, jax (jax's shipped kernels where they "
+        "serve a call, ours for the rest), jax-interpret or reference (the jnp oracle, "
         "O(tokens x slots) memory) (default auto)",
     )
     parser.add_argument(
         "--attention-kernel",
         choices=[k.value for k in Kernel],
-        help="Pallas kernel family for pallas / interpret (default: the device's; tpu when interpreting)",
+        help="Pallas kernel family for pallas / interpret / jax / jax-interpret (default: the device's; tpu when "
+        "interpreting)",
     )
     if answers:
         group = parser.add_argument_group(
