@@ -13,7 +13,7 @@ from qv_jax.errors import ConfigError, InputError
 from qv_jax.model.config import token_ids
 from qv_jax.numeric import round_up
 from qv_jax.runtime import dense, encode, packing
-from qv_jax.runtime.generate import DecodeRequest, decode_answer
+from qv_jax.runtime.generate import DecodeRequest, decode_answer, until_stop
 from qv_jax.runtime.sampling import SamplingParams
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -86,13 +86,7 @@ def generate_many(
         if model.sparsity is not None:
             raise ConfigError("packed prefill runs the dense model; with a sparsity config use packing=False")
         tokens = _packed(model, parsed, request, bin_tokens)
-    return [_trim(row, request.stop_ids) for row in tokens[: len(parsed)]]
-
-
-def _trim(tokens: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
-    """``tokens`` up to and including the first stop token."""
-    hits = np.flatnonzero(np.isin(tokens, stop_ids))
-    return tokens[: hits[0] + 1] if hits.size else tokens
+    return [until_stop(row, request.stop_ids) for row in tokens[: len(parsed)]]
 
 
 def _padded(model, prompts: list[_Prompt], request: DecodeRequest) -> np.ndarray:
