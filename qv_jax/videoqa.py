@@ -443,7 +443,8 @@ class VideoQA:
         m, plan = self.model, memory.plan
         cache = memory.cache
         if not asked.consume or cache.capacity < asked.slots:
-            cache = cache.padded(round_up(asked.slots, CAPACITY_BUCKET))
+            # a copy (a given memory is never used up), at least as large: encode leaves room for a whole group
+            cache = cache.padded(max(cache.capacity, round_up(asked.slots, CAPACITY_BUCKET)))
         cache = m.place(cache)  # a loaded memory arrives on one device
         with m.mesh_context():
             logits, cache = prefill.prefill_text(m.graphdef, m.state, cache, asked.chunk)
