@@ -165,6 +165,7 @@ def main(argv=None) -> None:
         lengths = prompt_lengths(args.prompts, args.min_len, args.max_len, args.seed)
         prompts = [rng.integers(10, 500, n).astype(np.int32) for n in lengths]
         prefill, same_first = prefill_rows(model, prompts, args.repeats)
+        print(format_table(prefill, ["prefill", "rows x tokens", "useful_fraction", "time_s", "temp_mib"]), flush=True)
         video = args.video
         if video is None:
             from qv_jax.testing.videos import make_sample_video
@@ -176,7 +177,6 @@ def main(argv=None) -> None:
     params = sum(x.size for x in jax.tree.leaves(model.state))
     print(f"model: random {args.preset} ({params / 1e6:.1f}M parameters)")
     print(f"prompt lengths: {args.prompts} log-normal, {lengths.min()}-{lengths.max()}, sum {lengths.sum()}")
-    print(format_table(prefill, ["prefill", "rows x tokens", "useful_fraction", "time_s", "temp_mib"]))
     speed, memory = (prefill[0][k] / prefill[1][k] for k in ("time_s", "temp_mib"))
     print(f"packed: {speed:.2f}x faster, {memory:.2f}x less temp memory; same first tokens: {same_first}")
     print(format_table(questions, ["questions", "time_s", "kv_mib"]))

@@ -54,14 +54,22 @@ class SharedMemoryAttention:
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
         self._tail = self._tail.write(layer, self.start, k_BKTH, v_BKTH)
         held = jnp.where(self.memory.token_index[layer] >= 0, 0, -1).astype(jnp.int32)
-        video = calls.memory_attention(
-            self.attention,
-            q_BNTH,
-            self.memory.k[layer],
-            self.memory.v[layer],
-            q_segment_ids=jnp.where(self.segment_ids >= 0, 0, -1),  # every question sees the whole memory
-            kv_segment_ids=held,
-        )
+        sees = jnp.where(self.segment_ids >= 0, 0, -1)  # every question sees the whole memory
+        k_BKSH, v_BKSH = self.memory.k[layer], self.memory.v[layer]
+        # a call takes at most as many queries as keys: more questions than memory slots go in pieces
+        size = k_BKSH.shape[2]
+        pieces = [
+            calls.memory_attention(
+                self.attention,
+                q_BNTH[:, :, t : t + size],
+                k_BKSH,
+                v_BKSH,
+                q_segment_ids=sees[:, t : t + size],
+                kv_segment_ids=held,
+            )
+            for t in range(0, self.num_tokens, size)
+        ]
+        video = tuple(jnp.concatenate(parts, axis=2) for parts in zip(*pieces, strict=True))
         own = calls.append_attention(
             self.attention,
             q_BNTH,
