@@ -3,10 +3,11 @@ shared memory (dense), or one after the other over it (sparse); the memory's KV 
 
 import numpy as np
 import pytest
-from pipeline_helpers import CONFIG, VIDEO_OPTIONS, sample_video, tiny_model
+from pipeline_helpers import CONFIG, VIDEO_OPTIONS, model_dir, sample_video, tiny_model
 
 import qv_jax
 from qv_jax.attention import SparsityConfig
+from qv_jax.cli import main
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.runtime import VisionLanguageModel
 
@@ -70,3 +71,18 @@ def test_ask_many_bad_input_raises(qa):
         qa.ask_many(video, ["fine", 3])
     with pytest.raises(ConfigError, match="question_attention"):
         qv_jax.VideoQA(qa.model, prune="question_attention", **VIDEO_OPTIONS).ask_many(video, ["fine"])
+
+
+@pytest.mark.slow
+def test_cli_asks_many_questions_in_one_pass(qa, memory, tmp_path, capsys):
+    saved = memory.save(tmp_path / "mem")
+    listed = tmp_path / "questions.txt"
+    listed.write_text(f"{QUESTIONS[1]}\n\n{QUESTIONS[2]}\n")
+    args = ["ask", str(saved), "-q", QUESTIONS[0], "--questions", str(listed), "--model", str(model_dir())]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    for question, answer in zip(QUESTIONS, qa.ask_many(memory, QUESTIONS, max_new_tokens=6), strict=True):
+        assert f"Q: {question}\nA: {answer.text}\n" in out
+    assert out.count("KV cache at the end") == 1 and "the memory once" in out
+    assert main(["ask", str(saved), "--model", str(model_dir())]) == 2
+    assert "no question" in capsys.readouterr().err
