@@ -30,7 +30,7 @@ from qv_jax.runtime.sampling import SamplingParams, sampling_loop
 
 Array = jax.Array
 
-# The packed questions are padded to a power of two of at least this many tokens (one compilation per bucket).
+# The packed questions are padded to a bucket size of at least this many tokens (one compilation per bucket).
 MIN_QUESTION_TOKENS = 32
 
 

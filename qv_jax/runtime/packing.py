@@ -5,7 +5,7 @@ prompt at its own positions (restarting per prompt) and attending only to itself
 block-diagonal causal attention). Each prompt's last token is held back: it is the first decode input, so the
 prefill needs no logits at all. :func:`prefill_packed` runs the bins and moves each prompt's keys / values into
 its own row of a dense decode cache, left-padded so every row's history ends at the same slot. Bins, bin lengths
-and decode rows are padded to powers of two (:func:`bucket`), so a new mix of lengths reuses compiled steps.
+and decode rows are padded to a few sizes (:func:`bucket`), so a new mix of lengths reuses compiled steps.
 See docs/videoqa.md ("Many prompts, many questions").
 """
 
@@ -32,8 +32,11 @@ MIN_BIN_TOKENS = 32
 
 
 def bucket(n: int, smallest: int = 1) -> int:
-    """The power of two ``>= max(n, smallest)``: the padded size of a bin, a bin count or a decode batch."""
-    return 1 << (max(int(n), int(smallest)) - 1).bit_length()
+    """The padded size of a bin, a bin count or a decode batch: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+    (powers of two and their halfway points, so at most a third is padding) that is ``>= max(n, smallest)``."""
+    n = max(int(n), int(smallest))
+    power = 1 << (n - 1).bit_length()
+    return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -121,7 +124,8 @@ def pack_prompts(
         for p in members:
             bin_of[p], start[p] = b, offset
             offset += lengths[p]
-    width = bucket(max([sum(lengths[p] for p in members) for members in bins], default=1), MIN_BIN_TOKENS)
+    # the bin length follows the capacity, not the fill, so a new mix of lengths under it compiles nothing new
+    width = bucket(cap, MIN_BIN_TOKENS)
     layout = PackedBatch(
         ids=np.zeros((bucket(max(len(bins), 1)), width), np.int32),
         positions=np.zeros((3, bucket(max(len(bins), 1)), width), np.int32),
