@@ -83,7 +83,9 @@ def _alone(model, prompt, **vision):
     return model.generate(ids[None], max_new_tokens=NEW, **vision)[0, ids.size :]
 
 
-@pytest.mark.parametrize("size, seed", [(1, 0), (7, 1), pytest.param(33, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "size, seed", [(1, 0)] + [pytest.param(n, s, marks=pytest.mark.slow) for n, s in ((7, 1), (33, 2))]
+)
 def test_generate_many_gives_each_prompt_its_tokens_alone(model, size, seed):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 501, size)
@@ -111,6 +113,7 @@ def _image_prompt(rng, side=56):
     return {"input_ids": ids, "pixel_values": np.asarray(pixels), "image_grid_thw": np.array(grid)}
 
 
+@pytest.mark.slow
 def test_generate_many_with_images_matches_each_prompt_alone(model):
     rng = np.random.default_rng(3)
     prompts = [_image_prompt(rng), rng.integers(10, 300, 37), _image_prompt(rng, 84), rng.integers(10, 300, 2)]

@@ -12,7 +12,8 @@ import numpy as np
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.model.config import token_ids
 from qv_jax.numeric import round_up
-from qv_jax.runtime import dense, encode, packing
+from qv_jax.runtime import dense, encode
+from qv_jax.runtime import packing as prepack
 from qv_jax.runtime.generate import DecodeRequest, decode_answer, until_stop
 from qv_jax.runtime.sampling import SamplingParams
 
@@ -54,7 +55,7 @@ def generate_many(
     prompts: Sequence,
     *,
     max_new_tokens: int = 16,
-    packing_: bool = True,
+    packing: bool = True,
     bin_tokens: int | None = None,
     sampling: SamplingParams,
     eos_token_id=None,
@@ -80,7 +81,7 @@ def generate_many(
                 f"prompt {i} has {p.ids.size} tokens: with {max_new_tokens} new ones it passes the model's context "
                 f"of {context}"
             )
-    if not packing_:
+    if not packing:
         tokens = _padded(model, parsed, request)
     else:
         if model.sparsity is not None:
@@ -132,7 +133,7 @@ def _packed(model, prompts: list[_Prompt], request: DecodeRequest, bin_tokens: i
             if np.isin(p.ids, (model.config.image_token_id, model.config.video_token_id)).any():
                 raise InputError(f"prompt {i} holds vision pad tokens but no pixels were given")
             positions.append(np.broadcast_to(np.arange(p.ids.size, dtype=np.int32), (3, p.ids.size)))
-    packed = packing.pack_prompts([p.ids for p in prompts], positions, bin_tokens)
+    packed = prepack.pack_prompts([p.ids for p in prompts], positions, bin_tokens)
     x = encode.embed(model.graphdef, model.state, jnp.asarray(packed.ids))
     for i, rows in embedded.items():  # a prompt with images / video: its embeddings computed alone
         if rows.shape[0]:
@@ -142,7 +143,7 @@ def _packed(model, prompts: list[_Prompt], request: DecodeRequest, bin_tokens: i
     history = packed.history
     capacity = round_up(history + request.max_new_tokens, 128)
     with model.mesh_context():
-        cache = packing.prefill_packed(
+        cache = prepack.prefill_packed(
             model.graphdef,
             model.state,
             x,

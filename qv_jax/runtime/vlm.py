@@ -525,7 +525,7 @@ class VisionLanguageModel:
         sampling keywords of :meth:`generate` and ``eos_token_id`` / ``pad_token_id`` / ``seed``.
         """
         stops = {k: options.pop(k) for k in ("eos_token_id", "pad_token_id", "seed") if k in options}
-        run = {"max_new_tokens": max_new_tokens, "packing_": packing, "bin_tokens": bin_tokens}
+        run = {"max_new_tokens": max_new_tokens, "packing": packing, "bin_tokens": bin_tokens}
         return many.generate_many(self, prompts, **run, sampling=SamplingParams(**options), **stops)
 
 
