@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -31,6 +31,7 @@ from qv_jax.pipeline import prefill
 from qv_jax.pipeline.executor import StageEvent, Timeline, Timings, run_overlapped
 from qv_jax.pipeline.plan import GroupPlan, PruneRule, check_settings
 from qv_jax.pipeline.prefill import TextChunk, text_after_video
+from qv_jax.pipeline.questions import questions_answer
 from qv_jax.runtime import encode, sparse
 from qv_jax.runtime.generate import DecodeRequest, decode_answer
 from qv_jax.runtime.sampling import SamplingParams
@@ -254,17 +255,8 @@ class VideoQA:
         timeline = Timeline(progress)
         suffix = self.tokenizer.question_suffix(question)
         chunk_len = round_up(suffix.size, QUESTION_BUCKET)
-        owned = not isinstance(video, VideoMemory) and not is_memory_dir(video)
-        if isinstance(video, VideoMemory):
-            memory = video
-        elif not owned:
-            with timeline.span("load"):
-                memory = VideoMemory.load(video)
-        else:
-            ride_along = suffix if self.config.prune == PruneRule.QUESTION_ATTENTION else None
-            memory = self._encode(Path(video), timeline, question=ride_along, tail=chunk_len + max_new_tokens)
-        if not owned:
-            memory.fingerprint.check(self.fingerprint, f"video memory of {memory.info.video}")
+        ride_along = suffix if self.config.prune == PruneRule.QUESTION_ATTENTION else None
+        memory, owned = self._memory(video, timeline, ride_along, chunk_len + max_new_tokens)
         chunk = text_after_video(memory.plan, suffix, chunk_len)
         slots = int(memory.tokens_per_layer.max()) + chunk_len + max_new_tokens
         asked = _Question(chunk=chunk, length=suffix.size, slots=slots, consume=owned, decode=decode)
@@ -273,7 +265,73 @@ class VideoQA:
             token_ids, kv_bytes = generate(memory, asked)
         return Answer(self.tokenizer.decode(token_ids), token_ids, timeline.timings(), kv_bytes)
 
+    def ask_many(
+        self,
+        video: str | os.PathLike | VideoMemory,
+        questions: Sequence[str],
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        progress: Callable[[StageEvent], None] | None = None,
+    ) -> list[Answer]:
+        """Answer every question about one video (a file, a :class:`VideoMemory` or a saved memory's directory),
+        which is encoded or loaded once; answers in the order of ``questions``.
+
+        All questions are prefilled in one packed pass behind the shared memory (each at the positions it would
+        have alone, attending to the memory and to itself only) and answered as one decode batch
+        (``qv_jax.pipeline.questions``); the memory is never copied. Every answer's ``kv_bytes`` is what the whole
+        pass held: the memory once, plus every question and answer. With a sparsity config the questions are
+        answered one after the other over the same memory (sparse decoding has no packed path yet). The other
+        arguments are those of :meth:`ask`.
+        """
+        if isinstance(questions, str) or not len(questions):
+            raise InputError("questions must be a non-empty list of strings")
+        for i, question in enumerate(questions):
+            if not isinstance(question, str):
+                raise InputError(f"question {i} must be a string, got {type(question).__name__}")
+        if self.config.prune == PruneRule.QUESTION_ATTENTION:
+            raise ConfigError("prune='question_attention' makes a memory for one question; use ask per question")
+        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        decode = DecodeRequest(
+            max_new_tokens, sampling, stop_ids=self.model.eos_token_ids, pad_id=self.model.pad_token_id, seed=seed
+        )
+        timeline = Timeline(progress)
+        suffixes = [self.tokenizer.question_suffix(q) for q in questions]
+        memory, _ = self._memory(video, timeline, None, 0)
+        context = self.model.config.text.max_position_embeddings
+        for i, suffix in enumerate(suffixes):
+            if memory.plan.text_start + suffix.size + max_new_tokens > context:
+                raise InputError(
+                    f"question {i} with {max_new_tokens} new tokens passes the model's context of {context}"
+                )
+        if self.model.sparsity is not None:
+            options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "progress": progress}
+            return [self.ask(memory, q, max_new_tokens, do_sample, **options) for q in questions]
+        with timeline.span("answer"):
+            tokens, kv_bytes = questions_answer(self.model, memory, suffixes, decode)
+        timings = timeline.timings()
+        return [Answer(self.tokenizer.decode(t), t, timings, kv_bytes) for t in tokens]
+
     # ---- stages -------------------------------------------------------------------------------------------------
+
+    def _memory(
+        self, video: str | os.PathLike | VideoMemory, timeline: Timeline, ride_along: np.ndarray | None, tail: int
+    ) -> tuple[VideoMemory, bool]:
+        """The memory of ``video`` (given, loaded, or encoded with room for ``tail`` tokens) and whether it was
+        made here (its buffers may then be reused in place)."""
+        if isinstance(video, VideoMemory):
+            memory = video
+        elif is_memory_dir(video):
+            with timeline.span("load"):
+                memory = VideoMemory.load(video)
+        else:
+            return self._encode(Path(video), timeline, question=ride_along, tail=tail), True
+        memory.fingerprint.check(self.fingerprint, f"video memory of {memory.info.video}")
+        return memory, False
 
     def _frame_plan(self, reader: VideoReader) -> FramePlan:
         c = self.config
@@ -385,7 +443,8 @@ class VideoQA:
         m, plan = self.model, memory.plan
         cache = memory.cache
         if not asked.consume or cache.capacity < asked.slots:
-            cache = cache.padded(round_up(asked.slots, CAPACITY_BUCKET))
+            # a copy (a given memory is never used up), at least as large: encode leaves room for a whole group
+            cache = cache.padded(max(cache.capacity, round_up(asked.slots, CAPACITY_BUCKET)))
         cache = m.place(cache)  # a loaded memory arrives on one device
         with m.mesh_context():
             logits, cache = prefill.prefill_text(m.graphdef, m.state, cache, asked.chunk)

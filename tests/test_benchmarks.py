@@ -44,6 +44,12 @@ def _check_model(record: dict) -> None:
     assert {row["stage"] for row in record["rows"]} >= {"vision", "prefill", "decode"}
 
 
+def _check_packing(record: dict) -> None:
+    assert record["same_first_tokens"] is True and record["same_answers"] == record["args"]["questions"]
+    assert [row["prefill"] for row in record["prefill"]] == ["padded", "packed"]
+    assert record["questions"][1]["kv_mib"] < record["questions"][0]["kv_mib"]  # the memory counted once
+
+
 def _check_sharding(record: dict) -> None:
     meshed = [row for row in record["meshes"] if row["mesh"] != "1 device"]
     assert meshed and all(row["same_tokens"] is True for row in meshed)
@@ -77,6 +83,10 @@ CASES = {
     "decode": (["--workers", "2", "--repeats", "1"], _check_decode),
     "e2e": (["--max-frames", "8", "--group-frames", "4", "--max-new-tokens", "2", "--repeats", "1"], _check_e2e),
     "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
+    "packing": (
+        "--preset tiny --prompts 8 --max-len 100 --questions 3 --max-new-tokens 2 --repeats 1".split(),
+        _check_packing,
+    ),
     "sharding": (
         ["--size", "small", "--batch", "2", "--prompt-len", "32", "--new-tokens", "2", "--capacity", "64"],
         _check_sharding,
@@ -91,7 +101,7 @@ def videos(tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("bench-videos")
     clip = str(make_sample_video(root / "clip.mp4", seconds=4, size=(180, 320), gop=12))
     long = str(make_sample_video(root / "long.mp4", seconds=12, size=(180, 320), gop=24))
-    return {"decode": ["--video", clip, "--sparse-video", long], "e2e": ["--video", long]}
+    return {"decode": ["--video", clip, "--sparse-video", long], "e2e": ["--video", long], "packing": ["--video", long]}
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ GENERATION = {"--max-new-tokens", "--sample", "--temperature", "--top-k", "--top
 OUTPUT = {"--json", "--quiet"}
 # What acts in each subcommand, and nothing more.
 OPTIONS = {
-    "ask": {"--model"} | PLACEMENT | ANSWER_SPARSE | SAMPLING | GENERATION | OUTPUT,
+    "ask": {"--model", "--question", "--questions"} | PLACEMENT | ANSWER_SPARSE | SAMPLING | GENERATION | OUTPUT,
     "encode": {"--model", "--out", "--overwrite"} | PLACEMENT | SAMPLING | OUTPUT,
     "demo": {"--question", "--model", "--save-model", "--overwrite"}
     | PLACEMENT
@@ -59,7 +59,7 @@ def test_each_subcommands_help_lists_only_the_options_that_act_in_it_each_with_i
     assert set(subparsers.choices) == set(OPTIONS)
     for command, expected in OPTIONS.items():
         text = _help(command, capsys)
-        listed = set(re.findall(r"^\s{2}(--[a-z-]+)", text, flags=re.M))
+        listed = set(re.findall(r"^\s{2}(?:-[a-z](?: [A-Z_]+)?, )?(--[a-z-]+)", text, flags=re.M)) - {"--help"}
         assert listed == expected, f"qv-jax {command}: {sorted(listed ^ expected)}"
         for action in subparsers.choices[command]._actions:
             if not action.option_strings or action.help in (argparse.SUPPRESS, "show this help message and exit"):

@@ -31,12 +31,15 @@ def worker(workdir: Path) -> None:
     single = qv_jax.VideoQA.from_pretrained(model_dir(), **options)
     single_memory = single.encode(sample_video())
     out["single"] = single.ask(single_memory, QUESTION, max_new_tokens=6).token_ids.tolist()
+    many = [QUESTION, "Why?"]
+    out["single_many"] = [a.token_ids.tolist() for a in single.ask_many(single_memory, many, max_new_tokens=6)]
     for model_axis in (2, 4):  # the tiny model has 2 KV heads: split on 2, replicated twice on 4
         key = f"model{model_axis}"
         qa = qv_jax.VideoQA.from_pretrained(model_dir(), mesh=qv_jax.make_mesh(model=model_axis), **options)
         memory = qa.encode(sample_video())
         out[f"{key}_direct"] = qa.ask(sample_video(), QUESTION, max_new_tokens=6).token_ids.tolist()
         out[f"{key}_memory"] = qa.ask(memory, QUESTION, max_new_tokens=6).token_ids.tolist()
+        out[f"{key}_many"] = [a.token_ids.tolist() for a in qa.ask_many(memory, many, max_new_tokens=6)]
         out[f"{key}_spec"] = str(memory.cache.k[0].sharding.spec)
         out[f"{key}_kv_heads"] = int(memory.cache.k[0].shape[1])
         out[f"{key}_devices"] = len(memory.cache.k[0].sharding.device_set)
@@ -71,6 +74,8 @@ def test_sharded_videoqa_answers_like_one_device(mesh_run, model_axis):
         assert mesh_run[f"{key}_{variant}"] == mesh_run["single"], variant
     # one selection per layer over all KV heads: replicating heads keeps the same tokens
     assert mesh_run[f"{key}_same_held_tokens"]
+    # many questions in one packed pass: on the mesh as on one device, the first one as ask answers it
+    assert mesh_run[f"{key}_many"] == mesh_run["single_many"] and mesh_run["single_many"][0] == mesh_run["single"]
     assert "model" in mesh_run[f"{key}_spec"] and mesh_run[f"{key}_devices"] == 4
     assert mesh_run[f"{key}_kv_heads"] == max(2, model_axis)
 

@@ -49,13 +49,17 @@ class StageBars:
     :meth:`started` when a span begins.
 
     Draws on ``file`` (default stderr) only when it is a terminal and ``enabled``. Use as a context manager.
-    ``group_frames`` turns a decoded group into frames (the last group may be short).
+    ``group_frames`` turns a decoded group into frames (the last group may be short), ``per_answer`` an answer
+    span into questions (``ask_many`` answers all its questions in one pass).
     """
 
-    def __init__(self, totals: dict[str, int], *, group_frames: int = 1, enabled: bool = True, file=None):
+    def __init__(
+        self, totals: dict[str, int], *, group_frames: int = 1, per_answer: int = 1, enabled: bool = True, file=None
+    ):
         self.file = sys.stderr if file is None else file
         self.enabled = enabled and _is_terminal(self.file)
         self.group_frames = group_frames
+        self.per_answer = per_answer
         self._lines = {stage: _Line(stage, total) for stage, total in totals.items() if stage in UNITS}
         self._open = sorted(self._lines.values(), key=lambda line: list(UNITS).index(line.stage))
         self._drawn = 0  # open lines on screen, above the cursor
@@ -89,7 +93,9 @@ class StageBars:
                 line.started = time.perf_counter() - event.seconds
             if event.stage == "decode":
                 line.n = min(line.total, line.n + self.group_frames)
-            elif event.group >= 0 or event.stage == "answer":  # group -1 of prefill: the prompt prefix
+            elif event.stage == "answer":
+                line.n = min(line.total, line.n + self.per_answer)
+            elif event.group >= 0:  # group -1 of prefill: the prompt prefix
                 line.n += 1
             if line.n >= line.total and line.ended is None:
                 line.ended = time.perf_counter()
@@ -174,9 +180,10 @@ def _columns(file) -> int:
     return columns or 80  # a terminal that reports no size (a fresh pseudo-terminal) gets the usual width
 
 
-def stage_bars(plans, *, answers: int = 1, enabled: bool = True) -> StageBars:
+def stage_bars(plans, *, answers: int = 1, per_answer: int = 1, enabled: bool = True) -> StageBars:
     """Stage lines for a run: decode, vision and prefill sized from ``plans`` (the ``(FramePlan, GroupPlan)`` of
-    a video file; ``None`` for a saved memory, which is only loaded), and an answer line counting ``answers``."""
+    a video file; ``None`` for a saved memory, which is only loaded), and an answer line counting ``answers``
+    questions, ``per_answer`` of them in each answer span."""
     totals, group_frames = {}, 1
     if plans is not None:
         frame_plan, plan = plans
@@ -184,4 +191,4 @@ def stage_bars(plans, *, answers: int = 1, enabled: bool = True) -> StageBars:
         group_frames = plan.group_frames
     if answers:
         totals["answer"] = answers
-    return StageBars(totals, group_frames=group_frames, enabled=enabled)
+    return StageBars(totals, group_frames=group_frames, per_answer=per_answer, enabled=enabled)

@@ -56,3 +56,9 @@ def decode_answer(logits_BV: Array, cache: Cache, request: DecodeRequest, loop: 
     ended = np.isin(tokens, request.stop_ids)
     ends = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, tokens.shape[1])
     return tokens[:, : int(ends.max())], cache
+
+
+def until_stop(tokens: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
+    """A row of new tokens up to and including its first stop token (all of it when none stops it)."""
+    hits = np.flatnonzero(np.isin(tokens, stop_ids))
+    return tokens[: hits[0] + 1] if hits.size else tokens

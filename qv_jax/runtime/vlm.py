@@ -36,7 +36,7 @@ from qv_jax.model.qwen2_5_vl import QwenVL, random_state, with_attention
 from qv_jax.model.rope_index import get_rope_index
 from qv_jax.model.vision_layout import check_grid, grid_tokens
 from qv_jax.numeric import round_up
-from qv_jax.runtime import dense, encode, sparse
+from qv_jax.runtime import dense, encode, many, sparse
 from qv_jax.runtime.generate import DecodeLoop, DecodeRequest, decode_answer
 from qv_jax.runtime.sampling import SamplingParams
 from qv_jax.runtime.steps import forward
@@ -248,33 +248,19 @@ class VisionLanguageModel:
 
         On a mesh it is created in its shards: KV heads on ``"model"``, rows on ``"data"`` when it divides them.
         """
-        t = self.config.text
-        return self.make_cache(
-            KVCache.create,
-            num_layers=t.num_layers,
-            batch=batch,
-            capacity=capacity,
-            num_kv_heads=t.num_kv_heads,
-            head_dim=t.head_dim,
-            dtype=self.dtype,
-        )
+        return self.make_cache(KVCache.create, batch=batch, capacity=capacity, **self._kv_shape)
 
     def new_sparse_cache(self, batch: int, capacity: int) -> SparseKVCache:
         """An empty sparse KV cache (needs ``sparsity``) for ``capacity`` slots, rounded up to whole pages."""
         if self.sparsity is None:
             raise ConfigError("this model has no sparsity config (load_model(..., sparsity=SparsityConfig(...)))")
+        shape = {"batch": batch, "capacity": capacity, "kv_repeat": self.kv_repeat, **self._kv_shape}
+        return self.make_cache(SparseKVCache.create, sparsity=self.sparsity, **shape)
+
+    @property
+    def _kv_shape(self) -> dict:
         t = self.config.text
-        return self.make_cache(
-            SparseKVCache.create,
-            sparsity=self.sparsity,
-            num_kv_heads=t.num_kv_heads,
-            batch=batch,
-            capacity=capacity,
-            head_dim=t.head_dim,
-            dtype=self.dtype,
-            num_layers=t.num_layers,
-            kv_repeat=self.kv_repeat,
-        )
+        return {"num_layers": t.num_layers, "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim, "dtype": self.dtype}
 
     @property
     def kv_repeat(self) -> int:
@@ -518,19 +504,29 @@ class VisionLanguageModel:
                     self._batch(segment_ids[:, start : start + chunk]),
                     self._batch(last_index),
                 )
-        request = DecodeRequest(
-            max_new_tokens,
-            params,
-            stop_ids=token_ids(self.eos_token_ids if eos_token_id is None else eos_token_id),
-            pad_id=self.pad_token_id if pad_token_id is None else int(pad_token_id),
-            seed=seed,
-        )
+        stop_ids = token_ids(self.eos_token_ids if eos_token_id is None else eos_token_id)
+        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        request = DecodeRequest(max_new_tokens, params, stop_ids=stop_ids, pad_id=pad, seed=seed)
         loop = self.decode_loop(run, self._batch(next_position.astype(np.int32)), request)
         new_tokens, _ = decode_answer(logits, cache, request, loop)
         sequences = np.concatenate([ids, new_tokens], axis=1)
         if return_dict:
             return GenerationOutput(sequences=sequences, kv_bytes=kv_bytes, kv_capacity=kv_capacity)
         return sequences
+
+    def generate_many(
+        self, prompts, *, max_new_tokens: int = 16, packing: bool = True, bin_tokens: int | None = None, **options
+    ) -> list[np.ndarray]:
+        """New tokens of every prompt (token ids ``[n]``, or a mapping of ``input_ids`` and that prompt's vision
+        keywords of :meth:`generate`), in input order, each up to its first stop token (included).
+
+        ``packing=True`` prefills the prompts packed into bins of ``bin_tokens`` (default: the longest prompt) by
+        best-fit decreasing (``qv_jax.runtime.packing``); ``packing=False`` as one padded batch. ``options``: the
+        sampling keywords of :meth:`generate` and ``eos_token_id`` / ``pad_token_id`` / ``seed``.
+        """
+        stops = {k: options.pop(k) for k in ("eos_token_id", "pad_token_id", "seed") if k in options}
+        run = {"max_new_tokens": max_new_tokens, "packing": packing, "bin_tokens": bin_tokens}
+        return many.generate_many(self, prompts, **run, sampling=SamplingParams(**options), **stops)
 
 
 def load_model(
