@@ -1,16 +1,19 @@
-"""Shared test set-up: float32 matmuls at full precision so parity checks against PyTorch are meaningful, and one
-persistent XLA compilation cache for the whole run.
+"""Shared test set-up: float32 matmuls at full precision so parity checks against PyTorch are meaningful, one
+persistent XLA compilation cache for the whole run, and the tiny ``VideoQA`` and its memory that several test
+modules use.
 
-Most of the suite's time is XLA compiling the same tiny-model steps again in every process that needs them (the
-CLI, docs, notebook and mesh tests run in subprocesses, and pytest-xdist's workers are processes too). The cache
-directory is made once, by the first process that loads this file, and handed to every later one through the
-environment (``JAX_COMPILATION_CACHE_DIR``, which jax reads when it is imported); that process removes it at the
-end. A cache directory the caller set already is used as it is and kept.
+Much of the suite's time is XLA compiling the same tiny-model steps again in every process that needs them (the
+CLI, docs, notebook and mesh tests run in subprocesses). The cache directory is made once, by the first process
+that loads this file, and handed to every later one through the environment (``JAX_COMPILATION_CACHE_DIR``, which
+jax reads when it is imported); that process removes it at the end. A cache directory the caller set already is
+used as it is and kept.
 """
 
 import os
 import shutil
 import tempfile
+
+import pytest
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qv-jax-tests-xla-cache-")
@@ -23,6 +26,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 import jax  # after the environment above, which jax reads when imported
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def qa():
+    """The tiny model's ``VideoQA`` (groups of 8 frames, half of each group kept), shared by the test modules."""
+    from pipeline_helpers import VIDEO_OPTIONS, tiny_model
+
+    import qv_jax
+
+    return qv_jax.VideoQA(tiny_model(), group_frames=8, retention=0.5, **VIDEO_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def memory(qa):
+    """The sample video's memory, encoded once for the run (answers work on copies of it)."""
+    from pipeline_helpers import sample_video
+
+    return qa.encode(sample_video())
 
 
 def pytest_unconfigure(config):

@@ -19,16 +19,6 @@ from qv_jax.videoqa import Answer
 QUESTIONS = ("What happens in the video?", "How many people appear?")
 
 
-@pytest.fixture(scope="module")
-def qa():
-    return qv_jax.VideoQA(tiny_model(), group_frames=8, retention=0.5, **VIDEO_OPTIONS)
-
-
-@pytest.fixture(scope="module")
-def memory(qa):
-    return qa.encode(sample_video())
-
-
 @pytest.mark.slow
 def test_answers_from_video_memory_and_saved_memory_agree(qa, memory, tmp_path):
     direct = qa.ask(sample_video(), QUESTIONS[0], max_new_tokens=8)

@@ -3,7 +3,7 @@ shared memory (dense), or one after the other over it (sparse); the memory's KV 
 
 import numpy as np
 import pytest
-from pipeline_helpers import CONFIG, VIDEO_OPTIONS, model_dir, sample_video, tiny_model
+from pipeline_helpers import CONFIG, VIDEO_OPTIONS, model_dir, sample_video
 
 import qv_jax
 from qv_jax.attention import SparsityConfig
@@ -17,16 +17,6 @@ QUESTIONS = (
     "Why?",
 )
 SMALL_PAGES = {"page_size": 8, "logical_page_size": 4, "backend": "xla"}
-
-
-@pytest.fixture(scope="module")
-def qa():
-    return qv_jax.VideoQA(tiny_model(), group_frames=8, retention=0.5, **VIDEO_OPTIONS)
-
-
-@pytest.fixture(scope="module")
-def memory(qa):
-    return qa.encode(sample_video())
 
 
 @pytest.mark.slow
