@@ -30,7 +30,7 @@ from qv_jax.runtime.generate import DecodeRequest
 from qv_jax.runtime.sampling import SamplingParams
 from qv_jax.streaming.step import Bank, StepInfo, stream_step
 
-__all__ = ["StreamConfig", "VideoStream"]
+__all__ = ["FeedReport", "StreamConfig", "VideoStream"]
 
 QUESTION_BUCKET = 32
 CAPACITY_BUCKET = 128
@@ -74,6 +74,24 @@ class _Layout:
     grid_hw: tuple[int, int]  # merged tokens per patch, rows x columns
     visual: int
     unit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedReport:
+    """How a :meth:`VideoStream.feed` went: frames the stream took, frames the source dropped, the stream time
+    covered and the wall time it took, and how the source ended (``ended``, ``message``)."""
+
+    frames_seen: int
+    frames_dropped: int
+    stream_s: float
+    wall_s: float
+    ended: str
+    message: str
+
+    @property
+    def realtime_factor(self) -> float:
+        """Stream seconds watched per wall second (above 1: faster than real time)."""
+        return self.stream_s / self.wall_s if self.wall_s > 0 else math.inf
 
 
 class VideoStream:
@@ -158,6 +176,25 @@ class VideoStream:
                 self._run_patch()
                 done += 1
         return done
+
+    def feed(self, source, *, after_frame=None) -> FeedReport:
+        """Watch a :class:`~qv_jax.video.live.LiveSource` until it ends, stalls, breaks or is closed; returns a
+        :class:`FeedReport`. The source samples to this stream's ``fps``; its times continue this stream's.
+        ``after_frame(time_s)`` is called after each frame (e.g. to ask on a schedule)."""
+        source.fps = self.config.fps
+        offset = self._next_slot / self.config.fps
+        seen, began, last = self.frames_seen, time.perf_counter(), 0.0
+        try:
+            for frame, t in source:
+                last = t
+                self.push(frame[None], [offset + t])
+                if after_frame is not None:
+                    after_frame(offset + t)
+        finally:
+            source.close()
+        wall = time.perf_counter() - began
+        covered = last + 1 / self.config.fps if self.frames_seen > seen else 0.0
+        return FeedReport(self.frames_seen - seen, source.dropped, covered, wall, source.ended, source.message)
 
     def _run_patch(self) -> None:
         frames = np.stack([f for f, _ in self._pending])
