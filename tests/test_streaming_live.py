@@ -3,6 +3,7 @@ watched and answered; a stream that ends, stalls or breaks answers from what was
 
 import io
 import os
+import re
 import threading
 import time
 
@@ -109,3 +110,21 @@ def test_a_file_plays_at_its_own_rate_when_asked(tmp_path):
     assert time.perf_counter() - began >= times[-1] - 0.05 and len(times) == 40
     with pytest.raises(InputError, match="no such video file"):
         file_source(tmp_path / "missing.mp4")
+
+
+@pytest.mark.slow
+def test_watch_command_answers_on_schedule_and_summarises(capsys):
+    from pipeline_helpers import model_dir, sample_video
+
+    from qv_jax.cli import main
+
+    argv = ["watch", str(sample_video()), "--model", str(model_dir()), "--ask-every", "2s", "--fps", "2"]
+    code = main([*argv, "--carriers", "4", "--max-pixels", str(56 * 56), "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    stamps = [float(line.split("]")[0].strip("[ s")) for line in out.splitlines()]
+    assert len(stamps) >= 3 and stamps[0] >= 2.0 and stamps == sorted(stamps)
+    seen, dropped = (int(x) for x in re.search(r"watched (\d+) frames \((\d+) dropped", err).groups())
+    assert seen + dropped == 10 and seen >= 2 and "the stream ended" in err and "real-time factor" in err
+    assert main(["watch", "missing.mp4", "--model", str(model_dir())]) == 2
+    assert "no such video file" in capsys.readouterr().err
