@@ -132,7 +132,7 @@ def test_questions_from_another_thread_while_frames_arrive(qa):
 
 
 def test_fps_sampling_and_bad_input(qa):
-    stream = qa.stream(carriers=2, fps=1.0)
+    stream = qa.stream(carriers=4, fps=1.0)
     stream.push(random_frames(8), times_s=[0, 0.5, 1.0, 1.2, 2.0, 2.9, 3.1, 3.5])
     assert (stream.frames_seen, stream.frames_skipped, stream.patches) == (4, 4, 2)
     with pytest.raises(InputError, match="no complete temporal patch"):
@@ -146,3 +146,12 @@ def test_fps_sampling_and_bad_input(qa):
     for bad in ({"carriers": 1}, {"keep_visual": -1}, {"carriers": None}, {"fps": 0}):
         with pytest.raises(ConfigError):
             qa.stream(**bad)
+
+
+def test_a_stream_past_the_position_range_warns_once(qa):
+    stream = qa.stream(carriers=4, fps=0.001)  # 4000 temporal positions per patch: 32768 pass after 9 patches
+    frames = random_frames(20)
+    with pytest.warns(RuntimeWarning, match="32768 positions") as caught:
+        stream.push(frames, times_s=np.arange(20) * 1000.0)
+    assert len(caught) == 1 and stream.positions_exhausted
+    assert stream.ask("Still there?", max_new_tokens=2).token_ids.size >= 1
