@@ -1,8 +1,10 @@
 """Live streams (qv_jax.streaming): a bounded memory whose size and per-patch attention do not grow, VideoScan's
 eviction and top-k rules against numpy references, and exactness against QuickPrefill where nothing is dropped."""
 
+import dataclasses
 import threading
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from pipeline_helpers import SIDE, VIDEO_OPTIONS, sample_video, tiny_model
@@ -11,6 +13,8 @@ import qv_jax
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.pipeline import prefill
 from qv_jax.pipeline.prefill import TextChunk
+from qv_jax.streaming.step import Bank, rebase
+from qv_jax.streaming.stream import POSITION_RESERVE
 from qv_jax.video import VideoReader
 
 SMALL = 56  # 2x2 merged tokens per temporal patch
@@ -148,10 +152,37 @@ def test_fps_sampling_and_bad_input(qa):
             qa.stream(**bad)
 
 
-def test_a_stream_past_the_position_range_warns_once(qa):
-    stream = qa.stream(carriers=4, fps=0.001)  # 4000 temporal positions per patch: 32768 pass after 9 patches
-    frames = random_frames(20)
-    with pytest.warns(RuntimeWarning, match="32768 positions") as caught:
-        stream.push(frames, times_s=np.arange(20) * 1000.0)
-    assert len(caught) == 1 and stream.positions_exhausted
+def test_a_stream_past_the_position_range_moves_its_bank_back(qa):
+    stream = qa.stream(carriers=4, fps=0.001)  # 4000 temporal positions per patch: 32768 pass after 8 patches
+    stream.push(random_frames(40), times_s=np.arange(40) * 1000.0)
+    limit = qa.model.config.text.max_position_embeddings
+    assert stream.rebases >= 2 and stream._text_start + POSITION_RESERVE <= limit
+    assert len(stream.carrier_times_s) == 4 and stream.kv_bytes > 0
     assert stream.ask("Still there?", max_new_tokens=2).token_ids.size >= 1
+
+
+def test_rebase_rotates_keys_to_their_earlier_temporal_positions():
+    from qv_jax.cache.layered import LayeredKV
+    from qv_jax.model.qwen2_5_vl import mrope
+
+    m = tiny_model()
+    cfg = m.config.text
+    prefix, unit, entries = 3, 2, 4
+    S = prefix + unit * entries
+    rng = np.random.default_rng(0)
+    raw = [rng.standard_normal((1, cfg.num_kv_heads, S, cfg.head_dim)).astype(np.float32) for _ in range(2)]
+    positions = rng.integers(5000, 9000, (3, 1, S)).astype(np.int32)
+    kv = LayeredKV.create(num_layers=cfg.num_layers, capacity=S, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    rotated = tuple(mrope(cfg, positions, np.float32).apply(r) for r in raw)
+    kv = dataclasses.replace(kv, k=rotated, token_index=jnp.zeros_like(kv.token_index), lengths=kv.lengths + S)
+    patch = jnp.asarray([0, 1, 2, 3], jnp.int32)
+    bank = Bank(kv=kv, emb=jnp.zeros((entries, cfg.hidden_size)), patch=patch, count=jnp.int32(entries))
+    moved = rebase(m.graphdef, m.state, bank, jnp.int32(4000), jnp.int32(1), prefix=prefix, unit=unit)
+    expected = positions.copy()
+    expected[0, :, prefix:] -= 4000
+    for layer, r in enumerate(raw):
+        want = np.asarray(mrope(cfg, expected, np.float32).apply(r))
+        np.testing.assert_allclose(np.asarray(moved.kv.k[layer]), want, atol=2e-4)
+    index = np.asarray(moved.kv.token_index)[0, 0]
+    assert (index[: prefix + unit] == [0] * prefix + [-1] * unit).all() and (index[prefix + unit :] == 0).all()
+    assert np.asarray(moved.patch).tolist() == [-1, 1, 2, 3] and int(moved.count) == 3

@@ -164,7 +164,8 @@ def stream_step(
     x_TD = jnp.concatenate([x_nD, new_D[None].astype(text.dtype)]) if carrier else x_nD
     T = x_TD.shape[0]
     full = bank.count >= bank.entries
-    entry = jnp.where(full, evict_entry(bank.emb, bank.patch, new_D), bank.count) if evict else bank.count
+    free = jnp.argmax(bank.patch < 0).astype(jnp.int32)  # the first empty entry (a rebase may leave a hole)
+    entry = jnp.where(full, evict_entry(bank.emb, bank.patch, new_D), free) if evict else free
     evicted = jnp.where(full, bank.patch[entry], -1) if evict else jnp.int32(-1)
     unit = T if keep is None else keep + 1
     held = jnp.sum(bank.kv.token_index[0, 0] >= 0)
@@ -179,11 +180,14 @@ def stream_step(
     )
     text(x_TD[None], positions_3T[:, None], handler)  # only the kept keys / values are needed
     count = jnp.minimum(bank.count + 1, bank.entries)
-    kv = dataclasses.replace(handler.kv, lengths=jnp.full_like(bank.kv.lengths, prefix + count * unit))
+    # a layer's fill: the end of its last held entry (answers append behind it)
+    patch_E = bank.patch.at[entry].set(patch)
+    end = prefix + (jnp.max(jnp.where(patch_E >= 0, jnp.arange(bank.entries), -1)) + 1) * unit
+    kv = dataclasses.replace(handler.kv, lengths=jnp.full_like(bank.kv.lengths, end))
     bank = Bank(
         kv=kv,
         emb=bank.emb.at[entry].set(new_D),
-        patch=bank.patch.at[entry].set(patch),
+        patch=patch_E,
         count=count,
     )
     layers = text.cfg.num_layers
@@ -191,3 +195,29 @@ def stream_step(
     kept = jnp.stack(handler.kept) if handler.kept else jnp.zeros((layers, 0), jnp.int32)
     info = StepInfo(entry=entry, evicted=evicted, attended=held + T, carrier=new_D, scores=scores, kept=kept)
     return bank, info
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefix", "unit"), donate_argnames=("bank",))
+def rebase(
+    graphdef: nnx.GraphDef, state: nnx.State, bank: Bank, shift: Array, drop: Array, *, prefix: int, unit: int
+) -> Bank:
+    """Move every bank key ``shift`` positions back on the temporal M-RoPE axis and empty the entries of patches
+    before ``drop``; the system prompt's slots (``[0, prefix)``) stay.
+
+    Keys are stored rotated; rotating the temporal frequency bands by ``-shift`` (the height / width bands by 0)
+    gives exactly the keys at temporal position ``t - shift``, so a question sees the bank as if the stream had
+    started ``shift`` positions later.
+    """
+    text = nnx.merge(graphdef, state).text
+    S = bank.kv.capacity
+    held = (bank.patch >= 0) & (bank.patch >= drop)
+    slot_entry = (jnp.arange(S) - prefix) // unit  # -1 or less on the system prompt's slots
+    slot_held = jnp.where(slot_entry >= 0, held[jnp.clip(slot_entry, 0, bank.entries - 1)], True)
+    positions_3BS = jnp.zeros((3, 1, S), jnp.int32).at[0].set(jnp.where(slot_entry >= 0, -shift, 0))
+    rope = text.rope(positions_3BS)
+    kv = bank.kv
+    k = tuple(rope.apply(a.astype(rope.cos_BTH.dtype)).astype(a.dtype) for a in kv.k)
+    token_index = jnp.where(slot_held[None, None], kv.token_index, -1)
+    end = prefix + (jnp.max(jnp.where(held, jnp.arange(bank.entries), -1)) + 1) * unit
+    kv = dataclasses.replace(kv, k=k, token_index=token_index, lengths=jnp.full_like(kv.lengths, end))
+    return Bank(kv=kv, emb=bank.emb, patch=jnp.where(held, bank.patch, -1), count=jnp.sum(held).astype(jnp.int32))

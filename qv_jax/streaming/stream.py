@@ -11,7 +11,6 @@ import dataclasses
 import math
 import threading
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +27,15 @@ from qv_jax.pipeline.executor import Timeline
 from qv_jax.pipeline.prefill import TextChunk
 from qv_jax.runtime.generate import DecodeRequest
 from qv_jax.runtime.sampling import SamplingParams
-from qv_jax.streaming.step import Bank, StepInfo, stream_step
+from qv_jax.streaming.step import Bank, StepInfo, rebase, stream_step
 
 __all__ = ["FeedReport", "StreamConfig", "VideoStream"]
 
 QUESTION_BUCKET = 32
 CAPACITY_BUCKET = 128
+# positions left free past the newest patch for a question and its answer; nearer the model's range, the bank is
+# moved back (rebase)
+POSITION_RESERVE = 2048
 # entries added at a time to the growing memory of carriers=None
 GROW_ENTRIES = 16
 
@@ -117,6 +119,8 @@ class VideoStream:
         self._times: dict[int, float] = {}
         self.frames_seen = 0
         self.frames_skipped = 0
+        self._shift = 0  # temporal positions the bank was moved back by (rebases)
+        self.rebases = 0
         self.last_step: StepInfo | None = None
         self.step_seconds: list[float] = []
 
@@ -143,11 +147,6 @@ class VideoStream:
                 return np.zeros(0)
             patches = np.sort(np.asarray(jax.device_get(self._bank.patch)))
             return np.asarray([self._times[int(p)] for p in patches if p >= 0])
-
-    @property
-    def positions_exhausted(self) -> bool:
-        """Whether the stream has passed the model's position range (docs/streaming.md, "Positions")."""
-        return self._text_start >= self._max_positions
 
     # ---- frames in ----------------------------------------------------------------------------------------------
 
@@ -214,6 +213,9 @@ class VideoStream:
             if c.carriers is None and int(self._bank.count) == self._bank.entries:
                 self._bank = _grown(self._bank, self._prefix.size, layout.unit)
             positions, text_start = self._positions(self._patches)
+            if text_start + POSITION_RESERVE > self._max_positions:
+                self._rebase(text_start + POSITION_RESERVE - self._max_positions)
+                positions, text_start = self._positions(self._patches)
             first_index = self._token_index(self._patches)
             with m.mesh_context():
                 self._bank, self.last_step = stream_step(
@@ -233,13 +235,6 @@ class VideoStream:
             self.step_seconds.append(time.perf_counter() - began)
             self._times[self._patches] = start_s
             self._patches += 1
-            if text_start >= self._max_positions > self._text_start:
-                warnings.warn(
-                    f"the stream passed the model's {self._max_positions} positions at {start_s:.0f} s: answers now "
-                    "use rotary distances the model was not trained on (docs/streaming.md, Positions)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
             self._text_start = text_start
             self._forget_times()
 
@@ -295,6 +290,36 @@ class VideoStream:
             count=jnp.int32(0),
         )
 
+    def _temporal(self, patch: int) -> int:
+        """Temporal position offset of patch ``patch`` in the stream (before any rebase): Qwen's
+        ``trunc(i · second_per_grid_t · tokens_per_second)`` in float32, or the index itself for Qwen2-VL."""
+        tps = self.model.config.rope_tokens_per_second
+        if tps is None:
+            return patch
+        spg = self.model.config.vision.temporal_patch_size / self.config.fps
+        return int((np.float32(patch) * np.float32(spg)) * np.float32(tps))
+
+    def _rebase(self, needed: int) -> None:
+        """Move the bank at least ``needed`` temporal positions back: the oldest held carrier to the start of the
+        video, dropping the oldest carriers while that is not enough (docs/streaming.md, "Positions")."""
+        held = sorted(int(p) for p in np.asarray(jax.device_get(self._bank.patch)) if p >= 0)
+        kept = [p for p in held if self._temporal(p) - self._shift >= needed]
+        shift = self._temporal(kept[0] if kept else self._patches) - self._shift
+        drop = kept[0] if kept else self._patches
+        m = self.model
+        with m.mesh_context():
+            self._bank = rebase(
+                m.graphdef,
+                m.state,
+                self._bank,
+                jnp.int32(shift),
+                jnp.int32(drop),
+                prefix=self._prefix.size,
+                unit=self._layout.unit,
+            )
+        self._shift += shift
+        self.rebases += 1
+
     def _token_index(self, patch: int) -> int:
         """Prompt token index of the first token of patch ``patch``'s chunk (or of what follows the last patch)."""
         return self._prefix.size + patch * (self._layout.visual + (self.config.carriers is not None))
@@ -308,12 +333,7 @@ class VideoStream:
         """
         layout, prefix = self._layout, self._prefix.size
         vision = self.model.config.vision
-        tps = self.model.config.rope_tokens_per_second
-        spg = None if tps is None else vision.temporal_patch_size / self.config.fps
-        if tps is None:
-            t_offset = patch
-        else:
-            t_offset = int((np.float32(patch) * np.float32(spg)) * np.float32(tps))
+        t_offset = self._temporal(patch) - self._shift
         rows, cols = layout.grid_hw
         merge = vision.spatial_merge_size
         block = vision_position_block((1, rows * merge, cols * merge), prefix, spatial_merge_size=merge)
@@ -321,7 +341,7 @@ class VideoStream:
         if self.config.carriers is not None:
             centre = np.array([[prefix + t_offset], [prefix + (rows - 1) // 2], [prefix + (cols - 1) // 2]], np.int32)
             block = np.concatenate([block, centre], axis=1)
-        return block, max(self._text_start, int(block.max()) + 1)
+        return block, int(block.max()) + 1
 
     # ---- questions ----------------------------------------------------------------------------------------------
 
