@@ -13,6 +13,7 @@ import qv_jax
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.pipeline import prefill
 from qv_jax.pipeline.prefill import TextChunk
+from qv_jax.streaming import stream as stream_module
 from qv_jax.streaming.step import Bank, rebase
 from qv_jax.streaming.stream import POSITION_RESERVE
 from qv_jax.video import VideoReader
@@ -86,13 +87,14 @@ def test_keep_visual_keeps_the_tokens_the_carrier_attends_to_most(qa):
 
 
 @pytest.mark.slow
-def test_without_carriers_the_stream_is_quickprefill_at_full_retention(qa):
+def test_without_carriers_the_stream_is_quickprefill_at_full_retention(qa, monkeypatch):
+    monkeypatch.setattr(stream_module, "GROW_ENTRIES", 2)  # the memory doubles 2 -> 4 -> 8 -> 16 on the way
     frame_plan, _ = qa.plan(sample_video())
     with VideoReader(sample_video()) as reader:
         decoded = reader.read(frame_plan)
     stream = qa.stream(carriers=None, keep_visual="all", fps=frame_plan.sample_fps)
     stream.push(decoded.frames, times_s=np.arange(len(decoded)) / frame_plan.sample_fps)
-    assert stream.patches == len(decoded) // 2
+    assert stream.patches == len(decoded) // 2 and stream._bank.entries == 16
     memory = qa.encode(sample_video())
     question = "What happens in the video?"
     expected = qa.ask(memory, question, max_new_tokens=8)

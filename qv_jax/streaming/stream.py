@@ -36,7 +36,7 @@ CAPACITY_BUCKET = 128
 # positions left free past the newest patch for a question and its answer; nearer the model's range, the bank is
 # moved back (rebase)
 POSITION_RESERVE = 2048
-# entries added at a time to the growing memory of carriers=None
+# first entries of the growing memory of carriers=None, which doubles when full (one compiled step per size)
 GROW_ENTRIES = 16
 
 
@@ -389,12 +389,12 @@ class VideoStream:
 
 
 def _grown(bank: Bank, prefix: int, unit: int) -> Bank:
-    """The bank with ``GROW_ENTRIES`` more entries (carriers=None: every token is kept)."""
-    entries = bank.entries + GROW_ENTRIES
-    kv = bank.kv.padded(prefix + entries * unit)
+    """The bank with twice the entries (carriers=None: every token is kept)."""
+    extra = bank.entries
+    kv = bank.kv.padded(prefix + 2 * extra * unit)
     return Bank(
         kv=kv,
-        emb=jnp.pad(bank.emb, ((0, GROW_ENTRIES), (0, 0))),
-        patch=jnp.pad(bank.patch, (0, GROW_ENTRIES), constant_values=-1),
+        emb=jnp.pad(bank.emb, ((0, extra), (0, 0))),
+        patch=jnp.pad(bank.patch, (0, extra), constant_values=-1),
         count=bank.count,
     )
