@@ -107,7 +107,7 @@ def main() -> None:
         for i in range(0, len(decoded) - 1, 2):
             stream.push(decoded.frames[i : i + 2], times[i : i + 2])
             kv_over_time.append(stream.kv_bytes)
-        latencies = stream.step_seconds
+        latencies = list(stream.step_seconds)
 
         full = qa.stream(carriers=None, keep_visual="all", fps=frame_plan.sample_fps)
         full.push(decoded.frames, times)

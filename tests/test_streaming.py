@@ -88,7 +88,7 @@ def test_keep_visual_keeps_the_tokens_the_carrier_attends_to_most(qa):
 
 @pytest.mark.slow
 def test_without_carriers_the_stream_is_quickprefill_at_full_retention(qa, monkeypatch):
-    monkeypatch.setattr(stream_module, "GROW_ENTRIES", 2)  # the memory doubles 2 -> 4 -> 8 -> 16 on the way
+    monkeypatch.setattr(stream_module, "GROW_ENTRIES", 8)  # the memory doubles to 16 on the way
     frame_plan, _ = qa.plan(sample_video())
     with VideoReader(sample_video()) as reader:
         decoded = reader.read(frame_plan)

@@ -7,6 +7,7 @@ memory while the stream goes on. See docs/streaming.md.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import threading
@@ -36,6 +37,8 @@ CAPACITY_BUCKET = 128
 # positions left free past the newest patch for a question and its answer; nearer the model's range, the bank is
 # moved back (rebase)
 POSITION_RESERVE = 2048
+# per-patch timings kept (the latest)
+STEP_TIMES_KEPT = 10_000
 # first entries of the growing memory of carriers=None, which doubles when full (one compiled step per size)
 GROW_ENTRIES = 16
 
@@ -122,7 +125,8 @@ class VideoStream:
         self._shift = 0  # temporal positions the bank was moved back by (rebases)
         self.rebases = 0
         self.last_step: StepInfo | None = None
-        self.step_seconds: list[float] = []
+        # seconds of each recent patch (vision + step), bounded like everything else the stream keeps
+        self.step_seconds: collections.deque[float] = collections.deque(maxlen=STEP_TIMES_KEPT)
 
     # ---- state --------------------------------------------------------------------------------------------------
 
