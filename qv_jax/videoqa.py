@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qv_jax.answer import Answer
 from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.dense import KVCache
 from qv_jax.cache.layered import LayeredKV
@@ -28,7 +29,7 @@ from qv_jax.memory import MemoryInfo, ModelFingerprint, VideoMemory, is_memory_d
 from qv_jax.model.tokenizer import DEFAULT_SYSTEM_PROMPT
 from qv_jax.numeric import round_up
 from qv_jax.pipeline import prefill
-from qv_jax.pipeline.executor import StageEvent, Timeline, Timings, run_overlapped
+from qv_jax.pipeline.executor import StageEvent, Timeline, run_overlapped
 from qv_jax.pipeline.plan import GroupPlan, PruneRule, check_settings
 from qv_jax.pipeline.prefill import TextChunk, text_after_video
 from qv_jax.pipeline.questions import questions_answer
@@ -36,6 +37,7 @@ from qv_jax.runtime import encode, sparse
 from qv_jax.runtime.generate import DecodeRequest, decode_answer
 from qv_jax.runtime.sampling import SamplingParams
 from qv_jax.runtime.vlm import VisionLanguageModel, load_model
+from qv_jax.streaming.stream import StreamConfig, VideoStream
 from qv_jax.video.plan import FramePlan
 from qv_jax.video.reader import Frames, VideoReader
 from qv_jax.video.sampling import VIDEO_MIN_PIXELS
@@ -105,18 +107,6 @@ class VideoQAConfig:
                 "layer_decay leaves layers with different token counts, which sparse decoding cannot take over; "
                 "use layer_decay=None or a model without sparsity"
             )
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """An answer: its ``text`` (special tokens left out), the generated ``token_ids`` (a final stop token
-    included), ``timings`` of every stage, and ``kv_bytes``, the keys and values the cache held at the end
-    (pruned video memory + question + answer, all layers)."""
-
-    text: str
-    token_ids: np.ndarray
-    timings: Timings
-    kv_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +306,16 @@ class VideoQA:
         timings = timeline.timings()
         return [Answer(self.tokenizer.decode(t), t, timings, kv_bytes) for t in tokens]
 
+    def stream(self, carriers: int | None = 64, keep_visual: int | str = 0, fps: float = 1.0) -> VideoStream:
+        """A live stream watched into a bounded memory of semantic carriers (VideoScan), asked at any time.
+
+        ``carriers``: bank entries, one per temporal patch (``None``: keep every visual token, the memory grows);
+        ``keep_visual``: visual tokens kept per patch beside its carrier (``k`` or ``"all"``); ``fps``: frames taken
+        per second of stream time. See docs/streaming.md.
+        """
+        config = StreamConfig(carriers, keep_visual, fps)
+        return VideoStream(self.model, config, system_prompt=self.config.system_prompt)
+
     # ---- stages -------------------------------------------------------------------------------------------------
 
     def _memory(
@@ -440,34 +440,12 @@ class VideoQA:
 
     def _answer_dense(self, memory: VideoMemory, asked: _Question) -> tuple[np.ndarray, int]:
         """Question prefill and decoding over the pruned memory itself; ``(token ids, KV bytes held)``."""
-        m, plan = self.model, memory.plan
-        cache = memory.cache
+        plan, cache = memory.plan, memory.cache
         if not asked.consume or cache.capacity < asked.slots:
             # a copy (a given memory is never used up), at least as large: encode leaves room for a whole group
             cache = cache.padded(max(cache.capacity, round_up(asked.slots, CAPACITY_BUCKET)))
-        cache = m.place(cache)  # a loaded memory arrives on one device
-        with m.mesh_context():
-            logits, cache = prefill.prefill_text(m.graphdef, m.state, cache, asked.chunk)
-        position, index = jnp.int32(plan.text_start + asked.length), jnp.int32(plan.suffix_start + asked.length)
-
-        def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
-            with m.mesh_context():
-                rest, _, cache = prefill.decode_loop(
-                    m.graphdef,
-                    m.state,
-                    cache,
-                    first_B[0],
-                    position,
-                    index,
-                    rng,
-                    stop_ids,
-                    asked.decode.sampling,
-                    num_steps=num_steps,
-                )
-            return rest[None], cache
-
-        tokens, cache = decode_answer(logits[None], cache, asked.decode, loop)
-        return tokens[0], cache.kv_bytes
+        where = (plan.text_start + asked.length, plan.suffix_start + asked.length)
+        return prefill.answer(self.model, cache, asked.chunk, where, asked.decode)
 
     def _answer_sparse(self, memory: VideoMemory, asked: _Question) -> tuple[np.ndarray, int]:
         """The memory as a sparse decode state, then sparse question prefill and decoding; ``(token ids, KV bytes

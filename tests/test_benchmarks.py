@@ -59,6 +59,12 @@ def _check_sparse_decode(record: dict) -> None:
     assert [row["variant"] for row in record["rows"]] == ["dense", "streaming", "streaming+select"]
 
 
+def _check_streaming(record: dict) -> None:
+    stream, quick = record["rows"]
+    assert record["patches"] == 12 and len(set(record["stream_kv_bytes"][4:])) == 1  # flat once the bank is full
+    assert quick["KV MiB end"] > stream["KV MiB end"] and 0 <= record["fidelity"]["top1_agree"] <= 1
+
+
 CASES = {
     "attention": (
         [
@@ -92,6 +98,10 @@ CASES = {
         _check_sharding,
     ),
     "sparse_decode": (["--contexts", "512", "--layers", "2", "--steps", "2", "--repeats", "1"], _check_sparse_decode),
+    "streaming": (
+        ["--preset", "tiny", "--seconds", "24", "--side", "56", "--carriers", "4", "--group-frames", "4"],
+        _check_streaming,
+    ),
 }
 
 

@@ -43,6 +43,8 @@ OPTIONS = {
     "convert": {"--dtype", "--overwrite"} | OUTPUT,
     "info": {"--model", "--mesh", "--dtype", "--json"},
     "doctor": {"--clean"},
+    "watch": {"--model", "--dtype", "--question", "--ask-every", "--interactive", "--carriers", "--keep-visual"}
+    | {"--fps", "--realtime", "--max-pixels", "--format", "--stall-timeout", "--max-new-tokens", "--json"},
 }
 
 

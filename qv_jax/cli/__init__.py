@@ -18,7 +18,7 @@ import traceback
 from qv_jax.errors import QVError
 
 # Subcommand modules, in the order ``qv-jax --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "decode", "convert", "info", "doctor")
+COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "watch", "decode", "convert", "info", "doctor")
 # Signals that end a run the way Ctrl-C does: unwinding, so shared memory, workers and partial outputs go.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 

@@ -9,8 +9,9 @@ import json
 import sys
 
 
-def add_output_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
-    """``--quiet`` (no progress bars) and, with ``json_output``, ``--json``."""
+def add_output_options(parser: argparse.ArgumentParser, *, json_output: bool = True, bars: bool = True) -> None:
+    """``--json`` (with ``json_output``) and ``--quiet`` (no progress bars; with ``bars``, for commands that draw
+    them)."""
     group = parser.add_argument_group("output")
     if json_output:
         group.add_argument(
@@ -19,9 +20,10 @@ def add_output_options(parser: argparse.ArgumentParser, *, json_output: bool = T
             help="print one JSON object per result on stdout instead of the text; progress and warnings stay on "
             "stderr (default: text)",
         )
-    group.add_argument(
-        "--quiet", action="store_true", help="no progress bars (default: bars when stderr is a terminal)"
-    )
+    if bars:
+        group.add_argument(
+            "--quiet", action="store_true", help="no progress bars (default: bars when stderr is a terminal)"
+        )
 
 
 def plural(count: int, word: str) -> str:

@@ -20,6 +20,7 @@ from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.layered import AppendAttention, LayeredKV
 from qv_jax.pipeline.plan import GroupPlan, PruneRule
 from qv_jax.pipeline.scores import select_tokens, token_scores
+from qv_jax.runtime.generate import DecodeRequest, decode_answer
 from qv_jax.runtime.sampling import SamplingParams, sampling_loop
 
 Array = jax.Array
@@ -218,3 +219,32 @@ def decode_loop(
         num_steps=num_steps,
     )
     return generated[0], count, cache
+
+
+def answer(model, cache: LayeredKV, chunk: TextChunk, where: tuple[int, int], request: DecodeRequest):
+    """Prefill a question chunk behind ``cache`` (consumed) and decode the answer, on the
+    devices of ``model`` (a ``VisionLanguageModel``). ``where``: the rotary position and prompt token index of the
+    first token after the question. Returns ``(token ids, KV bytes the cache held at the end)``."""
+    cache = model.place(cache)  # a loaded memory arrives on one device
+    with model.mesh_context():
+        logits, cache = prefill_text(model.graphdef, model.state, cache, chunk)
+    position, index = (jnp.int32(x) for x in where)
+
+    def loop(cache, first_B, done_B, rng, stop_ids, num_steps):
+        with model.mesh_context():
+            rest, _, cache = decode_loop(
+                model.graphdef,
+                model.state,
+                cache,
+                first_B[0],
+                position,
+                index,
+                rng,
+                stop_ids,
+                request.sampling,
+                num_steps=num_steps,
+            )
+        return rest[None], cache
+
+    tokens, cache = decode_answer(logits[None], cache, request, loop)
+    return tokens[0], cache.kv_bytes

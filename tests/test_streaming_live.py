@@ -1,0 +1,139 @@
+"""Live sources feeding a stream (qv_jax.video.live): an MPEG-TS byte stream written into a pipe by PyAV is
+watched and answered; a stream that ends, stalls or breaks answers from what was seen with a clear message."""
+
+import io
+import json
+import os
+import re
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+from pipeline_helpers import VIDEO_OPTIONS, tiny_model
+
+import qv_jax
+from qv_jax.errors import InputError
+from qv_jax.video.live import file_source, frames_source, pipe_source
+
+SIDE = 112
+
+
+@pytest.fixture(scope="module")
+def qa():
+    return qv_jax.VideoQA(tiny_model(), **VIDEO_OPTIONS)
+
+
+def write_mpegts(fd: int, frames: int, *, stall_s: float = 0.0) -> threading.Thread:
+    """Encode random frames at 4 fps as MPEG-TS into the pipe ``fd`` on a thread (holding it open ``stall_s``)."""
+
+    def write():
+        with os.fdopen(fd, "wb") as out:
+            container = av.open(out, mode="w", format="mpegts")
+            stream = container.add_stream("mpeg2video", rate=4)
+            stream.width = stream.height = SIDE
+            stream.pix_fmt = "yuv420p"
+            rng = np.random.default_rng(0)
+            for _ in range(frames):
+                image = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+                out.flush()
+            time.sleep(stall_s)
+            for packet in stream.encode():
+                container.mux(packet)
+            container.close()
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stall_s", [0.0, 8.0])
+def test_a_live_mpegts_pipe_is_watched_and_answered(qa, stall_s):
+    read, write = os.pipe()
+    writer = write_mpegts(write, 16, stall_s=stall_s)
+    stream = qa.stream(carriers=4, fps=4.0)
+    with os.fdopen(read, "rb") as pipe:
+        report = stream.feed(pipe_source(pipe, size=(56, 56), stall_timeout_s=3.0, buffer=64))
+        answer = stream.ask("What is happening?", max_new_tokens=3)
+    assert report.ended == ("stalled" if stall_s else "end"), report.message
+    assert "stalled (no frame for 3 s)" in report.message if stall_s else "ended" in report.message
+    assert report.frames_seen == stream.frames_seen >= (2 if stall_s else 16) and report.frames_dropped == 0
+    assert 1 <= answer.token_ids.size <= 3 and report.realtime_factor > 0
+    if not stall_s:
+        writer.join(timeout=10)
+        times = stream.carrier_times_s
+        assert len(times) == 4 and set(times) <= {i / 2 for i in range(8)}
+
+
+def test_a_broken_stream_answers_from_what_was_seen(qa):
+    def frames():
+        rng = np.random.default_rng(1)
+        for i in range(6):
+            yield rng.integers(0, 256, (56, 56, 3), dtype=np.uint8), i / 2
+        raise OSError("camera unplugged")
+
+    stream = qa.stream(carriers=4, fps=2.0)
+    report = stream.feed(frames_source(frames(), buffer=8))
+    assert report.ended == "broken" and "camera unplugged" in report.message and stream.frames_seen == 6
+    assert stream.ask("What was seen?", max_new_tokens=2).token_ids.size >= 1
+
+    garbage = pipe_source(io.BytesIO(b"\x00not a transport stream" * 100), stall_timeout_s=3.0)
+    report = qa.stream().feed(garbage)
+    assert report.ended == "broken" and report.frames_seen == 0 and "standard input" in report.message
+
+
+def test_a_slow_consumer_drops_the_oldest_frames_and_counts_them():
+    source = frames_source((np.zeros((56, 56, 3), np.uint8) for _ in range(50)), fps=10.0, buffer=4)
+    source.fps = 10.0
+    taken = []
+    for _, t in source:
+        time.sleep(0.01 if taken else 0.5)  # the producer races ahead while the first frame is worked on
+        taken.append(t)
+    assert source.ended == "end" and source.decoded == 50
+    assert source.dropped == 50 - len(taken) > 0 and taken == sorted(taken) and taken[-1] == pytest.approx(4.9)
+
+
+def test_a_file_plays_at_its_own_rate_when_asked(tmp_path):
+    from pipeline_helpers import sample_video
+
+    fast = file_source(sample_video(), size=(56, 56))
+    began = time.perf_counter()
+    count = sum(1 for _ in fast)
+    fast_s = time.perf_counter() - began
+    assert count == 40 and fast.ended == "end" and fast_s < 5.0
+    realtime = file_source(sample_video(), realtime=True, size=(56, 56), buffer=64)
+    began = time.perf_counter()
+    times = [t for _, t in realtime]
+    assert time.perf_counter() - began >= times[-1] - 0.05 and len(times) == 40
+    with pytest.raises(InputError, match="no such video file"):
+        file_source(tmp_path / "missing.mp4")
+
+
+@pytest.mark.slow
+def test_watch_command_answers_on_schedule_and_summarises(capsys):
+    from pipeline_helpers import model_dir, sample_video
+
+    from qv_jax.cli import main
+
+    argv = ["watch", str(sample_video()), "--model", str(model_dir()), "--ask-every", "2s", "--fps", "2"]
+    code = main([*argv, "--carriers", "4", "--max-pixels", str(56 * 56), "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    stamps = [float(line.split("]")[0].strip("[ s")) for line in out.splitlines()]
+    assert len(stamps) >= 3 and stamps[0] >= 2.0 and stamps == sorted(stamps)
+    seen, dropped = (int(x) for x in re.search(r"watched (\d+) frames \((\d+) dropped", err).groups())
+    assert seen + dropped == 10 and seen >= 2 and "the stream ended" in err and "real-time factor" in err
+    # --json: one object per answer, then the summary
+    assert main([*argv, "--carriers", "4", "--max-pixels", str(56 * 56), "--max-new-tokens", "2", "--json"]) == 0
+    *answers, last = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert [a["stream_time_s"] for a in answers] == sorted(a["stream_time_s"] for a in answers) and len(answers) >= 3
+    assert all(a["command"] == "watch" and a["question"] == "What is happening?" for a in answers)
+    assert all(1 <= len(a["token_ids"]) <= 2 and a["kv_bytes"] > 0 for a in answers)
+    summary = last["summary"]
+    assert summary["frames_seen"] + summary["dropped"] == 10 and summary["ended"] == "end"
+    assert main(["watch", "missing.mp4", "--model", str(model_dir())]) == 2
+    assert "no such video file" in capsys.readouterr().err
