@@ -173,3 +173,28 @@ def test_bad_input(tmp_path, silenced):
         identify_heads(silenced, steps=1, sink=128, recent=256, min_length=256, max_length=512)
     with pytest.raises(InputError, match="method"):
         identify_heads(silenced, method="guess", min_length=LENGTH, max_length=LENGTH, sink=SINK, recent=RECENT)
+
+
+def test_cli_identify_heads(tmp_path, capsys):
+    import json
+
+    from qv_jax.cli import main
+    from qv_jax.testing import write_hf_dir
+
+    model = write_hf_dir(tmp_path / "model", CONFIG, seed=3)
+    out = tmp_path / "heads"
+    lengths = ["--sink", str(SINK), "--recent", str(RECENT), "--min-length", str(LENGTH), "--max-length", str(LENGTH)]
+    base = ["identify-heads", "--model", str(model), "--out", str(out), "--quiet", *lengths]
+    assert main([*base, "--method", "on-the-fly", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["out"] == str(out / "full_attention_heads.tsv") and np.array(record["gates"]).shape == (2, 4)
+    np.testing.assert_allclose(np.loadtxt(record["out"], delimiter="\t"), record["gates"], atol=1e-6)
+    assert (out / "full_attention_heads.png").is_file()
+    assert main([*base, "--method", "on-the-fly"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main([*base[: -len(lengths)], "--sink", "64", "--recent", "64", "--min-length", "100", "--overwrite"]) == 2
+    assert "must exceed sink + recent" in capsys.readouterr().err
+    (model / "tokenizer.json").unlink()
+    assert main([*base, "--overwrite"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert not list(out.glob("checkpoints"))
