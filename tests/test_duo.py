@@ -125,16 +125,16 @@ def test_tsv_round_trip_generates(trained, tmp_path):
 
 
 def test_resume_continues_to_the_same_gates(silenced, trained, tmp_path):
-    settings = dict(steps=24, seed=0, checkpoint_every=2, **TRAIN)
+    settings = dict(steps=24, seed=0, checkpoint_every=8, **TRAIN)
     whole = trained
 
     def interrupt(step, loss):
-        if step == 3:
+        if step == 10:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         identify_heads(silenced, checkpoint_dir=tmp_path, progress=interrupt, **settings)
-    assert [p.name for p in tmp_path.iterdir()] == ["step_2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_8"]
     resumed = identify_heads(silenced, checkpoint_dir=tmp_path, resume=True, **settings)
     np.testing.assert_allclose(resumed.gates, whole.gates, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-6)

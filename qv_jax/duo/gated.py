@@ -74,11 +74,13 @@ def distill_loss(
     sink: int,
     recent: int,
     reg: float,
+    remat: bool = True,
 ) -> tuple[Array, Array]:
     """``(loss, distance)``: the mean squared distance of the gated model's hidden states from the plain model's at
-    the answer positions (``answer_BT`` 1 there), plus ``reg · mean|α|``."""
+    the answer positions (``answer_BT`` 1 there), plus ``reg · mean|α|``. ``remat=False`` keeps every layer's
+    activations for the backward pass instead of recomputing them (more memory)."""
     teacher_BTD = jax.lax.stop_gradient(hidden_states(graphdef, state, ids_BT, sink=sink, recent=recent, remat=False))
-    student_BTD = hidden_states(graphdef, state, ids_BT, gates_LK, sink=sink, recent=recent)
+    student_BTD = hidden_states(graphdef, state, ids_BT, gates_LK, sink=sink, recent=recent, remat=remat)
     squared_BT = jnp.sum(jnp.square((student_BTD - teacher_BTD).astype(jnp.float32)), axis=-1)
     weight_BT = answer_BT.astype(jnp.float32)
     distance = jnp.sum(squared_BT * weight_BT) / (jnp.sum(weight_BT) * student_BTD.shape[-1])
