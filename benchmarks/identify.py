@@ -25,8 +25,8 @@ from benchmarks.e2e import random_model
 from qv_jax.attention.heads import load_duo_attention_heads
 from qv_jax.duo import identify_heads
 from qv_jax.duo.data import passkey_sample
-from qv_jax.duo.gated import distill_loss, hidden_states, outside_mass, pattern_distance
-from qv_jax.duo.train import make_step, optimizer
+from qv_jax.duo.gated import distill_loss, hidden_states, outside_mass
+from qv_jax.duo.train import make_step, optimizer, streaming_distance
 
 MIB = 2**20
 
@@ -46,7 +46,7 @@ def _kv_heads(state) -> int:
     return state["text"]["layers"][0]["k"].get_value().shape[1]
 
 
-def time_length(model, length: int, *, sink: int, recent: int, repeats: int) -> dict:
+def time_length(model, length: int, *, sink: int, recent: int, steps: int, repeats: int) -> dict:
     sample = passkey_sample(model.tokenizer, length, np.random.default_rng(length))
     ids, answer = jnp.asarray(sample.ids[None]), jnp.asarray(sample.answer[None])
     g, s = model.graphdef, model.state
@@ -56,9 +56,10 @@ def time_length(model, length: int, *, sink: int, recent: int, repeats: int) -> 
         lambda: outside_mass(g, s, ids, answer, sink=sink, recent=recent).block_until_ready(), repeats=repeats
     )
     t = model.config.text
-    step = make_step(g, lr=0.02, steps=2000, sink=sink, recent=recent, reg=0.05)
+    # the settings of the comparison's run below, whose compilations this one then shares
+    step = make_step(g, lr=0.02, steps=steps, sink=sink, recent=recent, reg=0.05)
     holder = {"gates": jnp.ones((t.num_layers, t.num_kv_heads), jnp.float32)}
-    holder["opt"] = optimizer(0.02, 2000).init(holder["gates"])
+    holder["opt"] = optimizer(0.02, steps).init(holder["gates"])
 
     def one_step():
         holder["gates"], holder["opt"], loss = step(holder["gates"], holder["opt"], s, ids, answer)
@@ -87,15 +88,7 @@ def compare_methods(model, scratch: Path, *, length: int, steps: int, sink: int,
     held_out = [passkey_sample(model.tokenizer, length, np.random.default_rng([7, i])) for i in range(2)]
 
     def distance(streaming: np.ndarray) -> float:
-        gates = jnp.asarray(~streaming, jnp.float32)
-        return sum(
-            float(
-                pattern_distance(
-                    model.graphdef, model.state, s.ids[None], s.answer[None], gates, sink=sink, recent=recent
-                )
-            )
-            for s in held_out
-        ) / len(held_out)
+        return streaming_distance(model, streaming, held_out, sink=sink, recent=recent)
 
     rows = []
     for name, gates in made.items():
@@ -122,7 +115,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = random_model(args.preset, "float32", Path(scratch))
-        rows = [time_length(model, n, sink=args.sink, recent=args.recent, repeats=args.repeats) for n in args.lengths]
+        rows = [
+            time_length(model, n, sink=args.sink, recent=args.recent, steps=args.steps, repeats=args.repeats)
+            for n in args.lengths
+        ]
         methods = compare_methods(
             model, Path(scratch), length=min(args.lengths), steps=args.steps, sink=args.sink, recent=args.recent
         )

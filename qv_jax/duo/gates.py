@@ -11,7 +11,7 @@ import numpy as np
 
 from qv_jax.attention.heads import TSV_NAME
 from qv_jax.errors import InputError
-from qv_jax.marker import atomic_output
+from qv_jax.marker import atomic_output, check_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +32,15 @@ class HeadGates:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``full_attention_heads.tsv`` (``path`` is the file or its directory) and the heat map beside it;
-        returns the tsv's path. An existing file is replaced only with ``overwrite``."""
+        returns the tsv's path. Existing files are replaced only with ``overwrite``."""
         tsv = Path(path)
         if tsv.suffix != ".tsv":
             tsv = tsv / TSV_NAME
         png = tsv.with_suffix(".png")
+        check_output(png, overwrite=overwrite, directory=False)  # both refused before either is written
         with atomic_output(tsv, overwrite=overwrite, directory=False) as partial:
             np.savetxt(partial, self.gates, fmt="%.6f", delimiter="\t")
-        with atomic_output(png, overwrite=True, directory=False) as partial:
+        with atomic_output(png, overwrite=overwrite, directory=False) as partial:
             self._heat_map(partial)
         return tsv
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from qv_jax.duo.data import sample_for_step, sample_lengths
-from qv_jax.duo.gated import distill_loss, outside_mass
+from qv_jax.duo.gated import distill_loss, outside_mass, pattern_distance
 from qv_jax.duo.gates import HeadGates
 from qv_jax.errors import CheckpointError, ConfigError, InputError
 
@@ -150,6 +150,17 @@ def _on_the_fly(model, lengths, *, seed: int, sink: int, recent: int, progress) 
         if progress is not None:
             progress(index + 1, float("nan"))
     return HeadGates(np.asarray(total / ON_THE_FLY_SAMPLES), method="on-the-fly")
+
+
+def streaming_distance(model, streaming: np.ndarray, samples, *, sink: int, recent: int) -> float:
+    """Mean hidden-state distance over ``samples`` (:class:`~qv_jax.duo.data.Sample`) of the model streaming the
+    heads of ``streaming`` ``[layers, kv_heads]`` (True = streaming), against the plain model."""
+    gates = jnp.asarray(~np.asarray(streaming, bool), jnp.float32)
+    total = 0.0
+    for s in samples:
+        total += float(pattern_distance(model.graphdef, model.state, s.ids[None], s.answer[None], gates, sink=sink,
+                                        recent=recent))  # fmt: skip
+    return total / len(samples)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
