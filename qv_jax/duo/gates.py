@@ -49,10 +49,13 @@ class HeadGates:
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         layers, heads = self.gates.shape
         fig, ax = plt.subplots(figsize=(max(3.0, 0.4 * heads + 1.5), max(2.5, 0.25 * layers + 1)))
         image = ax.imshow(self.gates, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
         ax.set_title(f"DuoAttention gates ({self.method})")
