@@ -199,3 +199,15 @@ def test_cli_identify_heads(tmp_path, capsys):
     assert main([*base, "--overwrite"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
     assert not list(out.glob("checkpoints"))
+
+
+def test_learning_rate_schedule():
+    from qv_jax.duo.train import learning_rate
+
+    schedule = learning_rate(0.02, 2000)
+    values = [float(schedule(step)) for step in (0, 200, 400, 1000, 1600, 1800, 2000)]
+    np.testing.assert_allclose(values, [0.002, 0.011, 0.02, 0.02, 0.02, 0.011, 0.002], rtol=1e-5)
+    short = learning_rate(0.02, 10)  # the ramps scale with the steps: 2 of 10
+    np.testing.assert_allclose(
+        [float(short(s)) for s in (0, 1, 2, 8, 10)], [0.002, 0.011, 0.02, 0.02, 0.002], rtol=1e-5
+    )
