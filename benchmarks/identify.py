@@ -25,25 +25,16 @@ from benchmarks.e2e import random_model
 from qv_jax.attention.heads import load_duo_attention_heads
 from qv_jax.duo import identify_heads
 from qv_jax.duo.data import passkey_sample
-from qv_jax.duo.gated import distill_loss, hidden_states, outside_mass
+from qv_jax.duo.gated import hidden_states, outside_mass
 from qv_jax.duo.train import make_step, optimizer, streaming_distance
 
 MIB = 2**20
 
 
-def temp_mib(graphdef, state, ids, answer, *, sink, recent, remat: bool) -> float:
-    """XLA's temporary buffer size of the loss gradient, compiled (what the step holds besides its inputs)."""
-    grad = jax.jit(
-        jax.grad(functools.partial(distill_loss, sink=sink, recent=recent, reg=0.05, remat=remat), has_aux=True),
-        static_argnums=1,
-    )
-    gates = jnp.ones((len(state["text"]["layers"]), _kv_heads(state)), jnp.float32)
-    compiled = grad.lower(gates, graphdef, state, ids, answer).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / MIB
-
-
-def _kv_heads(state) -> int:
-    return state["text"]["layers"][0]["k"].get_value().shape[1]
+def temp_mib(step, *args) -> float:
+    """XLA's temporary buffer size of a compiled step (what it holds besides its inputs and outputs); a step
+    already run is not compiled again."""
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes / MIB
 
 
 def time_length(model, length: int, *, sink: int, recent: int, steps: int, repeats: int) -> dict:
@@ -57,9 +48,15 @@ def time_length(model, length: int, *, sink: int, recent: int, steps: int, repea
     )
     t = model.config.text
     # the settings of the comparison's run below, whose compilations this one then shares
-    step = make_step(g, lr=0.02, steps=steps, sink=sink, recent=recent, reg=0.05)
+    settings = dict(lr=0.02, steps=steps, sink=sink, recent=recent, reg=0.05)
+    step = make_step(g, **settings)
     holder = {"gates": jnp.ones((t.num_layers, t.num_kv_heads), jnp.float32)}
     holder["opt"] = optimizer(0.02, steps).init(holder["gates"])
+    inputs = (holder["gates"], holder["opt"], s, ids, answer)
+    memory = {
+        "temp_mib_remat": temp_mib(step, *inputs),
+        "temp_mib_no_remat": temp_mib(make_step(g, remat=False, **settings), *inputs),
+    }
 
     def one_step():
         holder["gates"], holder["opt"], loss = step(holder["gates"], holder["opt"], s, ids, answer)
@@ -73,8 +70,7 @@ def time_length(model, length: int, *, sink: int, recent: int, steps: int, repea
         "step_ms": 1e3 * train["median_s"],
         "steps_per_s": 1.0 / train["median_s"],
         "step_per_forward": train["median_s"] / fwd["median_s"],
-        "temp_mib_remat": temp_mib(g, s, ids, answer, sink=sink, recent=recent, remat=True),
-        "temp_mib_no_remat": temp_mib(g, s, ids, answer, sink=sink, recent=recent, remat=False),
+        **memory,
     }
 
 

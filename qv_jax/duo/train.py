@@ -49,14 +49,15 @@ def optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=8)
-def make_step(graphdef, *, lr: float, steps: int, sink: int, recent: int, reg: float):
+def make_step(graphdef, *, lr: float, steps: int, sink: int, recent: int, reg: float, remat: bool = True):
     """The jitted training step ``(gates, opt_state, state, ids, answer) -> (gates, opt_state, loss)``; one per
-    setting, so that a resumed run in the same process reuses its compilations."""
+    setting, so that a resumed run in the same process reuses its compilations. ``remat=False``: see
+    :func:`~qv_jax.duo.gated.distill_loss`."""
     transform = optimizer(lr, steps)
 
     def step(gates_LK, opt_state, state, ids_BT, answer_BT):
         (loss, _), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-            gates_LK, graphdef, state, ids_BT, answer_BT, sink=sink, recent=recent, reg=reg
+            gates_LK, graphdef, state, ids_BT, answer_BT, sink=sink, recent=recent, reg=reg, remat=remat
         )
         updates, opt_state = transform.update(grads, opt_state, gates_LK)
         return jnp.clip(optax.apply_updates(gates_LK, updates), 0.0, 1.0), opt_state, loss
