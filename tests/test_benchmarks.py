@@ -39,6 +39,13 @@ def _check_e2e(record: dict) -> None:
     assert record["quick"]["kv_bytes"] < record["baseline"]["kv_bytes"]  # retention 0.5
 
 
+def _check_identify(record: dict) -> None:
+    assert [row["tokens"] for row in record["rows"]] == [128]
+    assert all(row["step_ms"] > 0 and row["temp_mib_remat"] > 0 for row in record["rows"])
+    assert [row["pattern"] for row in record["methods"]] == ["optimize", "on-the-fly", "random"]
+    assert len({row["streaming"] for row in record["methods"]}) == 1
+
+
 def _check_model(record: dict) -> None:
     assert record["same_greedy_tokens"] is True
     assert {row["stage"] for row in record["rows"]} >= {"vision", "prefill", "decode"}
@@ -88,6 +95,10 @@ CASES = {
     ),
     "decode": (["--workers", "2", "--repeats", "1"], _check_decode),
     "e2e": (["--max-frames", "8", "--group-frames", "4", "--max-new-tokens", "2", "--repeats", "1"], _check_e2e),
+    "identify": (
+        "--preset tiny --lengths 128 --sink 4 --recent 12 --steps 2 --repeats 1".split(),
+        _check_identify,
+    ),
     "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
     "packing": (
         "--preset tiny --prompts 8 --max-len 100 --questions 3 --max-new-tokens 2 --repeats 1".split(),

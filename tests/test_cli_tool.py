@@ -41,6 +41,9 @@ OPTIONS = {
     | {"--overwrite", "--info"}
     | OUTPUT,
     "convert": {"--dtype", "--overwrite"} | OUTPUT,
+    "identify-heads": {"--model", "--out", "--method", "--steps", "--lr", "--reg", "--sink", "--recent", "--min-length"}
+    | {"--max-length", "--seed", "--checkpoint-every", "--resume", "--overwrite", "--dtype"}
+    | OUTPUT,
     "info": {"--model", "--mesh", "--dtype", "--json"},
     "doctor": {"--clean"},
     "watch": {"--model", "--dtype", "--question", "--ask-every", "--interactive", "--carriers", "--keep-visual"}

@@ -414,7 +414,7 @@ def test_the_guide_lists_every_subcommand_with_options_it_has():
     parser = build_parser()
     (subparsers,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     text = (DOCS / "guide.md").read_text()
-    rows = dict(re.findall(r"^\| `qv-jax (\w+)[^`]*` \|(.*)$", text, flags=re.M))
+    rows = dict(re.findall(r"^\| `qv-jax ([\w-]+)[^`]*` \|(.*)$", text, flags=re.M))
     assert sorted(rows) == sorted(COMMANDS), "the guide's command table and qv_jax.cli.COMMANDS differ"
     shared = re.search(r"^`demo`, `ask` and `encode` share .*?\.", text, flags=re.M | re.S).group(0)
     for name, row in rows.items():

@@ -17,8 +17,8 @@ import traceback
 
 from qv_jax.errors import QVError
 
-# Subcommand modules, in the order ``qv-jax --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "watch", "decode", "convert", "info", "doctor")
+# Subcommands, in the order ``qv-jax --help`` lists them; each is the module of its name with ``_`` for ``-``.
+COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "watch", "decode", "convert", "identify-heads", "info", "doctor")
 # Signals that end a run the way Ctrl-C does: unwinding, so shared memory, workers and partial outputs go.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"qv_jax.cli.{name}").add_parser(subparsers)
+        importlib.import_module(f"qv_jax.cli.{name.replace('-', '_')}").add_parser(subparsers)
     for sub in subparsers.choices.values():
         # Also accepted after the subcommand; SUPPRESS keeps the top-level value when it is not given there.
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
