@@ -9,6 +9,7 @@ jax reads when it is imported); that process removes it at the end. A cache dire
 used as it is and kept.
 """
 
+import gc
 import os
 import shutil
 import tempfile
@@ -26,6 +27,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 import jax  # after the environment above, which jax reads when imported
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each module's compiled programs when it ends: every executable XLA's CPU backend loads holds memory
+    maps of its own, and one process running the whole suite otherwise passes the kernel's limit of 65,530 maps
+    (``vm.max_map_count``), where the next compilation crashes. A later module needing the same program loads it
+    back from the compilation cache above."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
