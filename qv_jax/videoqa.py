@@ -34,8 +34,7 @@ from qv_jax.pipeline.plan import GroupPlan, PruneRule, check_settings
 from qv_jax.pipeline.prefill import TextChunk, text_after_video
 from qv_jax.pipeline.questions import questions_answer
 from qv_jax.runtime import encode, sparse
-from qv_jax.runtime.generate import DecodeRequest, decode_answer
-from qv_jax.runtime.sampling import SamplingParams
+from qv_jax.runtime.generate import DecodeRequest, answer_request, decode_answer
 from qv_jax.runtime.vlm import VisionLanguageModel, load_model
 from qv_jax.streaming.stream import StreamConfig, VideoStream
 from qv_jax.video.plan import FramePlan
@@ -236,9 +235,8 @@ class VideoQA:
         Greedy unless ``do_sample`` (then ``temperature`` / ``top_k`` / ``top_p`` and ``seed`` apply). Generation
         stops at the model's stop tokens or after ``max_new_tokens``.
         """
-        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        decode = DecodeRequest(
-            max_new_tokens, sampling, stop_ids=self.model.eos_token_ids, pad_id=self.model.pad_token_id, seed=seed
+        decode = answer_request(
+            self.model, max_new_tokens, do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
         if not isinstance(question, str):
             raise InputError(f"question must be a string, got {type(question).__name__}")
@@ -285,9 +283,8 @@ class VideoQA:
                 raise InputError(f"question {i} must be a string, got {type(question).__name__}")
         if self.config.prune == PruneRule.QUESTION_ATTENTION:
             raise ConfigError("prune='question_attention' makes a memory for one question; use ask per question")
-        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        decode = DecodeRequest(
-            max_new_tokens, sampling, stop_ids=self.model.eos_token_ids, pad_id=self.model.pad_token_id, seed=seed
+        decode = answer_request(
+            self.model, max_new_tokens, do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
         timeline = Timeline(progress)
         suffixes = [self.tokenizer.question_suffix(q) for q in questions]

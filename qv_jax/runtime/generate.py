@@ -38,6 +38,15 @@ class DecodeRequest:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 
 
+def answer_request(
+    model, max_new_tokens: int, do_sample: bool, *, temperature: float, top_k: int, top_p: float, seed: int
+) -> DecodeRequest:
+    """The request of one answer by ``model`` (a ``VisionLanguageModel``): the sampling options of ``ask``, ending
+    at the model's stop tokens and padded with its pad token."""
+    sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    return DecodeRequest(max_new_tokens, sampling, stop_ids=model.eos_token_ids, pad_id=model.pad_token_id, seed=seed)
+
+
 def decode_answer(logits_BV: Array, cache: Cache, request: DecodeRequest, loop: DecodeLoop) -> tuple[np.ndarray, Cache]:
     """New tokens ``[B, n]`` (host int32, ``n <= max_new_tokens``) after a prefill that left ``logits_BV`` and
     ``cache``, and the cache after decoding.

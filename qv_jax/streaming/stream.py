@@ -26,8 +26,7 @@ from qv_jax.numeric import round_up
 from qv_jax.pipeline import prefill
 from qv_jax.pipeline.executor import Timeline
 from qv_jax.pipeline.prefill import TextChunk
-from qv_jax.runtime.generate import DecodeRequest
-from qv_jax.runtime.sampling import SamplingParams
+from qv_jax.runtime.generate import answer_request
 from qv_jax.streaming.step import Bank, StepInfo, rebase, stream_step
 
 __all__ = ["FeedReport", "StreamConfig", "VideoStream"]
@@ -368,8 +367,9 @@ class VideoStream:
         if not isinstance(question, str):
             raise InputError(f"question must be a string, got {type(question).__name__}")
         m = self.model
-        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        decode = DecodeRequest(max_new_tokens, sampling, stop_ids=m.eos_token_ids, pad_id=m.pad_token_id, seed=seed)
+        decode = answer_request(
+            m, max_new_tokens, do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
         suffix = m.tokenizer.question_suffix(question)
         length = round_up(suffix.size, QUESTION_BUCKET)
         timeline = Timeline()
