@@ -304,14 +304,19 @@ class KVHandler(Protocol):
 class ChunkAttention:
     """Causal attention of a chunk over itself alone (a full forward without cache).
 
-    ``segment_ids`` ``[B, T]``: negative = padding, never attended to.
+    ``segment_ids`` ``[B, T]``: negative = padding, never attended to. ``layer_patterns``: per layer, one
+    :class:`HeadPattern` per KV head (or one for all), for hybrid sparse models; ``None`` attends densely.
     """
 
     segment_ids: Array | None = None
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    layer_patterns: tuple[HeadPattern | tuple[HeadPattern, ...], ...] | None = None
 
     def __call__(self, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
-        return calls.self_attention(self.attention, q_BNTH, k_BKTH, v_BKTH, causal=True, segment_ids=self.segment_ids)
+        patterns = calls.DENSE if self.layer_patterns is None else self.layer_patterns[layer]
+        return calls.self_attention(
+            self.attention, q_BNTH, k_BKTH, v_BKTH, causal=True, segment_ids=self.segment_ids, patterns=patterns
+        )
 
 
 @dataclasses.dataclass(frozen=True)
