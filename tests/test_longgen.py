@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +224,55 @@ def test_a_sink_and_window_layer_holds_sink_plus_window_tokens_at_any_length():
     # a slot more costs the full layer's retrieval head and the strided layer's two heads, never the streaming layer
     per_slot = 3 * (2 * 16 * 4 + 2 * 16 * 4 // 4) + 4  # keys + values, key min / max per 4-slot page, segment id
     assert m.kv_cache_bytes(1024) - m.kv_cache_bytes(512) == 512 * per_slot
+
+
+@pytest.mark.parametrize("platform, kernel, marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
+def test_hybrid_steps_lower_for_tpu_and_cuda(platform, kernel, marker):
+    sparsity = dataclasses.replace(HYBRID, block=32, page_size=16, backend="pallas", kernel=kernel)
+    m = VisionLanguageModel.random(config_of(3), sparsity=sparsity)
+    cache = jax.eval_shape(lambda: m.new_sparse_cache(1, 512))
+    i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
+    decode = sparse_steps.decode_step.trace(m.graphdef, m.state, cache, i32, i32)
+    # paged decode: the streaming layer's heads, the full layer's retrieval and streaming heads, the strided layer
+    assert len(re.findall(rf"custom_call @\S*{marker}", decode.lower(lowering_platforms=(platform,)).as_text())) == 4
+    prefill = sparse_steps.prefill.trace(
+        m.graphdef,
+        m.state,
+        cache,
+        jax.ShapeDtypeStruct((1, 64, 64), jnp.float32),
+        jax.ShapeDtypeStruct((3, 1, 64), jnp.int32),
+        jax.ShapeDtypeStruct((1, 64), jnp.int32),
+    )
+    # block-sparse: the two streaming windows and the strided layer's first chunk
+    text = prefill.lower(lowering_platforms=(platform,)).as_text()
+    assert len(re.findall(rf"custom_call @\S*{marker}", text)) == 3
+
+
+@pytest.mark.slow
+def test_videoqa_answers_from_the_pruned_memory_with_a_hybrid_model(qa, memory):
+    """A hybrid whose window and strided blocks reach every token answers exactly like dense decoding from the same
+    pruned memory (the memory taken over by the hybrid cache, the question prefilled behind it, decoding); a real
+    one answers from less KV."""
+    from pipeline_helpers import CONFIG, VIDEO_OPTIONS
+
+    import qv_jax
+
+    small = {"layers": ("strided", "streaming"), "block": 8, "page_size": 8, "logical_page_size": 4}
+    see_all = SparsityConfig(sink=0, local=1024, local_blocks=1024, token_budget=None, **small)
+    real = SparsityConfig(sink=4, local=8, local_blocks=1, vert_stride=2, token_budget=None, **small)
+    question = "What happens in the video?"
+    dense = qa.ask(memory, question, max_new_tokens=8)
+    answers = [
+        qv_jax.VideoQA(
+            VisionLanguageModel.random(CONFIG, seed=1, tokenizer=qa.tokenizer, sparsity=sparsity),
+            group_frames=8,
+            **VIDEO_OPTIONS,
+        ).ask(memory, question, max_new_tokens=8)
+        for sparsity in (see_all, real)
+    ]
+    np.testing.assert_array_equal(answers[0].token_ids, dense.token_ids)
+    assert 1 <= answers[1].token_ids.size <= 8
+    # tokens held: the memory, the question, the answer but its last token; the strided layer keeps them all, the
+    # streaming layer sink + window, each for 2 KV heads of keys and values of 16 float32s
+    held = int(memory.tokens_per_layer[0]) + qa.tokenizer.question_suffix(question).size + answers[1].token_ids.size - 1
+    assert answers[1].kv_bytes == (2 * held + 2 * min(held, 4 + 8)) * 2 * 16 * 4 < dense.kv_bytes
