@@ -207,6 +207,8 @@ def test_greedy_decoding_from_the_hybrid_cache_equals_the_reference(prefill_chun
     prompt = np.random.default_rng(1).integers(0, 500, (1, 45))
     got = m.generate(prompt, max_new_tokens=12, eos_token_id=[], prefill_chunk=prefill_chunk)
     np.testing.assert_array_equal(got, greedy_reference(m, prompt, 12))
+    reference = MaskedReference(layer_masks(prompt.shape[1], HYBRID))
+    np.testing.assert_allclose(m.forward(prompt), text_logits(m.graphdef, m.state, prompt, reference), atol=1e-4)
 
 
 def test_a_sink_and_window_layer_holds_sink_plus_window_tokens_at_any_length():
