@@ -214,15 +214,18 @@ def test_greedy_decoding_from_the_hybrid_cache_equals_the_reference(prefill_chun
 def test_a_sink_and_window_layer_holds_sink_plus_window_tokens_at_any_length():
     m = hybrid_model()
     ids = np.random.default_rng(2).integers(0, 500, (1, 400))
-    for length in (40, 400):
-        cache = m.new_sparse_cache(1, length)
-        x = encode.embed(m.graphdef, m.state, jnp.asarray(ids[:, :length]))
-        positions = jnp.broadcast_to(jnp.arange(length), (3, 1, length))
-        _, cache = sparse_steps.prefill(m.graphdef, m.state, cache, x, positions, jnp.zeros((1, length), jnp.int32))
-        kept = np.sort(np.asarray(cache.stream_slot[0]))
-        np.testing.assert_array_equal(kept, [*range(SINK), *range(length - LOCAL, length)])
-        assert cache.stream_k[0].shape == (1, 2, SINK + LOCAL, 16)  # layer 0: every head streams
-        assert cache.k[0].shape[1] == 0 and cache.k[2].shape[1] == 2  # no pages; the strided layer keeps all
+    cache = m.new_sparse_cache(1, 400)
+    x = encode.embed(m.graphdef, m.state, jnp.asarray(ids))
+    positions = jnp.broadcast_to(jnp.arange(400), (3, 1, 400))
+    for start in range(0, 400, 40):  # one compiled step, chunk after chunk
+        chunk = slice(start, start + 40)
+        args = (x[:, chunk], positions[:, :, chunk], jnp.zeros((1, 40), jnp.int32))
+        _, cache = sparse_steps.prefill(m.graphdef, m.state, cache, *args)
+        if start + 40 in (40, 400):
+            kept = np.sort(np.asarray(cache.stream_slot[0]))
+            np.testing.assert_array_equal(kept, [*range(SINK), *range(start + 40 - LOCAL, start + 40)])
+    assert cache.stream_k[0].shape == (1, 2, SINK + LOCAL, 16)  # layer 0: every head streams
+    assert cache.k[0].shape[1] == 0 and cache.k[2].shape[1] == 2  # no pages; the strided layer keeps all
     # a slot more costs the full layer's retrieval head and the strided layer's two heads, never the streaming layer
     per_slot = 3 * (2 * 16 * 4 + 2 * 16 * 4 // 4) + 4  # keys + values, key min / max per 4-slot page, segment id
     assert m.kv_cache_bytes(1024) - m.kv_cache_bytes(512) == 512 * per_slot
