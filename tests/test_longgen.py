@@ -226,8 +226,10 @@ def test_a_sink_and_window_layer_holds_sink_plus_window_tokens_at_any_length():
             np.testing.assert_array_equal(kept, [*range(SINK), *range(start + 40 - LOCAL, start + 40)])
     assert cache.stream_k[0].shape == (1, 2, SINK + LOCAL, 16)  # layer 0: every head streams
     assert cache.k[0].shape[1] == 0 and cache.k[2].shape[1] == 2  # no pages; the strided layer keeps all
+    assert cache.nbytes == m.kv_cache_bytes(400)
     # a slot more costs the full layer's retrieval head and the strided layer's two heads, never the streaming layer
-    per_slot = 3 * (2 * 16 * 4 + 2 * 16 * 4 // 4) + 4  # keys + values, key min / max per 4-slot page, segment id
+    # keys + values; key min / max per 4-slot page for the full layer's retrieval head only; a segment id
+    per_slot = 3 * 2 * 16 * 4 + 2 * 16 * 4 // 4 + 4
     assert m.kv_cache_bytes(1024) - m.kv_cache_bytes(512) == 512 * per_slot
 
 

@@ -87,8 +87,9 @@ def sparse_kv_bytes(
     """Bytes a :class:`SparseKVCache` of this shape allocates (capacity rounded like :meth:`SparseKVCache.create`).
 
     Per layer with ``r`` retrieval and ``k - r`` streaming heads, in the cache dtype: keys and values of every slot
-    for the retrieval heads, their key min / max per logical page, and the sink + ring slots of the streaming heads;
-    plus int32 bookkeeping shared by the layers (docs/attention.md gives the formula).
+    for the retrieval heads, their key min / max per logical page (none in a LongGen strided layer, which selects
+    no pages), and the sink + ring slots of the streaming heads; plus int32 bookkeeping shared by the layers
+    (docs/attention.md gives the formula).
     """
     item = jnp.dtype(dtype).itemsize
     S = sparsity.padded_capacity(capacity)
@@ -96,10 +97,12 @@ def sparse_kv_bytes(
     logical_pages = S // sparsity.logical_page_size
     stored = sparsity.stored_selection(S)
     total = 0
-    for retrieval in sparsity.retrieval_heads(num_layers, num_kv_heads):
+    retrieval_heads = sparsity.retrieval_heads(num_layers, num_kv_heads)
+    for retrieval, strided in zip(retrieval_heads, sparsity.strided_layers(num_layers), strict=True):
         streaming = num_kv_heads - retrieval
-        per_token = 2 * retrieval * S + 2 * retrieval * logical_pages + 2 * streaming * stream_slots
-        total += batch * head_dim * item * per_token + 4 * batch * retrieval * stored
+        selecting = 0 if strided else retrieval  # heads with key bounds and a page selection
+        per_token = 2 * retrieval * S + 2 * selecting * logical_pages + 2 * streaming * stream_slots
+        total += batch * head_dim * item * per_token + 4 * batch * selecting * stored
     return total + 4 * (batch * S + batch * stream_slots + batch + 2)
 
 
@@ -158,7 +161,9 @@ class SparseKVCache(CacheShape):
         stream_slots = geometry.stream_slots
         stored = sparsity.stored_selection(S)
         pool = [(batch, r, S, head_dim) for r in retrieval]
-        stats = [(batch, r, S // geometry.logical_page_size, head_dim) for r in retrieval]
+        # a strided layer reads the pages its pattern reaches: no key bounds, no selection
+        selecting = [0 if geometry.is_strided(layer) else r for layer, r in enumerate(retrieval)]
+        stats = [(batch, r, S // geometry.logical_page_size, head_dim) for r in selecting]
         stream = [(batch, num_kv_heads - r, stream_slots, head_dim) for r in retrieval]
         return cls(
             k=tuple(jnp.zeros(s, dtype) for s in pool),
@@ -171,7 +176,7 @@ class SparseKVCache(CacheShape):
             stream_slot=jnp.full((batch, stream_slots), -1, jnp.int32),
             num_valid=jnp.zeros((batch,), jnp.int32),
             length=jnp.zeros((), jnp.int32),
-            selected=tuple(jnp.zeros((batch, r, stored), jnp.int32) for r in retrieval),
+            selected=tuple(jnp.zeros((batch, r, stored), jnp.int32) for r in selecting),
             selected_at=jnp.full((), -1, jnp.int32),
             geometry=geometry,
         )
@@ -224,7 +229,10 @@ class SparseKVCache(CacheShape):
                 pool_v = out.v[layer].at[:, :, :dense_slots].set(dense_v[:, :r])
             k.append(pool_k)
             v.append(pool_v)
-            lo, hi = _page_min_max(pool_k, seg_BS, geometry.logical_page_size)
+            if geometry.is_strided(layer):
+                lo, hi = out.k_min[layer], out.k_max[layer]
+            else:
+                lo, hi = _page_min_max(pool_k, seg_BS, geometry.logical_page_size)
             k_min.append(lo)
             k_max.append(hi)
             stream_k.append(_scatter_heads(out.stream_k[layer], target, dense_k[:, r:]))
