@@ -1,6 +1,6 @@
 """Identify retrieval heads: DuoAttention's gate optimisation, or the training-free on-the-fly score.
 
-:func:`identify_heads` trains one gate per (layer, KV head) with AdamW on synthetic passkey samples
+:func:`identify_heads` trains one gate per (layer, KV head) with AdamW on synthetic passkey and / or video samples
 (``qv_jax.duo.data``), the model frozen, checkpointing the gates and optimizer state with orbax so that a run can
 resume; ``method="on-the-fly"`` scores the heads by their attention mass outside sink + recent instead. See
 docs/duo.md.
@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qv_jax.duo.data import sample_for_step, sample_lengths
+from qv_jax.duo.data import DATA_KINDS, Sample, sample_for_step, sample_lengths
 from qv_jax.duo.gated import distill_loss, outside_mass, pattern_distance
 from qv_jax.duo.gates import HeadGates
 from qv_jax.errors import CheckpointError, ConfigError, InputError
+from qv_jax.runtime import encode
 
 METHODS = ("optimize", "on-the-fly")
 # DuoAttention's schedule for its 2000 steps: 400 steps of warm-up from 0.1x, flat, 400 of decay to 0.1x
@@ -50,14 +51,15 @@ def optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=8)
 def make_step(graphdef, *, lr: float, steps: int, sink: int, recent: int, reg: float, remat: bool = True):
-    """The jitted training step ``(gates, opt_state, state, ids, answer) -> (gates, opt_state, loss)``; one per
+    """The jitted training step ``(gates, opt_state, state, x, positions, answer) -> (gates, opt_state, loss)``
+    (inputs from :func:`sample_inputs`); one per
     setting, so that a resumed run in the same process reuses its compilations. ``remat=False``: see
     :func:`~qv_jax.duo.gated.distill_loss`."""
     transform = optimizer(lr, steps)
 
-    def step(gates_LK, opt_state, state, ids_BT, answer_BT):
+    def step(gates_LK, opt_state, state, x_BTD, positions_3BT, answer_BT):
         (loss, _), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-            gates_LK, graphdef, state, ids_BT, answer_BT, sink=sink, recent=recent, reg=reg, remat=remat
+            gates_LK, graphdef, state, x_BTD, positions_3BT, answer_BT, sink=sink, recent=recent, reg=reg, remat=remat
         )
         updates, opt_state = transform.update(grads, opt_state, gates_LK)
         return jnp.clip(optax.apply_updates(gates_LK, updates), 0.0, 1.0), opt_state, loss
@@ -65,10 +67,22 @@ def make_step(graphdef, *, lr: float, steps: int, sink: int, recent: int, reg: f
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def check_inputs(model, *, method: str, steps: int, sink: int, recent: int, min_length: int, max_length: int):
+def sample_inputs(model, sample: Sample) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x [1, T, D], positions [3, 1, T], answer [1, T])`` of a sample for ``model``: its token embeddings, a
+    video sample's frames encoded by the (frozen) vision tower into its ``<|video_pad|>`` slots."""
+    video = None if sample.frames is None else model.encode_video(sample.frames)
+    x_BTD = encode.embed(model.graphdef, model.state, jnp.asarray(sample.ids[None]), None, video)
+    return x_BTD, jnp.asarray(sample.positions[:, None]), jnp.asarray(sample.answer[None])
+
+
+def check_inputs(
+    model, *, method: str, steps: int, sink: int, recent: int, min_length: int, max_length: int, data: str = "passkey"
+):
     """Typed errors for what would fail later (before any sample is made or any step compiled)."""
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if data not in DATA_KINDS:
+        raise InputError(f"data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
     if model.tokenizer is None:
         where = f"{model.source}: " if model.source else ""
         raise ConfigError(f"{where}the model has no tokenizer (tokenizer.json); its synthetic samples need one")
@@ -98,6 +112,7 @@ def identify_heads(
     recent: int = 256,
     min_length: int = 1024,
     max_length: int = 32768,
+    data: str = "passkey",
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -107,17 +122,25 @@ def identify_heads(
     """Gates ``[layers, kv_heads]`` of a :class:`~qv_jax.runtime.VisionLanguageModel` (text decoder, frozen).
 
     ``method="optimize"``: ``steps`` AdamW steps of DuoAttention's distillation loss, one synthetic sample of
-    ``min_length..max_length`` tokens each, a function of ``(seed, step)``; with ``checkpoint_dir`` the gates and
+    ``min_length..max_length`` tokens each (``data``: ``"passkey"`` text, ``"video"`` needle frames, or ``"both"``
+    alternating), a function of ``(seed, step)``; with ``checkpoint_dir`` the gates and
     optimizer state are saved every ``checkpoint_every`` steps and, with ``resume``, the run continues from the
     newest one there. ``method="on-the-fly"``: no training, the heads' attention mass outside sink + recent on a
     few samples. ``progress(step, loss)`` is called after every step.
     """
     check_inputs(
-        model, method=method, steps=steps, sink=sink, recent=recent, min_length=min_length, max_length=max_length
+        model,
+        method=method,
+        steps=steps,
+        sink=sink,
+        recent=recent,
+        min_length=min_length,
+        max_length=max_length,
+        data=data,
     )
     lengths = sample_lengths(min_length, max_length)
     if method == "on-the-fly":
-        return _on_the_fly(model, lengths, seed=seed, sink=sink, recent=recent, progress=progress)
+        return _on_the_fly(model, lengths, data, seed=seed, sink=sink, recent=recent, progress=progress)
     t = model.config.text
     gates = jnp.ones((t.num_layers, t.num_kv_heads), jnp.float32)
     opt_state = optimizer(lr, steps).init(gates)
@@ -129,8 +152,8 @@ def identify_heads(
             start, gates, opt_state, losses = found
     step = make_step(model.graphdef, lr=lr, steps=steps, sink=sink, recent=recent, reg=reg)
     for index in range(start, steps):
-        sample = sample_for_step(model.tokenizer, lengths, seed, index)
-        gates, opt_state, loss = step(gates, opt_state, model.state, sample.ids[None], sample.answer[None])
+        inputs = sample_inputs(model, sample_for_step(model, lengths, seed, index, data))
+        gates, opt_state, loss = step(gates, opt_state, model.state, *inputs)
         losses[index] = float(loss)
         done = index + 1
         if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps):
@@ -140,13 +163,11 @@ def identify_heads(
     return HeadGates(np.asarray(gates), losses, method)
 
 
-def _on_the_fly(model, lengths, *, seed: int, sink: int, recent: int, progress) -> HeadGates:
+def _on_the_fly(model, lengths, data: str, *, seed: int, sink: int, recent: int, progress) -> HeadGates:
     total = None
     for index in range(ON_THE_FLY_SAMPLES):
-        sample = sample_for_step(model.tokenizer, lengths, seed, index)
-        score = outside_mass(
-            model.graphdef, model.state, sample.ids[None], sample.answer[None], sink=sink, recent=recent
-        )
+        inputs = sample_inputs(model, sample_for_step(model, lengths, seed, index, data))
+        score = outside_mass(model.graphdef, model.state, *inputs, sink=sink, recent=recent)
         total = score if total is None else total + score
         if progress is not None:
             progress(index + 1, float("nan"))
@@ -158,9 +179,10 @@ def streaming_distance(model, streaming: np.ndarray, samples, *, sink: int, rece
     heads of ``streaming`` ``[layers, kv_heads]`` (True = streaming), against the plain model."""
     gates = jnp.asarray(~np.asarray(streaming, bool), jnp.float32)
     total = 0.0
-    for s in samples:
-        total += float(pattern_distance(model.graphdef, model.state, s.ids[None], s.answer[None], gates, sink=sink,
-                                        recent=recent))  # fmt: skip
+    for sample in samples:
+        x_BTD, positions_3BT, answer_BT = sample_inputs(model, sample)
+        inputs = (model.graphdef, model.state, x_BTD, positions_3BT, answer_BT, gates)
+        total += float(pattern_distance(*inputs, sink=sink, recent=recent))
     return total / len(samples)
 
 
