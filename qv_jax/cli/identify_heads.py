@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
         help="find which KV heads may stream (DuoAttention) and write full_attention_heads.tsv",
         description=(
             "Train DuoAttention's gates (one per layer and KV head, the model frozen) on synthetic retrieval samples "
-            "(text passkeys, needle frames in a generated video) made with the model's tokenizer, or score the heads without training (--method on-the-fly). "
+            "(text passkeys, needle frames in a generated video) made with the model's tokenizer, or score the heads "
+            "without training (--method on-the-fly). "
             "Writes OUT/full_attention_heads.tsv, which --duo-attention reads, and a heat map beside it."
         ),
     )

@@ -152,13 +152,14 @@ def _shapes(passkeys: int, words: int):
         yield keys, 1
 
 
-def sample_for_step(model, lengths: np.ndarray, seed: int, step: int, data: str = "passkey") -> Sample:
-    """The sample of training step ``step`` for ``model``: a function of (seed, step) alone, so a resumed run sees
-    the same. ``data``: ``"passkey"``, ``"video"`` or ``"both"`` (passkey on even steps, video on odd ones)."""
+def sample_for_step(model, lengths: np.ndarray, seed: int, step: int, data: str = "both", row: int = 0) -> Sample:
+    """Sample ``row`` of training step ``step`` for ``model``: a function of (seed, step, row) alone, so a resumed
+    run sees the same. ``data``: ``"passkey"``, ``"video"`` or ``"both"`` (passkey on even steps, video on odd
+    ones); a step's rows share its kind and length."""
     if data not in DATA_KINDS:
         raise InputError(f"data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
-    rng = np.random.default_rng([seed, step])
-    length = int(rng.choice(lengths))
+    length = int(np.random.default_rng([seed, step]).choice(lengths))
+    rng = np.random.default_rng([seed, step, row])
     if data == "video" or (data == "both" and step % 2):
         return video_sample(model, length, rng)
     return passkey_sample(model.tokenizer, length, rng)
