@@ -6,8 +6,9 @@ and one optimisation step (gated forward with full and streaming attention, back
 temporary memory with and without per-layer rematerialisation. Then both methods on the same model: their
 50 %-streaming patterns' hidden-state distance on held-out samples, against a random pattern of the same size.
 Last, what a full identification of Qwen2.5-VL-7B (2000 steps, 1K-32K tokens) would take on one H100 and on a
-v5e-8: the 7B model's forward FLOPs at each length times the step / forward ratio measured here, at a stated
-fraction of each chip's peak (an estimate, not a measurement, until an accelerator runs this file).
+v5e-8: the 7B model's forward FLOPs at each length times the forwards a step does (:data:`STEP_FORWARDS`; the
+step / forward time ratio measured here is printed beside it), at a stated fraction of each chip's peak (an
+estimate, not a measurement, until an accelerator runs this file).
 ``--preset bench`` is the 42M-parameter, 8-layer model of benchmarks/e2e.py. Run ``python -m benchmarks.identify``;
 prints tables and writes ``benchmarks/results/identify.json``. Results: docs/duo.md.
 """
@@ -102,6 +103,9 @@ def compare_methods(model, scratch: Path, *, length: int, steps: int, sink: int,
     return rows
 
 
+# A step's work in forwards of the frozen model: the teacher's forward, the gated student's (its streaming attention
+# is small beside the rest), the student's recomputation under per-layer remat, and its backward (twice a forward).
+STEP_FORWARDS = 5.0
 # bf16 dense peak of one chip / slice, and the fraction of it a step is assumed to reach (a range, not measured)
 ACCELERATORS = (("H100 SXM (1 chip)", 989e12), ("TPU v5e-8 (8 chips)", 8 * 197e12))
 UTILISATION = (0.3, 0.5)
@@ -117,7 +121,9 @@ def forward_flops(config: ModelConfig, length: int) -> float:
     return per_token * length + attention
 
 
-def estimate_full_run(step_per_forward: float, *, steps: int = 2000, min_length: int = 1024, max_length: int = 32768):
+def estimate_full_run(
+    step_per_forward: float = STEP_FORWARDS, *, steps: int = 2000, min_length: int = 1024, max_length: int = 32768
+):
     """Hours of a full identification of Qwen2.5-VL-7B on each accelerator at each assumed utilisation."""
     config = ModelConfig.qwen2_5_vl_7b()
     lengths = sample_lengths(min_length, max_length)  # each step draws one of these uniformly
@@ -152,9 +158,10 @@ def main() -> None:
     columns = ["tokens", "forward_ms", "on_the_fly_ms", "step_ms", "steps_per_s", "step_per_forward"]
     print(format_table(rows, [*columns, "temp_mib_remat", "temp_mib_no_remat"]))
     print(format_table(methods, ["pattern", "streaming", "distance"]))
-    ratio = rows[-1]["step_per_forward"]  # the longest length: closest to the long samples of a real run
-    estimate = estimate_full_run(ratio)
-    print(f"Qwen2.5-VL-7B, 2000 steps of 1K-32K tokens, a step = {ratio:.1f} forwards (measured above), estimated:")
+    estimate = estimate_full_run()
+    measured = ", ".join(f"{row['step_per_forward']:.1f}x at {row['tokens']}" for row in rows)
+    print(f"Qwen2.5-VL-7B, 2000 steps of 1K-32K tokens, a step = {STEP_FORWARDS:.0f} forwards (measured here on this")
+    print(f"machine: {measured}), estimated:")
     print(format_table(estimate, ["accelerator", "step_tflop", "hours_at_50%", "hours_at_30%"]))
     t = model.config.text
     record = {
@@ -162,7 +169,7 @@ def main() -> None:
         "model": {"preset": args.preset, "layers": t.num_layers, "kv_heads": t.num_kv_heads, "width": t.hidden_size},
         "rows": rows,
         "methods": methods,
-        "estimate_7b": {"step_per_forward": ratio, "utilisation": UTILISATION, "rows": estimate},
+        "estimate_7b": {"step_per_forward": STEP_FORWARDS, "utilisation": UTILISATION, "rows": estimate},
     }
     print(f"wrote {write_json('identify', record, args.out)}")
 
