@@ -270,10 +270,13 @@ class VideoStream:
         m = self.model
         t = m.config.text
         prefix = self._prefix.size
+        # at least one chunk of slots: a chunk attends to the bank through a call that takes no more queries than
+        # keys (the slots past the entries stay empty, unseen and uncounted)
+        chunk = self._layout.visual + (self.config.carriers is not None)
         kv = m.make_cache(
             LayeredKV.create,
             num_layers=t.num_layers,
-            capacity=prefix + entries * unit,
+            capacity=max(prefix + entries * unit, chunk),
             num_kv_heads=t.num_kv_heads,
             head_dim=t.head_dim,
             dtype=m.dtype,
