@@ -181,6 +181,16 @@ def test_fps_sampling_and_bad_input(qa):
             qa.stream(**bad)
 
 
+@pytest.mark.slow
+def test_a_patch_larger_than_the_bank(qa):
+    stream = qa.stream(carriers=2, fps=1.0)  # 2 entries of 1 slot behind the prompt; 36 visual tokens a patch
+    stream.push(random_frames(6, side=168))
+    prefix = stream._prefix.size
+    assert stream.patches == 3 and int(stream.last_step.attended) == prefix + 2 + 36 + 1
+    per_token = 2 * qa.model.config.text.num_kv_heads * qa.model.config.text.head_dim * 4
+    assert stream.kv_bytes == (prefix + 2) * per_token * qa.model.config.text.num_layers
+
+
 def test_a_stream_past_the_position_range_moves_its_bank_back(qa):
     stream = qa.stream(carriers=4, fps=0.001)  # 4000 temporal positions per patch: 32768 pass after 8 patches
     stream.push(random_frames(40), times_s=np.arange(40) * 1000.0)
