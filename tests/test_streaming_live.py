@@ -4,7 +4,10 @@ watched and answered; a stream that ends, stalls or breaks answers from what was
 import io
 import json
 import os
+import queue
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -137,3 +140,77 @@ def test_watch_command_answers_on_schedule_and_summarises(capsys):
     assert summary["frames_seen"] + summary["dropped"] == 10 and summary["ended"] == "end"
     assert main(["watch", "missing.mp4", "--model", str(model_dir())]) == 2
     assert "no such video file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_watch_interactive_answers_typed_questions_while_it_watches_and_stops_on_quit(tmp_path):
+    from pipeline_helpers import model_dir
+
+    from qv_jax.testing.videos import make_sample_video
+
+    video = make_sample_video(tmp_path / "long.mp4", seconds=120, fps=2, size=(56, 56), gop=8)
+    command = [sys.executable, "-m", "qv_jax", "watch", str(video), "--model", str(model_dir()), "--interactive"]
+    command += ["--realtime", "--fps", "2", "--ask-every", "2s", "--carriers", "4", "--max-new-tokens", "2"]
+    command += ["--max-pixels", str(56 * 56)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    errors = tmp_path / "stderr.txt"
+    with (
+        errors.open("w") as err_file,
+        subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env
+        ) as process,
+    ):
+        lines: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put(None)], daemon=True)
+        reader.start()
+
+        def next_line() -> str:
+            try:
+                line = lines.get(timeout=180)
+            except queue.Empty:
+                line = None
+            if line is None:
+                process.kill()
+                raise AssertionError(f"no answer came; stderr: {errors.read_text()[-2000:]}")
+            return line
+
+        first = next_line()  # a scheduled answer: the stream is being watched
+        process.stdin.write("\nWhat colour is it?\n")  # a blank line is no question
+        process.stdin.flush()
+        typed = next_line()
+        while "What colour" not in typed:
+            typed = next_line()
+        process.stdin.write("quit\n")
+        process.stdin.flush()
+        process.wait(timeout=120)
+        reader.join(timeout=10)
+    err = errors.read_text()
+    assert process.returncode == 0, err
+    stamp = re.compile(r"\[\s*([0-9.]+) s\] (.*) -> ")
+    first_t, typed_t = (float(stamp.match(line).group(1)) for line in (first, typed))
+    assert stamp.match(first).group(2) == "What is happening?" and typed_t >= first_t >= 2.0
+    assert stamp.match(typed).group(2) == "What colour is it?"
+    *_, last, end = lines.queue  # the closing answer to --question, then the end of output
+    assert end is None and stamp.match(last).group(2) == "What is happening?"
+    assert float(stamp.match(last).group(1)) >= typed_t
+    assert f"{video}: watching stopped (quit); real-time factor" in err, err
+    seen = int(re.search(r"watched (\d+) frames", err).group(1))
+    assert 2 <= seen < 240  # stopped long before the 120 s video ended
+
+
+def test_interactive_questions_end_with_their_input(monkeypatch, capsys):
+    from qv_jax.cli import watch
+
+    asked = []
+
+    def answer(question, t):
+        if question == "too early?":
+            raise InputError("the stream has shown no complete temporal patch (two frames) yet")
+        asked.append((question, t))
+
+    source = frames_source(iter(()))
+    monkeypatch.setattr(watch.sys, "stdin", io.StringIO("too early?\n\n  What now?  \n"))
+    watch._questions(False, answer, {"time": 4.5}, source)  # returns at the end of input (Ctrl-D)
+    assert asked == [("What now?", 4.5)] and "no complete temporal patch" in capsys.readouterr().err
+    assert source.ended == "closed" and source.message == "frames: watching stopped: the questions ended"
+    assert list(source) == []  # a closed source yields nothing more

@@ -94,7 +94,11 @@ class LiveSource:
             self._thread.start()
         while True:
             with self._ready:
-                waited = self._ready.wait_for(lambda: self._frames or self._finished, timeout=self._stall)
+                waited = self._ready.wait_for(
+                    lambda: self._frames or self._finished or self._stop.is_set(), timeout=self._stall
+                )
+                if self._stop.is_set():  # closed (from another thread): frames still waiting are left
+                    return
                 if self._frames:
                     item = self._frames.popleft()
                 elif not waited:
@@ -109,11 +113,14 @@ class LiveSource:
         self.ended, self.message = how, message
         self._stop.set()
 
-    def close(self) -> None:
-        """Stop taking frames (a producer blocked in a read is left to its daemon thread)."""
-        self._stop.set()
-        if self.ended is None:
-            self.ended, self.message = "closed", f"{self.name}: closed"
+    def close(self, reason: str = "closed") -> None:
+        """Stop taking frames, from any thread: iteration ends at once (a producer blocked in a read is left to its
+        daemon thread). ``reason`` goes into :attr:`message` unless the stream had already ended."""
+        with self._ready:
+            if self.ended is None:
+                self.ended, self.message = "closed", f"{self.name}: {reason}"
+            self._stop.set()
+            self._ready.notify_all()
 
 
 def _resizer(size: tuple[int, int] | None, max_pixels: int):
