@@ -1,5 +1,6 @@
-"""Live sources feeding a stream (qv_jax.video.live): an MPEG-TS byte stream written into a pipe by PyAV is
-watched and answered; a stream that ends, stalls or breaks answers from what was seen with a clear message."""
+"""Live sources feeding a stream (qv_jax.video.live): MPEG-TS and Matroska byte streams written into a pipe by PyAV
+are watched and answered; a stream that ends, stalls, is cut off or breaks answers from what was seen with a clear
+message; ``qv-jax watch`` on a schedule, on standard input and with typed questions."""
 
 import io
 import json
@@ -28,12 +29,15 @@ def qa():
     return qv_jax.VideoQA(tiny_model(), **VIDEO_OPTIONS)
 
 
-def write_mpegts(fd: int, frames: int, *, stall_s: float = 0.0) -> threading.Thread:
-    """Encode random frames at 4 fps as MPEG-TS into the pipe ``fd`` on a thread (holding it open ``stall_s``)."""
+def write_live(fd: int, frames: int, *, format: str = "mpegts", stall_s: float = 0.0, cut_at: int | None = None):
+    """Encode random frames at 4 fps as ``format`` into the pipe ``fd`` on a thread, as a live sender does (bytes
+    out as each frame is muxed; the pipe held open ``stall_s`` before the end; with ``cut_at``, closed after that
+    many bytes, mid-stream, as when the sender dies)."""
 
     def write():
         with os.fdopen(fd, "wb") as out:
-            container = av.open(out, mode="w", format="mpegts")
+            sink = _Sender(out, cut_at)
+            container = av.open(sink, mode="w", format=format)
             stream = container.add_stream("mpeg2video", rate=4)
             stream.width = stream.height = SIDE
             stream.pix_fmt = "yuv420p"
@@ -42,7 +46,6 @@ def write_mpegts(fd: int, frames: int, *, stall_s: float = 0.0) -> threading.Thr
                 image = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
                 for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                     container.mux(packet)
-                out.flush()
             time.sleep(stall_s)
             for packet in stream.encode():
                 container.mux(packet)
@@ -53,11 +56,30 @@ def write_mpegts(fd: int, frames: int, *, stall_s: float = 0.0) -> threading.Thr
     return thread
 
 
+class _Sender:
+    """The sending end of a live stream: write-only (not seekable, as a pipe), each write sent at once."""
+
+    def __init__(self, out, cut_at: int | None):
+        self.out, self.left = out, cut_at
+
+    def write(self, data) -> int:
+        if self.left is None:
+            self.out.write(data)
+        elif self.left > 0:
+            self.out.write(bytes(data)[: self.left])
+            self.left -= min(self.left, len(data))
+            if not self.left:
+                self.out.close()
+        if not self.out.closed:
+            self.out.flush()
+        return len(data)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stall_s", [0.0, 8.0])
 def test_a_live_mpegts_pipe_is_watched_and_answered(qa, stall_s):
     read, write = os.pipe()
-    writer = write_mpegts(write, 16, stall_s=stall_s)
+    writer = write_live(write, 16, stall_s=stall_s)
     stream = qa.stream(carriers=4, fps=4.0)
     with os.fdopen(read, "rb") as pipe:
         report = stream.feed(pipe_source(pipe, size=(56, 56), stall_timeout_s=3.0, buffer=64))
@@ -70,6 +92,37 @@ def test_a_live_mpegts_pipe_is_watched_and_answered(qa, stall_s):
         writer.join(timeout=10)
         times = stream.carrier_times_s
         assert len(times) == 4 and set(times) <= {i / 2 for i in range(8)}
+
+
+@pytest.mark.slow
+def test_a_matroska_stream_on_standard_input_is_watched(monkeypatch, capsys):
+    from pipeline_helpers import model_dir
+
+    from qv_jax.cli import main
+
+    read, write = os.pipe()
+    write_live(write, 16, format="matroska")
+    argv = ["watch", "-", "--format", "matroska", "--model", str(model_dir()), "--ask-every", "2s", "--fps", "2"]
+    with os.fdopen(read, "rb") as pipe:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(pipe))
+        code = main([*argv, "--carriers", "4", "--max-pixels", str(56 * 56), "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "standard input: the stream ended after 16 frames, 3.8 s; real-time factor" in err
+    seen, dropped = (int(x) for x in re.search(r"watched (\d+) frames \((\d+) dropped", err).groups())
+    assert seen + dropped == 8 and seen >= 2  # 4 s at 2 fps
+    assert out.splitlines()[-1].startswith("[") and "What is happening? -> " in out.splitlines()[-1]
+
+
+def test_a_matroska_stream_cut_off_mid_way_answers_from_what_was_seen(qa):
+    read, write = os.pipe()
+    write_live(write, 16, format="matroska", cut_at=30_000)  # the sender dies inside its 5th frame or so
+    stream = qa.stream(carriers=4, fps=4.0)
+    with os.fdopen(read, "rb") as pipe:
+        report = stream.feed(pipe_source(pipe, format="matroska", size=(56, 56), stall_timeout_s=3.0, buffer=64))
+    assert report.ended == "end" and 2 <= report.frames_seen == stream.frames_seen < 16
+    assert f"standard input: the stream ended after {report.frames_seen} frames, " in report.message
+    assert stream.ask("What was seen?", max_new_tokens=2).token_ids.size >= 1
 
 
 def test_a_broken_stream_answers_from_what_was_seen(qa):

@@ -63,9 +63,10 @@ class LiveSource:
         self._next_slot = 0
 
     def _run(self) -> None:
-        outcome = ("end", f"{self.name}: the stream ended")
+        last = None
         try:
             for frame, t in self._produce():
+                last = t
                 if self._stop.is_set():
                     outcome = ("closed", f"{self.name}: closed")
                     break
@@ -82,6 +83,11 @@ class LiveSource:
                     self._frames.append((frame, t))
                     self.taken += 1
                     self._ready.notify()
+            else:
+                # a live stream cut off mid-way reads as its end (neither MPEG-TS nor Matroska marks the end of a
+                # live stream): how much came says whether that was early
+                seen = "no frame" if last is None else f"{self.decoded} frame{'s' * (self.decoded != 1)}, {last:.1f} s"
+                outcome = ("end", f"{self.name}: the stream ended after {seen}")
         except Exception as e:  # a damaged or cut stream: reported to the consumer, who keeps what it saw
             outcome = ("broken", f"{self.name}: the stream broke ({type(e).__name__}: {e})")
         with self._ready:
