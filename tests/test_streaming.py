@@ -10,9 +10,11 @@ import pytest
 from pipeline_helpers import SIDE, VIDEO_OPTIONS, sample_video, tiny_model
 
 import qv_jax
+from qv_jax.attention import SparsityConfig
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.pipeline import prefill
 from qv_jax.pipeline.prefill import TextChunk
+from qv_jax.runtime import VisionLanguageModel
 from qv_jax.streaming import stream as stream_module
 from qv_jax.streaming.step import Bank, rebase
 from qv_jax.streaming.stream import POSITION_RESERVE
@@ -179,6 +181,11 @@ def test_fps_sampling_and_bad_input(qa):
     for bad in ({"carriers": 1}, {"keep_visual": -1}, {"carriers": None}, {"fps": 0}):
         with pytest.raises(ConfigError):
             qa.stream(**bad)
+    sparse = VisionLanguageModel.random(
+        qa.model.config, tokenizer=qa.tokenizer, sparsity=SparsityConfig(sink=4, local=8, token_budget=None)
+    )
+    with pytest.raises(ConfigError, match="without sparsity= to stream"):
+        qv_jax.VideoQA(sparse).stream()
 
 
 @pytest.mark.slow

@@ -104,6 +104,13 @@ class VideoStream:
     def __init__(self, model, config: StreamConfig, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         if model.tokenizer is None:
             raise ConfigError(f"model {model.source or ''} has no tokenizer; a stream needs tokenizer.json")
+        if model.sparsity is not None:
+            # a sparse answer would read the whole bounded bank anyway, and the bank's slots are not in stream
+            # order, which a streaming head's recent-token window assumes (docs/streaming.md, "Answers")
+            raise ConfigError(
+                "a stream answers with dense attention over its bank of at most prefix + carriers * (keep_visual "
+                "+ 1) tokens, in slots that are not in stream order: load the model without sparsity= to stream"
+            )
         self.model = model
         self.config = config
         self._lock = threading.Lock()
