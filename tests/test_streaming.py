@@ -62,6 +62,7 @@ def test_eviction_follows_the_rule(qa):
     np.testing.assert_allclose(stream.carrier_times_s, np.array(held) * 2 / 2.0)
     answer = stream.ask("What is happening?", max_new_tokens=4)
     assert 1 <= answer.token_ids.size <= 4 and answer.kv_bytes > stream.kv_bytes
+    assert answer.stream_time_s == 29.5  # the newest frame in the memory
 
 
 @pytest.mark.slow

@@ -86,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
         )
     qa = VideoQA.from_pretrained(args.model, dtype=args.dtype)
     stream = qa.stream(carriers=args.carriers, keep_visual=args.keep_visual, fps=args.fps)
-    asked = {"next": args.ask_every, "time": 0.0}
+    asked = {"next": args.ask_every}
     printing = threading.Lock()  # typed questions are answered on their own thread: one whole line at a time
 
-    def answer(question: str, t: float) -> None:
+    def answer(question: str) -> None:
+        """Answer and print with the stream time the answer saw up to."""
         reply = stream.ask(question, max_new_tokens=args.max_new_tokens)
+        t = reply.stream_time_s
         with printing:
             if args.json:
                 record = {"stream_time_s": t, "question": question, "answer": reply.text}
@@ -100,13 +102,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[{t:8.1f} s] {question} -> {reply.text}", flush=True)
 
     def on_schedule(t: float) -> None:
-        asked["time"] = t
         if args.ask_every is not None and t >= asked["next"] and stream.patches:
-            answer(args.question, t)
+            answer(args.question)
             asked["next"] += args.ask_every * (1 + int((t - asked["next"]) // args.ask_every))
 
     if args.interactive:
-        questions = (args.source == "-", answer, asked, source)
+        questions = (args.source == "-", answer, source)
         threading.Thread(target=_questions, args=questions, name="qv-jax-watch-questions", daemon=True).start()
     try:
         report = stream.feed(source, after_frame=on_schedule)
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if stream.patches:
-        answer(args.question, asked["time"])
+        answer(args.question)
     print(f"{report.message}; real-time factor {report.realtime_factor:.2f}", file=sys.stderr)
     if args.json:
         summary = {"frames_seen": stream.frames_seen, "dropped": source.dropped, "patches": stream.patches}
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _questions(from_tty: bool, answer, asked: dict, source) -> None:
+def _questions(from_tty: bool, answer, source) -> None:
     """Answer each line typed at the terminal (``/dev/tty`` when standard input carries the video); ``quit``,
     ``exit`` or the end of input (Ctrl-D) stops watching, and the run ends with its last answer and summary."""
     lines = open("/dev/tty") if from_tty else sys.stdin
@@ -139,7 +140,7 @@ def _questions(from_tty: bool, answer, asked: dict, source) -> None:
             break
         if question:
             try:
-                answer(question, asked["time"])
+                answer(question)
             except InputError as e:
                 print(f"qv-jax watch: {e}", file=sys.stderr)
     source.close(reason)
