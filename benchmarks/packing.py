@@ -5,9 +5,11 @@ Prefill: ``--prompts`` prompts with log-normal lengths (clipped to ``--min-len``
 go to their first answer token's logits either padded to the longest (what ``generate`` runs on a batch: one
 prefill chunk over ``[B, longest]``) or packed by best-fit decreasing (``qv_jax.runtime.packing``: packed bins,
 unpacked into decode rows, then the held-back last tokens). Both are timed warm, and their compiled temporary
-memory is read from XLA's memory analysis; the first tokens must agree. Questions: one video memory, then
-``--questions`` questions through ``ask_many`` and through ``ask`` one by one. ``python -m benchmarks.packing``;
-prints a table and writes ``benchmarks/results/packing.json``. Results: docs/benchmarks/packing.md.
+memory is read from XLA's memory analysis; the first tokens must agree. Questions: for each ``--memories``
+setting ``FRAMESxTOKENS`` one video memory of that many frames, then ``--questions`` questions of that many answer
+tokens through ``ask_many`` and through ``ask`` one by one (``--skip-prefill`` runs only this part).
+``python -m benchmarks.packing``; prints a table and writes ``benchmarks/results/packing.json``. Results:
+docs/benchmarks/packing.md.
 """
 
 from __future__ import annotations
@@ -119,12 +121,21 @@ def prefill_rows(model, prompts: list[np.ndarray], repeats: int) -> tuple[list[d
     return out, same
 
 
-def question_rows(model, video: Path, count: int, max_new_tokens: int) -> tuple[list[dict], int]:
-    """``ask_many`` against ``ask`` per question on one memory: total time, KV bytes; and how many answers agree."""
+def parse_memory(text: str) -> tuple[int, int]:
+    """``FRAMESxTOKENS`` (e.g. ``16x8``): frames of the memory, answer tokens per question; an argparse type."""
+    frames, sep, tokens = text.lower().partition("x")
+    if not (sep and frames.isdigit() and tokens.isdigit() and int(frames) > 0 and int(tokens) > 0):
+        raise argparse.ArgumentTypeError(f"expected FRAMESxTOKENS, e.g. 16x8, got {text!r}")
+    return int(frames), int(tokens)
+
+
+def question_rows(model, video: Path, count: int, frames: int, max_new_tokens: int) -> tuple[list[dict], int]:
+    """``ask_many`` against ``ask`` per question on one memory of ``frames`` frames: total time, KV bytes; and how
+    many answers agree."""
     import qv_jax
 
     qa = qv_jax.VideoQA(
-        model, group_frames=4, fps=1.0, max_frames=16, min_pixels=224 * 224, max_pixels=224 * 224, workers=2
+        model, group_frames=4, fps=1.0, max_frames=frames, min_pixels=224 * 224, max_pixels=224 * 224, workers=2
     )
     memory = qa.encode(video)
     questions = list(QUESTIONS[:count])
@@ -138,11 +149,31 @@ def question_rows(model, video: Path, count: int, max_new_tokens: int) -> tuple[
     alone = [qa.ask(memory, q, max_new_tokens=max_new_tokens) for q in questions]
     alone_s = time.perf_counter() - start
     same = sum(bool(np.array_equal(a.token_ids, b.token_ids)) for a, b in zip(many, alone, strict=True))
+    setting = {"frames": frames, "memory_tokens": int(memory.tokens_per_layer.max()), "new_tokens": max_new_tokens}
     rows = [
-        {"questions": f"{count} x ask", "time_s": alone_s, "kv_mib": sum(a.kv_bytes for a in alone) / 2**20},
-        {"questions": "ask_many", "time_s": many_s, "kv_mib": many[0].kv_bytes / 2**20},
+        setting | {"questions": f"{count} x ask", "time_s": alone_s, "kv_mib": sum(a.kv_bytes for a in alone) / 2**20},
+        setting | {"questions": "ask_many", "time_s": many_s, "kv_mib": many[0].kv_bytes / 2**20},
     ]
     return rows, same
+
+
+def prefill_record(model, args) -> dict:
+    """Packed against padded prefill of ``args.prompts`` log-normal prompts, printed and as record fields."""
+    rng = np.random.default_rng(args.seed + 1)
+    lengths = prompt_lengths(args.prompts, args.min_len, args.max_len, args.seed)
+    prompts = [rng.integers(10, 500, n).astype(np.int32) for n in lengths]
+    prefill, same_first = prefill_rows(model, prompts, args.repeats)
+    print(format_table(prefill, ["prefill", "rows x tokens", "useful_fraction", "time_s", "temp_mib"]), flush=True)
+    print(f"prompt lengths: {args.prompts} log-normal, {lengths.min()}-{lengths.max()}, sum {lengths.sum()}")
+    speed, memory = (prefill[0][k] / prefill[1][k] for k in ("time_s", "temp_mib"))
+    print(f"packed: {speed:.2f}x faster, {memory:.2f}x less temp memory; same first tokens: {same_first}")
+    return {
+        "lengths": [int(n) for n in lengths],
+        "prefill": prefill,
+        "prefill_speedup": speed,
+        "temp_memory_ratio": memory,
+        "same_first_tokens": same_first,
+    }
 
 
 def main(argv=None) -> None:
@@ -152,49 +183,48 @@ def main(argv=None) -> None:
     parser.add_argument("--min-len", type=int, default=10)
     parser.add_argument("--max-len", type=int, default=2000)
     parser.add_argument("--questions", type=int, default=16, choices=range(1, len(QUESTIONS) + 1), metavar="N")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens per question")
-    parser.add_argument("--video", type=Path, help="video for the questions (default: a generated 20 s clip)")
+    parser.add_argument(
+        "--memories",
+        type=parse_memory,
+        nargs="+",
+        default=[(16, 8), (128, 32)],
+        metavar="FRAMESxTOKENS",
+        help="memory frames and answer tokens of each question setting (default: 16x8 128x32)",
+    )
+    parser.add_argument("--skip-prefill", action="store_true", help="only the questions")
+    parser.add_argument("--video", type=Path, help="video for the questions (default: a generated clip, 1 s a frame)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/packing.json)")
     args = parser.parse_args(argv)
 
+    record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as scratch:
         model = random_model(args.preset, "float32", Path(scratch))
-        rng = np.random.default_rng(args.seed + 1)
-        lengths = prompt_lengths(args.prompts, args.min_len, args.max_len, args.seed)
-        prompts = [rng.integers(10, 500, n).astype(np.int32) for n in lengths]
-        prefill, same_first = prefill_rows(model, prompts, args.repeats)
-        print(format_table(prefill, ["prefill", "rows x tokens", "useful_fraction", "time_s", "temp_mib"]), flush=True)
+        record |= {"model": f"random {args.preset}", "parameters": sum(x.size for x in jax.tree.leaves(model.state))}
+        print(f"model: random {args.preset} ({record['parameters'] / 1e6:.1f}M parameters)")
+        if not args.skip_prefill:
+            record |= prefill_record(model, args)
         video = args.video
         if video is None:
             from qv_jax.testing.videos import make_sample_video
 
-            video = RESULTS_DIR / "videos" / "packing_20s.mp4"
+            seconds = max(20, max(frames for frames, _ in args.memories))
+            video = RESULTS_DIR / "videos" / f"packing_{seconds}s.mp4"
             if not video.is_file():
-                make_sample_video(video, seconds=20, size=(360, 640), gop=30)
-        questions, same_answers = question_rows(model, video, args.questions, args.max_new_tokens)
-    params = sum(x.size for x in jax.tree.leaves(model.state))
-    print(f"model: random {args.preset} ({params / 1e6:.1f}M parameters)")
-    print(f"prompt lengths: {args.prompts} log-normal, {lengths.min()}-{lengths.max()}, sum {lengths.sum()}")
-    speed, memory = (prefill[0][k] / prefill[1][k] for k in ("time_s", "temp_mib"))
-    print(f"packed: {speed:.2f}x faster, {memory:.2f}x less temp memory; same first tokens: {same_first}")
-    print(format_table(questions, ["questions", "time_s", "kv_mib"]))
-    many_speed = questions[0]["time_s"] / questions[1]["time_s"]
-    print(f"ask_many: {many_speed:.2f}x faster; {same_answers}/{args.questions} answers as ask gives them")
-    record = {
-        "model": f"random {args.preset}",
-        "parameters": params,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "lengths": [int(n) for n in lengths],
-        "prefill": prefill,
-        "prefill_speedup": speed,
-        "temp_memory_ratio": memory,
-        "same_first_tokens": same_first,
-        "questions": questions,
-        "ask_many_speedup": many_speed,
-        "same_answers": same_answers,
-    }
+                make_sample_video(video, seconds=seconds, size=(360, 640), gop=30)
+        questions, speedups, same_answers = [], [], 0
+        for frames, tokens in args.memories:
+            rows, same = question_rows(model, video, args.questions, frames, tokens)
+            questions += rows
+            speedups.append(rows[0]["time_s"] / rows[1]["time_s"])
+            same_answers += same
+    print(format_table(questions, ["frames", "memory_tokens", "new_tokens", "questions", "time_s", "kv_mib"]))
+    for (frames, tokens), speed in zip(args.memories, speedups, strict=True):
+        print(f"ask_many with {frames} frames, {tokens} answer tokens: {speed:.2f}x faster")
+    total = args.questions * len(args.memories)
+    print(f"{same_answers}/{total} answers as ask gives them")
+    record |= {"questions": questions, "ask_many_speedup": speedups, "same_answers": same_answers}
     print(f"wrote {write_json('packing', record, args.out)}")
 
 

@@ -55,9 +55,12 @@ def _check_model(record: dict) -> None:
 
 
 def _check_packing(record: dict) -> None:
-    assert record["same_first_tokens"] is True and record["same_answers"] == record["args"]["questions"]
+    assert record["same_first_tokens"] is True and record["same_answers"] == 2 * record["args"]["questions"]
     assert [row["prefill"] for row in record["prefill"]] == ["padded", "packed"]
-    assert record["questions"][1]["kv_mib"] < record["questions"][0]["kv_mib"]  # the memory counted once
+    questions = record["questions"]
+    assert [(row["frames"], row["new_tokens"]) for row in questions] == [(4, 2), (4, 2), (8, 3), (8, 3)]
+    assert questions[1]["kv_mib"] < questions[0]["kv_mib"]  # the memory counted once
+    assert questions[0]["memory_tokens"] < questions[2]["memory_tokens"] and len(record["ask_many_speedup"]) == 2
 
 
 def _check_sharding(record: dict) -> None:
@@ -104,7 +107,7 @@ CASES = {
     ),
     "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
     "packing": (
-        "--preset tiny --prompts 8 --max-len 100 --questions 3 --max-new-tokens 2 --repeats 1".split(),
+        "--preset tiny --prompts 8 --max-len 100 --questions 3 --memories 4x2 8x3 --repeats 1".split(),
         _check_packing,
     ),
     "sharding": (
