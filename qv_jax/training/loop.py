@@ -24,7 +24,7 @@ from qv_jax.errors import ConfigError, InputError, OutputError
 from qv_jax.marker import atomic_output, check_output
 from qv_jax.training import checkpoint
 from qv_jax.training.data import DataSource
-from qv_jax.training.step import StepConfig, batch_arrays, make_step, optimizer, split_text
+from qv_jax.training.step import StepConfig, batch_arrays, make_init, make_step, split_text
 
 CHECKPOINTS, LOG, CURVE, MODEL = "checkpoints", "log.jsonl", "loss.png", "model"
 
@@ -168,7 +168,7 @@ def finetune(
     )
     text_def, treedef, params = split_text(model)
     with model.mesh_context():
-        opt_state = jax.jit(optimizer(config).init)(params)
+        opt_state = make_init(config)(params)
     start, position = 0, 0
     if resume:
         like = {"params": params, "opt_state": opt_state, "step": np.int64(0), "position": np.int64(0)}
@@ -207,7 +207,6 @@ def finetune(
                 progress(done, loss, entry["tokens_per_s"])
     if not entries:
         raise InputError(f"{out}: nothing to train: its checkpoint is already at step {start} of {steps}")
-    plot_losses(out / CURVE, entries)
     trained = with_text_params(model, text_def, treedef, params)
     (save_model or (lambda m, d: m.save(d, overwrite=True)))(trained, out / MODEL)
     return FinetuneResult(trained, np.asarray([e["loss"] for e in entries], np.float32), out)
@@ -219,7 +218,7 @@ def with_text_params(model, text_def, treedef, params):
 
     dtype = model.dtype
     text_state = jax.tree.unflatten(treedef, [p.astype(dtype) for p in params])
-    whole = model.model
+    whole = nnx.merge(model.graphdef, jax.tree.map(lambda x: x, model.state))  # fresh variables: model stays
     nnx.update(whole.text, text_state)
     graphdef, state = nnx.split(whole)
     return VisionLanguageModel(

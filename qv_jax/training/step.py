@@ -131,11 +131,18 @@ def make_step(text_def, treedef, config: StepConfig):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=8)
+def make_init(config: StepConfig):
+    """The jitted optimizer-state initialiser (its state placed like the parameters)."""
+    return jax.jit(optimizer(config).init)
+
+
 def split_text(model) -> tuple[nnx.GraphDef, object, list[Array]]:
     """``(text graphdef, treedef, float32 master weights)`` of a model's text decoder (shardings kept)."""
     text_def, text_state = nnx.split(model.model.text)
     leaves, treedef = jax.tree.flatten(text_state)
-    return text_def, treedef, [leaf.astype(jnp.float32) for leaf in leaves]
+    # copies, never the model's own arrays: the step donates (frees) the ones it is given
+    return text_def, treedef, [jax.device_put(leaf.astype(jnp.float32), may_alias=False) for leaf in leaves]
 
 
 def batch_arrays(batch) -> tuple[np.ndarray, ...]:
