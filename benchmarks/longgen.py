@@ -1,0 +1,120 @@
+"""LongGen's hybrid sparse-layer model against the dense one: KV memory, prefill and one training step.
+
+Hybrid: full attention in the middle third of the layers, sink + window (``--sparse streaming``) or local +
+strided blocks (``--sparse strided``) in the others. Per length, on the ``--preset`` model (``bench``: the
+42M-parameter, 8-layer model of benchmarks/e2e.py) with the chunked attention: one forward over the whole prompt
+(the prefill's arithmetic, without writing a cache) and one training step (forward, rematerialised backward,
+AdamW) of ``qv_jax.training``, dense and hybrid in the same run, as time ratios. Then the KV cache bytes of both
+at ``--kv-lengths`` for the preset and for Qwen2.5-VL-7B's geometry (28 layers, 4 KV heads of 128, bfloat16),
+computed from the cache byte functions (the paper: -62 %). Run ``python -m benchmarks.longgen``; prints tables
+and writes ``benchmarks/results/longgen.json``. Results: docs/benchmarks/longgen.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import format_table, time_call, write_json
+from benchmarks.e2e import random_model
+from qv_jax.attention.backends import AttentionConfig
+from qv_jax.attention.patterns import HeadPattern
+from qv_jax.training.data import Synthetic
+from qv_jax.training.step import StepConfig, batch_arrays, hidden_states, make_init, make_step, split_text
+
+
+def hybrid_patterns(num_layers: int, *, sparse: str, sink: int, local: int, block: int, vert_stride: int):
+    """Per layer: dense in the middle third (at least one layer), the sparse pattern elsewhere."""
+    count = max(1, round(num_layers / 3))
+    first = (num_layers - count) // 2
+    pattern = (
+        HeadPattern.streaming(sink, local)
+        if sparse == "streaming"
+        else HeadPattern.strided(max(1, local // block), vert_stride, 0, block)
+    )
+    return tuple(HeadPattern.dense() if first <= i < first + count else pattern for i in range(num_layers))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def forward(text_def, treedef, config, params, ids_BT, segments_BT, positions_BT):
+    """The whole prompt through every layer: the prefill's arithmetic, without writing a cache."""
+    text = nnx.merge(text_def, jax.tree.unflatten(treedef, params))
+    return hidden_states(text, config, ids_BT, segments_BT, positions_BT)
+
+
+def time_one(model, arrays, layer_patterns, *, repeats: int, step: bool) -> dict:
+    """Seconds of one prefill and (with ``step``) one training step of the model with these patterns."""
+    text_def, treedef, params = split_text(model)
+    config = StepConfig(steps=10, attention=AttentionConfig("chunked"), layer_patterns=layer_patterns)
+    fwd = time_call(
+        lambda: forward(text_def, treedef, config, params, *arrays[:3]).block_until_ready(), repeats=repeats
+    )
+    row = {"prefill_s": fwd["median_s"]}
+    if step:
+        train = make_step(text_def, treedef, config)
+        holder = {"params": params, "opt": make_init(config)(params)}
+
+        def one_step():
+            holder["params"], holder["opt"], loss = train(holder["params"], holder["opt"], arrays)
+            loss.block_until_ready()
+
+        row["train_step_s"] = time_call(one_step, repeats=repeats)["median_s"]
+    return row
+
+
+def time_length(model, length: int, patterns, *, repeats: int, step: bool) -> list[dict]:
+    """Dense then hybrid at one length; the hybrid row carries the time ratios (hybrid / dense)."""
+    task = Synthetic("copy", separator=model.eos_token_ids[0], vocab_size=model.config.text.vocab_size)
+    arrays = tuple(jnp.asarray(a) for a in batch_arrays(task.batch(0, 1, length)[0]))
+    dense = {"tokens": length, "model": "dense"} | time_one(model, arrays, None, repeats=repeats, step=step)
+    hybrid = {"tokens": length, "model": "hybrid"} | time_one(model, arrays, patterns, repeats=repeats, step=step)
+    hybrid["prefill_ratio"] = hybrid["prefill_s"] / dense["prefill_s"]
+    if step:
+        hybrid["train_step_ratio"] = hybrid["train_step_s"] / dense["train_step_s"]
+    return [dense, hybrid]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("tiny", "bench"), default="bench", help="random model (default bench)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384], help="prompt lengths to time")
+    parser.add_argument("--step-lengths", type=int, nargs="*", help="lengths to time a train step at (default all)")
+    parser.add_argument("--sparse", choices=("streaming", "strided"), default="streaming")
+    parser.add_argument("--sink", type=int, default=64)
+    parser.add_argument("--local", type=int, default=1024, help="window (streaming) or local tokens (strided)")
+    parser.add_argument("--block", type=int, default=64, help="block of a strided layer")
+    parser.add_argument("--vert-stride", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/longgen.json)")
+    args = parser.parse_args()
+    step_lengths = args.lengths if args.step_lengths is None else args.step_lengths
+    with tempfile.TemporaryDirectory() as scratch:
+        model = random_model(args.preset, "float32", Path(scratch))
+    t = model.config.text
+    patterns = hybrid_patterns(
+        t.num_layers, sparse=args.sparse, sink=args.sink, local=args.local, block=args.block,
+        vert_stride=args.vert_stride,
+    )  # fmt: skip
+    rows = []
+    for n in args.lengths:
+        rows += time_length(model, n, patterns, repeats=args.repeats, step=n in step_lengths)
+    print(format_table(rows, ["tokens", "model", "prefill_s", "prefill_ratio", "train_step_s", "train_step_ratio"]))
+    record = {
+        "args": vars(args) | {"out": str(args.out) if args.out else None},
+        "model": {"preset": args.preset, "layers": t.num_layers, "kv_heads": t.num_kv_heads, "width": t.hidden_size},
+        "layers": ["full" if p.is_dense else args.sparse for p in patterns],
+        "rows": rows,
+        "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(model.state))),
+    }
+    print(f"wrote {write_json('longgen', record, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
