@@ -46,6 +46,13 @@ def _check_identify(record: dict) -> None:
     assert len({row["streaming"] for row in record["methods"]}) == 1
 
 
+def _check_longgen(record: dict) -> None:
+    assert [(row["tokens"], row["model"]) for row in record["rows"]] == [(256, "dense"), (256, "hybrid")]
+    hybrid = record["rows"][1]
+    assert hybrid["prefill_ratio"] > 0 and hybrid["train_step_ratio"] > 0
+    assert sorted(record["layers"]) == ["full", "streaming"]
+
+
 def _check_model(record: dict) -> None:
     assert record["same_greedy_tokens"] is True
     assert {row["stage"] for row in record["rows"]} >= {"vision", "prefill", "decode"}
@@ -99,6 +106,7 @@ CASES = {
         "--preset tiny --lengths 128 --sink 4 --recent 12 --steps 2 --repeats 1".split(),
         _check_identify,
     ),
+    "longgen": ("--preset tiny --lengths 256 --local 64 --repeats 1".split(), _check_longgen),
     "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
     "packing": (
         "--preset tiny --prompts 8 --max-len 100 --questions 3 --max-new-tokens 2 --repeats 1".split(),

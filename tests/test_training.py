@@ -206,3 +206,33 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     assert not np.allclose(before, after) and np.isfinite(after).all()
     assert main(args) == 2  # a second run into the same OUT without --resume
     assert "not empty" in capsys.readouterr().err
+
+
+MESH_SCRIPT = """
+import tempfile, jax, numpy as np
+from qv_jax.sharding import make_mesh
+from qv_jax.testing import random_model
+from qv_jax.training import finetune, open_data
+one = random_model(seed=1)
+meshed = random_model(seed=1, mesh=make_mesh(data=2, model=2, devices=jax.devices()[:4]))
+data = open_data("synthetic:copy", one)
+run = dict(seq_len=32, batch_tokens=64, steps=3, lr=1e-2, warmup=1, save_model=lambda m, d: None)
+want = finetune(one, data, tempfile.mkdtemp() + "/one", **run)
+got = finetune(meshed, data, tempfile.mkdtemp() + "/mesh", **run)
+np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5)
+q = got.model.state["text"]["layers"][0]["q"][...]
+assert "model" in str(q.sharding.spec), q.sharding
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_training_on_a_2x2_mesh_matches_one_device():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
