@@ -1,9 +1,11 @@
-"""Sparse decoding settings: DuoAttention's streaming heads and LServe's page selection, in one frozen config.
+"""Sparse attention settings: DuoAttention's streaming heads, LServe's page selection and LongGen's hybrid layers,
+in one frozen config.
 
 Streaming heads attend to the first ``sink`` tokens and the ``local`` most recent ones and keep a constant-size
 cache; retrieval heads decode over a paged cache, reading ``token_budget`` tokens a step chosen page by page.
-Which heads stream comes from a DuoAttention pattern (``qv_jax.attention.heads``). See docs/attention.md, "Sparse
-decoding".
+Which heads stream comes from a DuoAttention pattern (``qv_jax.attention.heads``). A LongGen hybrid names each
+layer ``"full"``, ``"streaming"`` (every head streams) or ``"strided"`` (local + strided blocks). See
+docs/attention.md, "Sparse decoding" and "LongGen hybrid models".
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from qv_jax.attention.backends import CHUNKED, REFERENCE, Backend, Kernel, kernel_impl, parse
 from qv_jax.attention.heads import load_duo_attention_heads
+from qv_jax.attention.patterns import HeadPattern
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.numeric import round_up
 
@@ -30,6 +34,45 @@ def _mask_tuple(mask) -> tuple[tuple[bool, ...], ...]:
             raise ConfigError("streaming_heads must be boolean (or 0/1): True marks a streaming head")
         arr = arr.astype(bool)
     return tuple(tuple(bool(x) for x in row) for row in arr)
+
+
+FULL, STREAMING, STRIDED = "full", "streaming", "strided"
+LAYER_KINDS = (FULL, STREAMING, STRIDED)
+# what to_dict writes: the architecture and decode settings; the backend is the loading machine's choice
+_SAVED_FIELDS = (
+    "layers",
+    "streaming_heads",
+    "sink",
+    "local",
+    "local_blocks",
+    "vert_stride",
+    "block",
+    "page_size",
+    "logical_page_size",
+    "token_budget",
+    "reselect_every",
+)
+
+
+def _layers_tuple(layers) -> tuple[str, ...]:
+    if isinstance(layers, str):
+        raise ConfigError(f"layers must be a sequence of layer kinds, got the string {layers!r}")
+    out = tuple(layers)
+    bad = [kind for kind in out if kind not in LAYER_KINDS]
+    if not out or bad:
+        raise ConfigError(f"layers must be a non-empty sequence of {LAYER_KINDS}, got {list(out)}")
+    return out
+
+
+def _int_or_none(value, may_be_none: bool) -> bool:
+    return (value is None and may_be_none) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _middle_third(num_layers: int) -> range:
+    """LongGen's full layers: the middle third (at least one), centred."""
+    count = max(1, round(num_layers / 3))
+    first = (num_layers - count) // 2
+    return range(first, first + count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +89,20 @@ class SparsityConfig:
     ``backend``: ``"reference"`` / ``"chunked"`` (jnp), ``"interpret"`` or ``"pallas"``; ``None`` (or ``"auto"``)
     picks ``"chunked"`` on CPU and ``"pallas"`` on TPU / GPU. ``kernel``: ``"tpu"`` or ``"gpu"`` for the Pallas
     backends (default: the device's; ``"tpu"`` when interpreting).
+    ``layers``: a LongGen hybrid's kind of each layer, ``"full"`` / ``"streaming"`` / ``"strided"`` (``None``: all
+    full). Every head of a streaming layer streams (``sink`` + ``local``); ``streaming_heads`` may add DuoAttention
+    streaming heads in the full layers. A strided layer's KV head ``h`` sees the ``local_blocks`` nearest
+    ``block``-token blocks and every ``vert_stride``-th block from offset ``h % vert_stride``
+    (:meth:`HeadPattern.strided`); ``block`` is a multiple of ``page_size`` so that decode reads whole pages.
     """
 
     streaming_heads: tuple[tuple[bool, ...], ...] | None = None
     sink: int = 64
     local: int = 256
+    layers: tuple[str, ...] | None = None
+    local_blocks: int = 1
+    vert_stride: int = 8
+    block: int = 64
     page_size: int = 64
     logical_page_size: int = 16
     token_budget: int | None = 4096
@@ -63,6 +115,9 @@ class SparsityConfig:
             object.__setattr__(self, "streaming_heads", _mask_tuple(self.streaming_heads))
         if self.sink < 0 or self.local < 1:
             raise ConfigError(f"need sink >= 0 and local >= 1, got sink={self.sink}, local={self.local}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _layers_tuple(self.layers))
+            self._check_layers()
         if self.page_size < 1 or self.logical_page_size < 1 or self.page_size % self.logical_page_size:
             raise ConfigError(
                 f"page_size ({self.page_size}) must be a positive multiple of logical_page_size "
@@ -84,6 +139,58 @@ class SparsityConfig:
                     object.__setattr__(self, name, parse(kind, value, name))
                 except InputError as e:
                     raise ConfigError(f"{e} or None") from None
+
+    def _check_layers(self) -> None:
+        if self.streaming_heads is not None:
+            if len(self.streaming_heads) != len(self.layers):
+                raise ConfigError(
+                    f"streaming_heads has {len(self.streaming_heads)} layers but layers names {len(self.layers)}"
+                )
+            strided = [i for i, kind in enumerate(self.layers) if kind == STRIDED and any(self.streaming_heads[i])]
+            if strided:
+                raise ConfigError(f"strided layers {strided} cannot have streaming heads")
+        if STRIDED in self.layers:
+            if self.local_blocks < 1 or self.vert_stride < 1:
+                raise ConfigError(
+                    f"strided layers need local_blocks >= 1 and vert_stride >= 1, got local_blocks="
+                    f"{self.local_blocks}, vert_stride={self.vert_stride}"
+                )
+            if self.block < 1 or self.block % self.page_size:
+                raise ConfigError(
+                    f"block ({self.block}) must be a positive multiple of page_size ({self.page_size}): a strided "
+                    "layer decodes whole blocks as pages"
+                )
+
+    @classmethod
+    def longgen(
+        cls,
+        num_layers: int,
+        full_layers: str | Sequence[int] = "middle",
+        sparse: str = STREAMING,
+        **kwargs,
+    ) -> SparsityConfig:
+        """LongGen's hybrid: full attention in ``full_layers`` (``"middle"``: the middle third, rounded, at least
+        one), ``sparse`` (``"streaming"``: sink + window, or ``"strided"``: local + strided blocks) elsewhere.
+
+        ``kwargs`` are the other fields (``sink``, ``local``, ``local_blocks``, ``vert_stride``, ``block``,
+        ``streaming_heads`` for DuoAttention heads in the full layers, ...).
+        """
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"num_layers must be a positive int, got {num_layers!r}")
+        if sparse not in (STREAMING, STRIDED):
+            raise ConfigError(f"sparse must be {STREAMING!r} or {STRIDED!r}, got {sparse!r}")
+        if isinstance(full_layers, str):
+            if full_layers != "middle":
+                raise ConfigError(f"full_layers must be 'middle' or a sequence of layer indices, got {full_layers!r}")
+            full = set(_middle_third(num_layers))
+        else:
+            full = {int(i) for i in full_layers}
+            if any(not 0 <= i < num_layers for i in full):
+                raise ConfigError(f"full_layers {sorted(full)} out of range for {num_layers} layers")
+        if "layers" in kwargs:
+            raise ConfigError("longgen() builds layers itself; give SparsityConfig(layers=...) for an explicit list")
+        layers = tuple(FULL if i in full else sparse for i in range(num_layers))
+        return cls(layers=layers, **kwargs)
 
     @classmethod
     def from_duo_attention(
@@ -126,24 +233,93 @@ class SparsityConfig:
             return 0
         return min(self.num_selected_pages, capacity // self.page_size) - 1
 
+    def layer_kinds(self, num_layers: int) -> tuple[str, ...]:
+        """Each layer's kind (``"full"`` for all without ``layers``); :class:`ConfigError` if the count is wrong."""
+        if self.layers is None:
+            return (FULL,) * num_layers
+        if len(self.layers) != num_layers:
+            raise ConfigError(f"layers names {len(self.layers)} layers but the model has {num_layers}")
+        return self.layers
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layer is not full attention (its prefill and training use :meth:`layer_patterns`)."""
+        return self.layers is not None and any(kind != FULL for kind in self.layers)
+
     def streaming_mask(self, num_layers: int, num_kv_heads: int) -> np.ndarray:
-        """``[layers, kv_heads]`` bool; raises :class:`ConfigError` if the shape does not fit the model."""
+        """``[layers, kv_heads]`` bool, every head of a streaming layer included; raises :class:`ConfigError` if
+        the shape does not fit the model."""
+        kinds = np.array(self.layer_kinds(num_layers))
         if self.streaming_heads is None:
-            return np.zeros((num_layers, num_kv_heads), bool)
-        mask = np.array(self.streaming_heads, bool)
-        if mask.shape != (num_layers, num_kv_heads):
-            raise ConfigError(
-                f"streaming_heads has shape {mask.shape} but the model has {num_layers} layers of {num_kv_heads} "
-                "KV heads"
-            )
-        return mask
+            mask = np.zeros((num_layers, num_kv_heads), bool)
+        else:
+            mask = np.array(self.streaming_heads, bool)
+            if mask.shape != (num_layers, num_kv_heads):
+                raise ConfigError(
+                    f"streaming_heads has shape {mask.shape} but the model has {num_layers} layers of "
+                    f"{num_kv_heads} KV heads"
+                )
+        return mask | (kinds == STREAMING)[:, None]
+
+    def strided_layers(self, num_layers: int) -> tuple[bool, ...]:
+        """Per layer: whether it is a strided layer."""
+        return tuple(kind == STRIDED for kind in self.layer_kinds(num_layers))
+
+    def strided_pattern(self, head: int, kv_repeat: int = 1) -> HeadPattern:
+        """The prefill pattern of KV head ``head`` of a strided layer: offsets spread over the stored heads, a
+        mesh's ``kv_repeat`` replicas of one stored head share its offset."""
+        offset = (head // kv_repeat) % self.vert_stride
+        return HeadPattern.strided(self.local_blocks, self.vert_stride, offset, self.block)
+
+    def layer_patterns(
+        self, num_layers: int, num_kv_heads: int, kv_repeat: int = 1
+    ) -> tuple[tuple[HeadPattern, ...], ...]:
+        """Each layer's prefill pattern per KV head, in this config's head order (``ChunkAttention.layer_patterns``):
+        dense for full / retrieval heads, ``streaming(sink, local)`` for streaming heads, strided in strided
+        layers. ``kv_repeat``: consecutive KV heads that replicate one stored head (a mesh layout)."""
+        mask = self.streaming_mask(num_layers, num_kv_heads)
+        dense, stream = HeadPattern.dense(), HeadPattern.streaming(self.sink, self.local)
+        out = []
+        for strided, row in zip(self.strided_layers(num_layers), mask, strict=True):
+            if strided:
+                out.append(tuple(self.strided_pattern(h, kv_repeat) for h in range(num_kv_heads)))
+            else:
+                out.append(tuple(stream if s else dense for s in row))
+        return tuple(out)
+
+    # ---- serialisation -------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict of the architecture and decode settings (not ``backend`` / ``kernel``: the loading
+        machine picks those)."""
+        out = {name: getattr(self, name) for name in _SAVED_FIELDS}
+        for name in ("layers", "streaming_heads"):
+            if out[name] is not None:
+                out[name] = [list(x) if isinstance(x, tuple) else x for x in out[name]]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> SparsityConfig:
+        """The config :meth:`to_dict` wrote (``overrides``: e.g. ``backend=``); :class:`ConfigError` if malformed."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a sparsity config must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_SAVED_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown sparsity config fields {unknown}")
+        for name, value in data.items():
+            if name not in ("layers", "streaming_heads") and not _int_or_none(value, name == "token_budget"):
+                raise ConfigError(f"sparsity config field {name!r} must be an integer, got {value!r}")
+        return cls(**data, **overrides)
 
     def retrieval_heads(self, num_layers: int, num_kv_heads: int) -> tuple[int, ...]:
         """Retrieval heads per layer."""
         return tuple(int(n) for n in (~self.streaming_mask(num_layers, num_kv_heads)).sum(axis=1))
 
     def retrieval_first(self) -> SparsityConfig:
-        """The same config with each layer's heads listed retrieval first (the layout after :func:`reorder_heads`)."""
+        """The same config with each layer's heads listed retrieval first (the layout after :func:`reorder_heads`).
+
+        Strided layers have no streaming heads, so their heads (and per-head offsets) keep their order.
+        """
         if self.streaming_heads is None:
             return self
         return dataclasses.replace(self, streaming_heads=tuple(tuple(sorted(row)) for row in self.streaming_heads))

@@ -4,7 +4,8 @@ Layout of a checkpoint directory::
 
     qv_jax.json     {"format": "qv-jax-checkpoint", "version": 1, "dtype": ..., "config": ModelConfig.to_dict()}
     params/         orbax (StandardCheckpointer) checkpoint of the parameters as a pure dict
-    config.json     the same config in transformers' layout, for tools that read HF directories
+    config.json     the same config in transformers' layout, for tools that read HF directories; a model with a
+                    sparsity config (e.g. a LongGen hybrid) also has it there, as ``"qv_jax_sparsity"``
     tokenizer.json, tokenizer_config.json, generation_config.json, ...   copied from the source, when present
 
 Restoring casts to the requested dtype and places arrays on the requested device (or shardings) as orbax reads
@@ -26,8 +27,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from qv_jax.attention.sparsity import SparsityConfig
 from qv_jax.converters.hf_config import config_to_hf
-from qv_jax.errors import CheckpointError
+from qv_jax.errors import CheckpointError, ConfigError
 from qv_jax.marker import atomic_output, read_marker, write_marker
 from qv_jax.model.config import ModelConfig
 from qv_jax.model.qwen2_5_vl import abstract_model
@@ -35,6 +37,8 @@ from qv_jax.model.qwen2_5_vl import abstract_model
 FORMAT = "qv-jax-checkpoint"
 VERSION = 1
 MARKER = "qv_jax.json"
+# the config.json entry holding the model's SparsityConfig.to_dict()
+SPARSITY_KEY = "qv_jax_sparsity"
 
 # Files of an HF model directory that a checkpoint carries along (tokenizer, chat template, generation defaults).
 TOKENIZER_FILES = (
@@ -75,9 +79,13 @@ def save_checkpoint(
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     inputs: tuple[str | os.PathLike, ...] = (),
+    sparsity: SparsityConfig | None = None,
 ) -> Path:
     """Write ``state`` (of :class:`~qv_jax.model.QwenVL`) and ``config`` as a checkpoint directory, whole or not at
-    all (:func:`qv_jax.marker.atomic_output`); ``tokenizer_dir`` and ``inputs`` are never replaced by it."""
+    all (:func:`qv_jax.marker.atomic_output`); ``tokenizer_dir`` and ``inputs`` are never replaced by it.
+
+    ``sparsity`` (in the head order of ``state``) goes into ``config.json`` so the model loads with it.
+    """
     params = nnx.to_pure_dict(state)
     leaves = jax.tree.leaves(params)
     dtype = str(jnp.dtype(leaves[0].dtype)) if leaves else "float32"
@@ -86,7 +94,10 @@ def save_checkpoint(
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(partial / "params", params)
         checkpointer.wait_until_finished()
-        (partial / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        hf = config_to_hf(config)
+        if sparsity is not None:
+            hf[SPARSITY_KEY] = sparsity.to_dict()
+        (partial / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, partial)
         meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": config.to_dict()}
@@ -154,6 +165,18 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """``(config, stored dtype name)`` of a checkpoint directory."""
     meta = read_marker(path, MARKER, format=FORMAT, version=VERSION, what="a qv-jax checkpoint")
     return ModelConfig.from_dict(meta["config"]), meta.get("dtype", "float32")
+
+
+def read_sparsity(path: str | os.PathLike) -> SparsityConfig | None:
+    """The sparsity config saved in a model directory's ``config.json`` (``None`` if it has none)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        entry = json.loads(file.read_text()).get(SPARSITY_KEY)
+        return None if entry is None else SparsityConfig.from_dict(entry)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{file}: cannot read its {SPARSITY_KEY!r} entry: {e}") from None
 
 
 def load_checkpoint(

@@ -30,7 +30,7 @@ from qv_jax.cache.sparse import SparseKVCache, sparse_kv_bytes
 from qv_jax.converters.hf_config import config_from_hf, generation_defaults
 from qv_jax.converters.qwen2_5_vl import load_hf_state
 from qv_jax.errors import CheckpointError, ConfigError, InputError
-from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, save_checkpoint
+from qv_jax.model.checkpoint import MARKER, is_checkpoint, load_checkpoint, read_sparsity, save_checkpoint
 from qv_jax.model.config import ModelConfig, token_ids
 from qv_jax.model.qwen2_5_vl import QwenVL, random_state, with_attention
 from qv_jax.model.rope_index import get_rope_index
@@ -184,11 +184,21 @@ class VisionLanguageModel:
     def save(
         self, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False
     ) -> Path:
-        """Write a qv-jax checkpoint (orbax parameters, config json, tokenizer files from ``tokenizer_dir``)."""
+        """Write a qv-jax checkpoint (orbax parameters, config json, tokenizer files from ``tokenizer_dir``); with
+        :attr:`sparsity`, the weights as they run (retrieval heads first) and the config in that order."""
         if tokenizer_dir is None and self.source is not None:
             tokenizer_dir = self.source
         state = self.state if self.plan is None else self.plan.checkpoint_state(self.state)
-        return save_checkpoint(out_dir, self.checkpoint_config, state, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+        options = {"tokenizer_dir": tokenizer_dir, "overwrite": overwrite, "sparsity": self.checkpoint_sparsity}
+        return save_checkpoint(out_dir, self.checkpoint_config, state, **options)
+
+    @property
+    def checkpoint_sparsity(self) -> SparsityConfig | None:
+        """:attr:`sparsity` for the stored KV heads (a mesh's replicas folded): the saved state's head order."""
+        sparsity, repeat = self.sparsity, self.kv_repeat
+        if sparsity is None or sparsity.streaming_heads is None or repeat == 1:
+            return sparsity
+        return dataclasses.replace(sparsity, streaming_heads=np.array(sparsity.streaming_heads)[:, ::repeat])
 
     # ---- pieces -----------------------------------------------------------------------------------------------
 
@@ -284,15 +294,7 @@ class VisionLanguageModel:
         """
         t = self.config.text
         if self.sparsity is not None:
-            return sparse_kv_bytes(
-                self.sparsity,
-                num_layers=t.num_layers,
-                num_kv_heads=t.num_kv_heads,
-                head_dim=t.head_dim,
-                batch=batch,
-                capacity=context_len,
-                dtype=self.dtype,
-            )
+            return sparse_kv_bytes(self.sparsity, batch=batch, capacity=context_len, **self._kv_shape)
         item = jnp.dtype(self.dtype).itemsize
         return 2 * t.num_layers * batch * t.num_kv_heads * context_len * t.head_dim * item + 4 * batch * context_len + 4
 
@@ -545,9 +547,10 @@ def load_model(
     from ``tokenizer.json`` in the same directory when present (``tokenizer=False`` skips it). With a ``mesh``
     (``qv_jax.make_mesh``) every device reads only its slice of each tensor into its shard (see
     ``qv_jax.sharding``); :class:`~qv_jax.errors.ShardingError` if the model cannot be laid out on it. With
-    ``sparsity`` (:class:`~qv_jax.attention.SparsityConfig`) ``generate`` decodes sparsely (see
-    :class:`VisionLanguageModel`). ``attention`` / ``attention_kernel``: what runs every attention of the model
-    (:class:`~qv_jax.attention.backends.AttentionConfig`; docs/attention.md, "Backends").
+    ``sparsity`` (:class:`~qv_jax.attention.SparsityConfig`; default: the one saved in ``config.json``, e.g. a
+    LongGen hybrid's) ``generate`` decodes sparsely (see :class:`VisionLanguageModel`). ``attention`` /
+    ``attention_kernel``: what runs every attention of the model (:class:`~qv_jax.attention.backends.AttentionConfig`;
+    docs/attention.md, "Backends").
     """
     if not isinstance(attention, AttentionConfig):
         attention = AttentionConfig(attention, attention_kernel)
@@ -561,7 +564,7 @@ def load_model(
         floating = False
     if not floating:
         raise ConfigError(f"dtype must be a floating type (float32, bfloat16, float16), got {dtype!r}")
-    plan = None
+    plan, sparsity = None, read_sparsity(model_dir) if sparsity is None else sparsity
     if is_checkpoint(model_dir):
         if mesh is None:
             config, graphdef, state = load_checkpoint(model_dir, dtype)
