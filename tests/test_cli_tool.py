@@ -46,6 +46,7 @@ OPTIONS = {
     | OUTPUT,
     "finetune": {"--model", "--data", "--out", "--seq-len", "--batch-tokens", "--steps", "--lr", "--warmup"}
     | {"--weight-decay", "--clip", "--separator", "--seed", "--checkpoint-every", "--resume", "--dtype", "--mesh"}
+    | {"--sparsity", "--full-layers", "--sparse", "--sink", "--local"}
     | OUTPUT,
     "info": {"--model", "--mesh", "--dtype", "--json"},
     "doctor": {"--clean"},

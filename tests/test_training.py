@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qv_jax.attention import SparsityConfig
 from qv_jax.attention.backends import AttentionConfig
 from qv_jax.attention.patterns import HeadPattern
 from qv_jax.errors import CheckpointError, ConfigError, InputError, OutputError
@@ -181,8 +182,14 @@ def test_bad_input_is_refused_with_typed_errors_and_nothing_overwritten(model, t
     with pytest.raises(OutputError, match="not empty"):
         finetune(model, data, out, steps=2, **RUN)
     other = random_model(tiny_config(vocab_size=640))
+    with pytest.raises(CheckpointError, match=r"another architecture \(config differ"):
+        finetune(other, open_data("synthetic:copy", other), out, steps=2, resume=True, **RUN)
+    with pytest.raises(CheckpointError, match=r"another architecture \(sparsity, layer_patterns differ"):
+        finetune(model, data, out, steps=2, resume=True, sparsity=SparsityConfig.longgen(2), **RUN)
+    (out / CHECKPOINTS / "architecture.json").unlink()  # orbax itself refuses misshaped arrays
     with pytest.raises(CheckpointError, match="step_1: cannot resume from it"):
         finetune(other, open_data("synthetic:copy", other), out, steps=2, resume=True, **RUN)
+    before.pop(out / CHECKPOINTS / "architecture.json")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -194,6 +201,7 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     source = write_hf_dir(tmp_path / "model", seed=2)
     out = tmp_path / "out"
     args = ["finetune", "--model", str(source), "--data", "synthetic:copy", "--out", str(out), "--seq-len", "32"]
+    args += ["--sparsity", "longgen", "--sink", "4", "--local", "8"]
     args += ["--batch-tokens", "64", "--steps", "3", "--lr", "1e-3", "--warmup", "1", "--checkpoint-every", "2"]
     assert main([*args, "--json", "--quiet"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -201,7 +209,8 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (out / LOG).read_text().splitlines()] == [1, 2, 3]
     assert (out / CURVE).is_file() and [s for s, _ in checkpoint.checkpoints(out / CHECKPOINTS)] == [3]
     trained, original = load_model(out / MODEL), load_model(source)
-    assert trained.tokenizer is not None
+    assert trained.tokenizer is not None and record["settings"]["sparsity"]["layers"] == ["full", "streaming"]
+    assert trained.sparsity == SparsityConfig.longgen(2, sink=4, local=8)  # saved with the model
     before, after = (np.asarray(m.state["text"]["layers"][0]["q"][...]) for m in (original, trained))
     assert not np.allclose(before, after) and np.isfinite(after).all()
     assert main(args) == 2  # a second run into the same OUT without --resume

@@ -41,6 +41,25 @@ def add_parser(subparsers) -> None:
         "--checkpoint-every", type=int, default=100, help="steps between checkpoints in OUT/checkpoints (default: 100)"
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    group = parser.add_argument_group(
+        "LongGen hybrid", "Full attention in some layers, sparse in the others; saved with the model's config."
+    )
+    group.add_argument(
+        "--sparsity",
+        choices=("longgen", "none"),
+        help="longgen: make the model a LongGen hybrid; none: train it dense (default: as it was saved)",
+    )
+    group.add_argument(
+        "--full-layers",
+        default="middle",
+        help="with longgen: 'middle' (the middle third) or comma-separated layer indices (default: middle)",
+    )
+    group.add_argument(
+        "--sparse", choices=("streaming", "strided"), default="streaming",
+        help="with longgen: sink + window, or local + strided blocks (default: streaming)",
+    )  # fmt: skip
+    group.add_argument("--sink", type=int, default=64, help="with longgen: sink tokens (default: 64)")
+    group.add_argument("--local", type=int, default=256, help="with longgen: window tokens (default: 256)")
     add_placement_options(
         parser,
         dtype="parameter and compute dtype; the master weights and optimizer state are float32",
@@ -61,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     start = time.perf_counter()
     model = load_model(args.model, dtype, mesh=mesh_option(args.mesh))
+    sparsity = longgen_option(args, model)
     data = open_data(args.data, model, separator=args.separator, seed=args.seed)
     with tqdm(desc="finetuning", total=args.steps, file=sys.stderr, disable=True if args.quiet else None) as bar:
 
@@ -81,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             clip=args.clip,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            sparsity=sparsity,
             progress=progress,
         )
     seconds = time.perf_counter() - start
@@ -104,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                     "dtype": dtype,
                     "mesh": None if args.mesh is None else list(args.mesh),
                     "resume": args.resume,
+                    "sparsity": None if result.model.sparsity is None else result.model.sparsity.to_dict(),
                 },
             }
         )
@@ -111,3 +133,25 @@ def run(args: argparse.Namespace) -> int:
     say(args, f"{args.steps} steps, loss {losses[0]:.4g} -> {losses[-1]:.4g}; model in {result.out / 'model'} "
               f"({seconds:.1f} s)")  # fmt: skip
     return 0
+
+
+def longgen_option(args: argparse.Namespace, model):
+    """The :class:`~qv_jax.attention.SparsityConfig` ``--sparsity longgen`` asks for (``None`` otherwise);
+    :class:`InputError` for ``--sparsity none`` on a saved hybrid or a malformed ``--full-layers``."""
+    from qv_jax.attention import SparsityConfig
+    from qv_jax.errors import InputError
+
+    if args.sparsity == "none":
+        if model.sparsity is not None:
+            raise InputError(f"{args.model} is a saved hybrid (its config.json has a sparsity config): omit --sparsity")
+        return None
+    if args.sparsity != "longgen":
+        return None
+    full = args.full_layers
+    if full != "middle":
+        try:
+            full = [int(i) for i in full.split(",")]
+        except ValueError:
+            raise InputError(f"--full-layers takes 'middle' or comma-separated layer indices, got {full!r}") from None
+    layers = model.config.text.num_layers
+    return SparsityConfig.longgen(layers, full, sparse=args.sparse, sink=args.sink, local=args.local)

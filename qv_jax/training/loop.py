@@ -8,6 +8,7 @@ log, a loss curve and the finetuned model saved as a model directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -20,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.errors import ConfigError, InputError, OutputError
+from qv_jax.errors import CheckpointError, ConfigError, InputError, OutputError
 from qv_jax.marker import atomic_output, check_output
 from qv_jax.training import checkpoint
 from qv_jax.training.data import DataSource
 from qv_jax.training.step import StepConfig, batch_arrays, make_init, make_step, split_text
 
 CHECKPOINTS, LOG, CURVE, MODEL = "checkpoints", "log.jsonl", "loss.png", "model"
+ARCHITECTURE = "architecture.json"  # in checkpoints/: what the run trains, checked on --resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,22 @@ def _replicated(layer_patterns, repeat: int):
         tuple(p for p in patterns for _ in range(repeat)) if isinstance(patterns, tuple) else patterns
         for patterns in layer_patterns
     )
+
+
+def _check_architecture(path: Path, architecture: dict) -> None:
+    """:class:`CheckpointError` when the checkpoints in ``path``'s directory were written for another model."""
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    differ = [name for name in architecture if saved.get(name) != architecture[name]]
+    if differ:
+        raise CheckpointError(
+            f"{path}: the checkpoints there are of another architecture ({', '.join(differ)} differ): "
+            "cannot resume this run from them"
+        )
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:
@@ -118,6 +136,7 @@ def finetune(
     clip: float = 1.0,
     checkpoint_every: int = 100,
     layer_patterns: tuple | None = None,
+    sparsity=None,
     compute_dtype: str | None = None,
     resume: bool = False,
     save_model: Callable | None = None,
@@ -126,8 +145,11 @@ def finetune(
     """Train the text decoder of ``model`` (a :class:`~qv_jax.runtime.VisionLanguageModel`) on ``data`` for
     ``steps`` steps of ``batch_tokens`` tokens (default: one row of ``seq_len``), writing into ``out``.
 
-    ``layer_patterns``: per layer, one :class:`~qv_jax.attention.patterns.HeadPattern` per stored KV head (or one
-    for all), the hybrid sparse model to train; ``None`` trains the dense model. ``compute_dtype``: the dtype the
+    ``sparsity``: a :class:`~qv_jax.attention.SparsityConfig` with per-layer kinds (``SparsityConfig.longgen``),
+    the hybrid model to make and train, saved with the model; a model loaded with one (a saved hybrid) trains as
+    that hybrid. ``layer_patterns``: hand-built per-layer patterns instead (per layer, one
+    :class:`~qv_jax.attention.patterns.HeadPattern` per stored KV head, or one for all), not saved with the model;
+    neither trains the dense model. ``compute_dtype``: the dtype the
     forward runs in (default the model's; the master weights and optimizer state are float32 either way).
     ``resume``: continue from the newest complete checkpoint in ``out/checkpoints`` (a fresh start if none);
     without it ``out`` must be new or empty. ``save_model(model, directory)`` writes the final model (default
@@ -146,8 +168,17 @@ def finetune(
     data_shards = 1 if model.plan is None else model.plan.mesh.shape.get("data", 1)
     if rows % data_shards:
         raise InputError(f"{rows} rows per batch do not split over the mesh's {data_shards} data shards")
+    if sparsity is not None:
+        if model.sparsity is not None and model.sparsity != sparsity.retrieval_first():
+            raise ConfigError("the model already has a sparsity config (a saved hybrid): finetune it as it is")
+        model = with_sparsity(model, sparsity)
     if model.sparsity is not None:
-        raise ConfigError("finetune a model loaded without sparsity (its heads are reordered for decoding)")
+        if layer_patterns is not None:
+            raise ConfigError("give layer_patterns or a sparsity config, not both")
+        layer_patterns = model.sparsity.layer_patterns(t.num_layers, t.num_kv_heads, model.kv_repeat)
+        repeat = 1  # already per running KV head
+    else:
+        repeat = model.kv_repeat
     check_patterns(layer_patterns, num_layers=t.num_layers, seq_len=seq_len)
     out = Path(out).absolute()
     if not resume:
@@ -164,19 +195,29 @@ def finetune(
         clip=clip,
         compute_dtype=str(jnp.dtype(compute_dtype or model.dtype)),
         attention=model.attention,
-        layer_patterns=_replicated(layer_patterns, model.kv_repeat),
+        layer_patterns=_replicated(layer_patterns, repeat),
     )
     text_def, treedef, params = split_text(model)
     with model.mesh_context():
         opt_state = make_init(config)(params)
+    sparse = model.checkpoint_sparsity
+    architecture = {
+        "config": model.checkpoint_config.to_dict(),
+        "sparsity": None if sparse is None else sparse.to_dict(),
+        "layer_patterns": None if layer_patterns is None else repr(layer_patterns),
+    }
+    architecture = json.loads(json.dumps(architecture))  # as it reads back: lists, not tuples
     start, position = 0, 0
     if resume:
+        _check_architecture(out / CHECKPOINTS / ARCHITECTURE, architecture)
         like = {"params": params, "opt_state": opt_state, "step": np.int64(0), "position": np.int64(0)}
         found = checkpoint.restore(out / CHECKPOINTS, like)
         if found is not None:
             start, restored = found
             params, opt_state, position = restored["params"], restored["opt_state"], int(restored["position"])
-    out.mkdir(parents=True, exist_ok=True)
+    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    with atomic_output(out / CHECKPOINTS / ARCHITECTURE, overwrite=True, directory=False) as partial:
+        partial.write_text(json.dumps(architecture, indent=1) + "\n")
     entries = _read_log(out / LOG, start)
     _write_log(out / LOG, entries)
 
@@ -212,23 +253,34 @@ def finetune(
     return FinetuneResult(trained, np.asarray([e["loss"] for e in entries], np.float32), out)
 
 
-def with_text_params(model, text_def, treedef, params):
-    """``model`` with its text decoder's parameters replaced by ``params`` (cast to the model's dtype)."""
+def with_sparsity(model, sparsity):
+    """``model`` (loaded without sparsity) as the hybrid ``sparsity`` describes (heads reordered if it has
+    DuoAttention streaming heads)."""
     from qv_jax.runtime.vlm import VisionLanguageModel
 
-    dtype = model.dtype
-    text_state = jax.tree.unflatten(treedef, [p.astype(dtype) for p in params])
-    whole = nnx.merge(model.graphdef, jax.tree.map(lambda x: x, model.state))  # fresh variables: model stays
-    nnx.update(whole.text, text_state)
-    graphdef, state = nnx.split(whole)
+    if model.sparsity is not None:
+        return model
     return VisionLanguageModel(
         model.config,
-        graphdef,
-        state,
+        model.graphdef,
+        model.state,
         tokenizer=model.tokenizer,
         eos_token_ids=model.eos_token_ids,
         pad_token_id=model.pad_token_id,
         source=model.source,
         plan=model.plan,
+        sparsity=sparsity,
         attention=model.attention,
     )
+
+
+def with_text_params(model, text_def, treedef, params):
+    """``model`` (a copy: the arrays it shares are not changed) with its text decoder's parameters replaced by
+    ``params``, cast to the model's dtype; its sparsity config and head order stay."""
+    dtype = model.dtype
+    text_state = jax.tree.unflatten(treedef, [p.astype(dtype) for p in params])
+    whole = nnx.merge(model.graphdef, jax.tree.map(lambda x: x, model.state))  # fresh variables: model stays
+    nnx.update(whole.text, text_state)
+    trained = copy.copy(model)
+    trained.state = nnx.split(whole)[1]
+    return trained
