@@ -1,13 +1,14 @@
 """LongGen's hybrid sparse-layer model against the dense one: KV memory, prefill and one training step.
 
-Hybrid: full attention in the middle third of the layers, sink + window (``--sparse streaming``) or local +
-strided blocks (``--sparse strided``) in the others. Per length, on the ``--preset`` model (``bench``: the
-42M-parameter, 8-layer model of benchmarks/e2e.py) with the chunked attention: one forward over the whole prompt
-(the prefill's arithmetic, without writing a cache) and one training step (forward, rematerialised backward,
-AdamW) of ``qv_jax.training``, dense and hybrid in the same run, as time ratios. Then the KV cache bytes of both
-at ``--kv-lengths`` for the preset and for Qwen2.5-VL-7B's geometry (28 layers, 4 KV heads of 128, bfloat16),
-computed from the cache byte functions (the paper: -62 %). Run ``python -m benchmarks.longgen``; prints tables
-and writes ``benchmarks/results/longgen.json``. Results: docs/benchmarks/longgen.md.
+Hybrid (``SparsityConfig.longgen``): full attention in the middle third of the layers, sink + window
+(``--sparse streaming``) or local + strided blocks (``--sparse strided``) in the others. Per length, on the
+``--preset`` model (``bench``: the 42M-parameter, 8-layer model of benchmarks/e2e.py) with the chunked attention:
+one forward over the whole prompt (the prefill's arithmetic, without writing a cache) and one training step
+(forward, rematerialised backward, AdamW) of ``qv_jax.training``, dense and hybrid in the same run, as time
+ratios. Then the KV cache bytes of both at ``--kv-lengths`` for the preset and for Qwen2.5-VL-7B's geometry (28
+layers, 4 KV heads of 128, bfloat16), from the cache byte functions (the paper: -62 %). Run
+``python -m benchmarks.longgen``; prints tables and writes ``benchmarks/results/longgen.json``. Results:
+docs/benchmarks/longgen.md.
 """
 
 from __future__ import annotations
@@ -24,22 +25,30 @@ from flax import nnx
 
 from benchmarks.common import format_table, time_call, write_json
 from benchmarks.e2e import random_model
+from qv_jax.attention import SparsityConfig
 from qv_jax.attention.backends import AttentionConfig
-from qv_jax.attention.patterns import HeadPattern
+from qv_jax.cache.sparse import sparse_kv_bytes
+from qv_jax.model.config import ModelConfig
 from qv_jax.training.data import Synthetic
 from qv_jax.training.step import StepConfig, batch_arrays, hidden_states, make_init, make_step, split_text
 
 
-def hybrid_patterns(num_layers: int, *, sparse: str, sink: int, local: int, block: int, vert_stride: int):
-    """Per layer: dense in the middle third (at least one layer), the sparse pattern elsewhere."""
-    count = max(1, round(num_layers / 3))
-    first = (num_layers - count) // 2
-    pattern = (
-        HeadPattern.streaming(sink, local)
-        if sparse == "streaming"
-        else HeadPattern.strided(max(1, local // block), vert_stride, 0, block)
+def longgen(num_layers: int, args) -> SparsityConfig:
+    """The hybrid of the run: full attention in the middle third, ``--sparse`` layers elsewhere."""
+    strided = {"local_blocks": max(1, args.local // args.block), "vert_stride": args.vert_stride, "block": args.block}
+    return SparsityConfig.longgen(
+        num_layers, sparse=args.sparse, sink=args.sink, local=args.local, token_budget=None, **strided
     )
-    return tuple(HeadPattern.dense() if first <= i < first + count else pattern for i in range(num_layers))
+
+
+def kv_bytes(sparsity: SparsityConfig, *, layers: int, kv_heads: int, head_dim: int, dtype, tokens: int) -> dict:
+    """KV cache bytes of one sequence of ``tokens``: dense (``VisionLanguageModel.kv_cache_bytes``' formula) and
+    the hybrid's cache (``qv_jax.cache.sparse.sparse_kv_bytes``)."""
+    item = jnp.dtype(dtype).itemsize
+    dense = 2 * layers * kv_heads * tokens * head_dim * item + 4 * tokens + 4
+    shape = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype}
+    hybrid = sparse_kv_bytes(sparsity, batch=1, capacity=tokens, **shape)
+    return {"tokens": tokens, "dense_mib": dense / 2**20, "hybrid_mib": hybrid / 2**20, "saving": 1 - hybrid / dense}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -91,6 +100,7 @@ def main() -> None:
     parser.add_argument("--local", type=int, default=1024, help="window (streaming) or local tokens (strided)")
     parser.add_argument("--block", type=int, default=64, help="block of a strided layer")
     parser.add_argument("--vert-stride", type=int, default=8)
+    parser.add_argument("--kv-lengths", type=int, nargs="+", default=[32768, 131072], help="contexts of the KV rows")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/longgen.json)")
     args = parser.parse_args()
@@ -98,19 +108,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = random_model(args.preset, "float32", Path(scratch))
     t = model.config.text
-    patterns = hybrid_patterns(
-        t.num_layers, sparse=args.sparse, sink=args.sink, local=args.local, block=args.block,
-        vert_stride=args.vert_stride,
-    )  # fmt: skip
+    sparsity = longgen(t.num_layers, args)
+    patterns = sparsity.layer_patterns(t.num_layers, t.num_kv_heads)
     rows = []
     for n in args.lengths:
         rows += time_length(model, n, patterns, repeats=args.repeats, step=n in step_lengths)
     print(format_table(rows, ["tokens", "model", "prefill_s", "prefill_ratio", "train_step_s", "train_step_ratio"]))
+    seven = ModelConfig.qwen2_5_vl_7b().text
+    geometries = {
+        args.preset: (t, "float32", sparsity),
+        "7b": (seven, "bfloat16", longgen(seven.num_layers, args)),
+    }
+    kv = [
+        {"geometry": name, "layers": g.num_layers}
+        | kv_bytes(sp, layers=g.num_layers, kv_heads=g.num_kv_heads, head_dim=g.head_dim, dtype=dtype, tokens=n)
+        for name, (g, dtype, sp) in geometries.items()
+        for n in args.kv_lengths
+    ]
+    print(format_table(kv, ["geometry", "layers", "tokens", "dense_mib", "hybrid_mib", "saving"]))
     record = {
         "args": vars(args) | {"out": str(args.out) if args.out else None},
         "model": {"preset": args.preset, "layers": t.num_layers, "kv_heads": t.num_kv_heads, "width": t.hidden_size},
-        "layers": ["full" if p.is_dense else args.sparse for p in patterns],
+        "layers": list(sparsity.layer_kinds(t.num_layers)),
         "rows": rows,
+        "kv": kv,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(model.state))),
     }
     print(f"wrote {write_json('longgen', record, args.out)}")

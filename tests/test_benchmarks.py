@@ -51,6 +51,9 @@ def _check_longgen(record: dict) -> None:
     hybrid = record["rows"][1]
     assert hybrid["prefill_ratio"] > 0 and hybrid["train_step_ratio"] > 0
     assert sorted(record["layers"]) == ["full", "streaming"]
+    kv = [(row["geometry"], row["tokens"]) for row in record["kv"]]
+    assert kv == [(geometry, n) for geometry in ("tiny", "7b") for n in (32768, 131072)]
+    assert all(0.5 < row["saving"] < 0.75 for row in record["kv"] if row["geometry"] == "7b")
 
 
 def _check_model(record: dict) -> None:
