@@ -26,7 +26,6 @@ from flax import nnx
 from benchmarks.common import format_table, time_call, write_json
 from benchmarks.e2e import random_model
 from qv_jax.attention import SparsityConfig
-from qv_jax.attention.backends import AttentionConfig
 from qv_jax.cache.sparse import sparse_kv_bytes
 from qv_jax.model.config import ModelConfig
 from qv_jax.training.data import Synthetic
@@ -54,14 +53,16 @@ def kv_bytes(sparsity: SparsityConfig, *, layers: int, kv_heads: int, head_dim: 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def forward(text_def, treedef, config, params, ids_BT, segments_BT, positions_BT):
     """The whole prompt through every layer: the prefill's arithmetic, without writing a cache."""
-    text = nnx.merge(text_def, jax.tree.unflatten(treedef, params))
+    text = nnx.merge(text_def, jax.tree.unflatten(treedef, [p.astype(config.compute_dtype) for p in params]))
     return hidden_states(text, config, ids_BT, segments_BT, positions_BT)
 
 
 def time_one(model, arrays, layer_patterns, *, repeats: int, step: bool) -> dict:
     """Seconds of one prefill and (with ``step``) one training step of the model with these patterns."""
     text_def, treedef, params = split_text(model)
-    config = StepConfig(steps=10, attention=AttentionConfig("chunked"), layer_patterns=layer_patterns)
+    config = StepConfig(
+        steps=10, attention=model.attention, layer_patterns=layer_patterns, compute_dtype=str(model.dtype)
+    )
     fwd = time_call(
         lambda: forward(text_def, treedef, config, params, *arrays[:3]).block_until_ready(), repeats=repeats
     )
@@ -92,7 +93,11 @@ def time_length(model, length: int, patterns, *, repeats: int, step: bool) -> li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=("tiny", "bench"), default="bench", help="random model (default bench)")
+    parser.add_argument(
+        "--preset", choices=("tiny", "bench", "7b"), default="bench", help="random model (default bench)"
+    )
+    parser.add_argument("--dtype", help="parameter dtype (default: float32 on CPU, bfloat16 on GPU / TPU)")
+    parser.add_argument("--attention", default="auto", help="attention backend (default auto: chunked on CPU)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384], help="prompt lengths to time")
     parser.add_argument("--step-lengths", type=int, nargs="*", help="lengths to time a train step at (default all)")
     parser.add_argument("--sparse", choices=("streaming", "strided"), default="streaming")
@@ -106,7 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     step_lengths = args.lengths if args.step_lengths is None else args.step_lengths
     with tempfile.TemporaryDirectory() as scratch:
-        model = random_model(args.preset, "float32", Path(scratch))
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        model = random_model(args.preset, dtype, Path(scratch)).with_attention(args.attention)
     t = model.config.text
     sparsity = longgen(t.num_layers, args)
     patterns = sparsity.layer_patterns(t.num_layers, t.num_kv_heads)
