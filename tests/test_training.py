@@ -164,6 +164,9 @@ def test_bad_input_is_refused_with_typed_errors_and_nothing_overwritten(model, t
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(InputError, match=r"empty\.bin: empty data file"):
         open_data(tmp_path / "empty.bin", model)
+    (tmp_path / "doc.txt").write_text("a document")
+    with pytest.raises(InputError, match=r"doc\.txt: a text file needs the model's tokenizer"):
+        open_data(tmp_path / "doc.txt", model)
     with pytest.raises(InputError, match="unknown data file kind"):
         open_data(Path(__file__), model)
     with pytest.raises(InputError, match="unknown synthetic task"):

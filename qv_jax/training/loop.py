@@ -149,8 +149,8 @@ def finetune(
     the hybrid model to make and train, saved with the model; a model loaded with one (a saved hybrid) trains as
     that hybrid. ``layer_patterns``: hand-built per-layer patterns instead (per layer, one
     :class:`~qv_jax.attention.patterns.HeadPattern` per stored KV head, or one for all), not saved with the model;
-    neither trains the dense model. ``compute_dtype``: the dtype the
-    forward runs in (default the model's; the master weights and optimizer state are float32 either way).
+    neither trains the dense model. ``compute_dtype``: the dtype the forward runs in (default the model's; the
+    master weights and optimizer state are float32 either way).
     ``resume``: continue from the newest complete checkpoint in ``out/checkpoints`` (a fresh start if none);
     without it ``out`` must be new or empty. ``save_model(model, directory)`` writes the final model (default
     ``model.save``). ``progress(step, loss, tokens_per_s)`` is called after every step.
