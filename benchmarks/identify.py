@@ -5,6 +5,10 @@ Per length: one plain forward of the frozen model (the floor), the training-free
 and one optimisation step (gated forward with full and streaming attention, backward, AdamW), with its compiled
 temporary memory with and without per-layer rematerialisation. Then both methods on the same model: their
 50 %-streaming patterns' hidden-state distance on held-out samples, against a random pattern of the same size.
+Last, what a full identification of Qwen2.5-VL-7B (2000 steps, 1K-32K tokens) would take on one H100 and on a
+v5e-8: the 7B model's forward FLOPs at each length times the forwards a step does (:data:`STEP_FORWARDS`; the
+step / forward time ratio measured here is printed beside it), at a stated fraction of each chip's peak (an
+estimate, not a measurement, until an accelerator runs this file).
 ``--preset bench`` is the 42M-parameter, 8-layer model of benchmarks/e2e.py. Run ``python -m benchmarks.identify``;
 prints tables and writes ``benchmarks/results/identify.json``. Results: docs/duo.md.
 """
@@ -24,9 +28,10 @@ from benchmarks.common import format_table, time_call, write_json
 from benchmarks.e2e import random_model
 from qv_jax.attention.heads import load_duo_attention_heads
 from qv_jax.duo import identify_heads
-from qv_jax.duo.data import passkey_sample
+from qv_jax.duo.data import passkey_sample, sample_lengths
 from qv_jax.duo.gated import hidden_states, outside_mass
-from qv_jax.duo.train import make_step, optimizer, streaming_distance
+from qv_jax.duo.train import make_step, optimizer, sample_inputs, streaming_distance
+from qv_jax.model.config import ModelConfig
 
 MIB = 2**20
 
@@ -38,13 +43,12 @@ def temp_mib(step, *args) -> float:
 
 
 def time_length(model, length: int, *, sink: int, recent: int, steps: int, repeats: int) -> dict:
-    sample = passkey_sample(model.tokenizer, length, np.random.default_rng(length))
-    ids, answer = jnp.asarray(sample.ids[None]), jnp.asarray(sample.answer[None])
+    x, positions, answer = sample_inputs(model, passkey_sample(model.tokenizer, length, np.random.default_rng(length)))
     g, s = model.graphdef, model.state
     forward = jax.jit(functools.partial(hidden_states, sink=sink, recent=recent), static_argnums=0)
-    fwd = time_call(lambda: forward(g, s, ids).block_until_ready(), repeats=repeats)
+    fwd = time_call(lambda: forward(g, s, x, positions).block_until_ready(), repeats=repeats)
     fly = time_call(
-        lambda: outside_mass(g, s, ids, answer, sink=sink, recent=recent).block_until_ready(), repeats=repeats
+        lambda: outside_mass(g, s, x, positions, answer, sink=sink, recent=recent).block_until_ready(), repeats=repeats
     )
     t = model.config.text
     # the settings of the comparison's run below, whose compilations this one then shares
@@ -52,14 +56,14 @@ def time_length(model, length: int, *, sink: int, recent: int, steps: int, repea
     step = make_step(g, **settings)
     holder = {"gates": jnp.ones((t.num_layers, t.num_kv_heads), jnp.float32)}
     holder["opt"] = optimizer(0.02, steps).init(holder["gates"])
-    inputs = (holder["gates"], holder["opt"], s, ids, answer)
+    inputs = (holder["gates"], holder["opt"], s, x, positions, answer)
     memory = {
         "temp_mib_remat": temp_mib(step, *inputs),
         "temp_mib_no_remat": temp_mib(make_step(g, remat=False, **settings), *inputs),
     }
 
     def one_step():
-        holder["gates"], holder["opt"], loss = step(holder["gates"], holder["opt"], s, ids, answer)
+        holder["gates"], holder["opt"], loss = step(holder["gates"], holder["opt"], s, x, positions, answer)
         loss.block_until_ready()
 
     train = time_call(one_step, repeats=repeats)
@@ -99,6 +103,39 @@ def compare_methods(model, scratch: Path, *, length: int, steps: int, sink: int,
     return rows
 
 
+# A step's work in forwards of the frozen model: the teacher's forward, the gated student's (its streaming attention
+# is small beside the rest), the student's recomputation under per-layer remat, and its backward (twice a forward).
+STEP_FORWARDS = 5.0
+# bf16 dense peak of one chip / slice, and the fraction of it a step is assumed to reach (a range, not measured)
+ACCELERATORS = (("H100 SXM (1 chip)", 989e12), ("TPU v5e-8 (8 chips)", 8 * 197e12))
+UTILISATION = (0.3, 0.5)
+
+
+def forward_flops(config: ModelConfig, length: int) -> float:
+    """Multiply-add FLOPs of one forward of the text decoder over ``length`` tokens to its hidden states: the
+    projections and MLP of every layer, and causal attention's two matmuls (half the ``[T, T]`` square)."""
+    t = config.text
+    projections = 2 * t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    per_token = t.num_layers * (projections + 6 * t.hidden_size * t.intermediate_size)
+    attention = t.num_layers * 2 * t.num_heads * t.head_dim * length * length
+    return per_token * length + attention
+
+
+def estimate_full_run(
+    step_per_forward: float = STEP_FORWARDS, *, steps: int = 2000, min_length: int = 1024, max_length: int = 32768
+):
+    """Hours of a full identification of Qwen2.5-VL-7B on each accelerator at each assumed utilisation."""
+    config = ModelConfig.qwen2_5_vl_7b()
+    lengths = sample_lengths(min_length, max_length)  # each step draws one of these uniformly
+    step_flops = step_per_forward * float(np.mean([forward_flops(config, int(n)) for n in lengths]))
+    rows = []
+    for name, peak in ACCELERATORS:
+        hours = [steps * step_flops / (peak * u) / 3600 for u in UTILISATION]
+        rows.append({"accelerator": name, "step_tflop": step_flops / 1e12, "hours_at_50%": hours[1],
+                     "hours_at_30%": hours[0]})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=("tiny", "bench"), default="bench", help="random model (default bench)")
@@ -121,12 +158,18 @@ def main() -> None:
     columns = ["tokens", "forward_ms", "on_the_fly_ms", "step_ms", "steps_per_s", "step_per_forward"]
     print(format_table(rows, [*columns, "temp_mib_remat", "temp_mib_no_remat"]))
     print(format_table(methods, ["pattern", "streaming", "distance"]))
+    estimate = estimate_full_run()
+    measured = ", ".join(f"{row['step_per_forward']:.1f}x at {row['tokens']}" for row in rows)
+    print(f"Qwen2.5-VL-7B, 2000 steps of 1K-32K tokens, a step = {STEP_FORWARDS:.0f} forwards (measured here on this")
+    print(f"machine: {measured}), estimated:")
+    print(format_table(estimate, ["accelerator", "step_tflop", "hours_at_50%", "hours_at_30%"]))
     t = model.config.text
     record = {
         "args": vars(args) | {"out": str(args.out) if args.out else None},
         "model": {"preset": args.preset, "layers": t.num_layers, "kv_heads": t.num_kv_heads, "width": t.hidden_size},
         "rows": rows,
         "methods": methods,
+        "estimate_7b": {"step_per_forward": STEP_FORWARDS, "utilisation": UTILISATION, "rows": estimate},
     }
     print(f"wrote {write_json('identify', record, args.out)}")
 

@@ -15,9 +15,11 @@ __all__ = ["Answer"]
 class Answer:
     """An answer: its ``text`` (special tokens left out), the generated ``token_ids`` (a final stop token
     included), ``timings`` of every stage, and ``kv_bytes``, the keys and values the cache held at the end
-    (pruned video memory + question + answer, all layers)."""
+    (pruned video memory + question + answer, all layers). A live stream's answer also has ``stream_time_s``, the
+    stream time of the newest frame its memory held (``None`` otherwise)."""
 
     text: str
     token_ids: np.ndarray
     timings: Timings
     kv_bytes: int
+    stream_time_s: float | None = None

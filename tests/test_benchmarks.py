@@ -44,6 +44,9 @@ def _check_identify(record: dict) -> None:
     assert all(row["step_ms"] > 0 and row["temp_mib_remat"] > 0 for row in record["rows"])
     assert [row["pattern"] for row in record["methods"]] == ["optimize", "on-the-fly", "random"]
     assert len({row["streaming"] for row in record["methods"]}) == 1
+    estimate = record["estimate_7b"]["rows"]
+    assert [row["accelerator"].split()[0] for row in estimate] == ["H100", "TPU"]
+    assert all(0 < row["hours_at_50%"] < row["hours_at_30%"] for row in estimate)
 
 
 def _check_longgen(record: dict) -> None:

@@ -12,9 +12,9 @@ import pytest
 
 from qv_jax.attention import SparsityConfig
 from qv_jax.duo import HeadGates, identify_heads
-from qv_jax.duo.data import passkey_sample, sample_for_step, sample_lengths
+from qv_jax.duo.data import COLOURS, passkey_sample, sample_for_step, sample_lengths, video_sample
 from qv_jax.duo.gated import distill_loss
-from qv_jax.duo.train import streaming_distance
+from qv_jax.duo.train import sample_inputs, streaming_distance
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.runtime import VisionLanguageModel
 from qv_jax.testing import random_model, tiny_config
@@ -49,13 +49,10 @@ def trained(silenced):
 
 
 def test_gradient_matches_finite_differences(silenced):
-    sample = sample_for_step(silenced.tokenizer, np.array([LENGTH]), 0, 0)
-    ids, answer = jnp.asarray(sample.ids[None]), jnp.asarray(sample.answer[None])
+    inputs = sample_inputs(silenced, sample_for_step(silenced, np.array([LENGTH]), 0, 0))
 
     def loss(gates):
-        return distill_loss(gates, silenced.graphdef, silenced.state, ids, answer, sink=SINK, recent=RECENT, reg=0.05)[
-            0
-        ]
+        return distill_loss(gates, silenced.graphdef, silenced.state, *inputs, sink=SINK, recent=RECENT, reg=0.05)[0]
 
     # one compilation serves both the gradient and the finite differences' losses
     value_and_grad = jax.jit(jax.value_and_grad(loss))
@@ -166,6 +163,44 @@ def test_samples(silenced):
     assert sample_lengths(100, 100).tolist() == [100]
 
 
+def test_video_samples(silenced):
+    """Needle frames at sorted depths, the colours in order as the answer, the exact length, positions by the
+    model's own rule, and the visual tokens in the pad slots of the embeddings."""
+    tokenizer, config = silenced.tokenizer, silenced.config
+    for length in (256, 1024):
+        sample = video_sample(silenced, length, np.random.default_rng(length), needles=3)
+        assert sample.ids.shape == sample.answer.shape == (length,) and sample.positions.shape == (3, length)
+        frames = sample.frames
+        solid = [i for i in range(0, len(frames), 2) if np.all(frames[i] == frames[i, 0, 0])]
+        colours = [next(n for n, rgb in COLOURS.items() if tuple(frames[i, 0, 0]) == rgb) for i in solid]
+        assert len(solid) == 3 and 0.03 * len(frames) < solid[0] and solid[-1] < 0.95 * len(frames)
+        assert tokenizer.decode(sample.ids[sample.answer == 1]).strip() == ", ".join(colours) + "."
+        side = frames.shape[1] // (config.vision.patch_size * config.vision.spatial_merge_size)
+        assert np.sum(sample.ids == config.video_token_id) == len(frames) // 2 * side**2
+        grid = [[len(frames) // 2, frames.shape[1] // 14, frames.shape[2] // 14]]
+        expected, _ = silenced.position_ids(sample.ids[None], video_grid_thw=grid, second_per_grid_ts=[2.0])
+        np.testing.assert_array_equal(sample.positions, expected[:, 0])
+    x_BTD, positions_3BT, answer_BT = sample_inputs(silenced, sample)
+    visual = np.asarray(silenced.encode_video(frames))
+    np.testing.assert_array_equal(np.asarray(x_BTD[0])[sample.ids == config.video_token_id], visual)
+    assert positions_3BT.shape == (3, 1, length) and answer_BT.shape == (1, length)
+    with pytest.raises(InputError, match="too short for a video sample"):
+        video_sample(silenced, 64, np.random.default_rng(0))
+    kinds = [sample_for_step(silenced, np.array([LENGTH]), 0, step, "both").frames is None for step in range(4)]
+    assert kinds == [True, False, True, False]
+
+
+def test_video_data_trains_and_scores(silenced):
+    """Identification on video samples runs both methods; the silenced heads still end lowest."""
+    video = dict(TRAIN, data="video")
+    gates = identify_heads(silenced, steps=24, seed=0, **video)
+    order = np.argsort(gates.gates.reshape(-1), kind="stable")
+    assert set(order[: len(SILENT)].tolist()) == {layer * 4 + head for layer, head in SILENT}
+    lengths = dict(sink=SINK, recent=RECENT, min_length=LENGTH, max_length=LENGTH)
+    scored = identify_heads(silenced, method="on-the-fly", data="both", **lengths)
+    assert scored.gates.shape == (2, 4) and np.all((scored.gates > 0) & (scored.gates < 1))
+
+
 def test_bad_input(tmp_path, silenced):
     no_tokenizer = VisionLanguageModel.random(CONFIG)
     with pytest.raises(ConfigError, match="no tokenizer"):
@@ -174,6 +209,8 @@ def test_bad_input(tmp_path, silenced):
         identify_heads(silenced, steps=1, sink=128, recent=256, min_length=256, max_length=512)
     with pytest.raises(InputError, match="method"):
         identify_heads(silenced, method="guess", min_length=LENGTH, max_length=LENGTH, sink=SINK, recent=RECENT)
+    with pytest.raises(InputError, match="data must be one of"):
+        identify_heads(silenced, data="audio", min_length=LENGTH, max_length=LENGTH, sink=SINK, recent=RECENT)
 
 
 def test_cli_identify_heads(tmp_path, capsys):

@@ -273,6 +273,8 @@ def _worker(workdir: Path) -> None:
             arrays[f"attn_lse_{backend}_{data}x{model}"] = np.asarray(lse)
             out[f"attn_heads_axis_{data}x{model}"] = attn.sharding.spec[1]
 
+    _identify_heads_on_a_mesh(config, workdir, out, arrays)
+
     # meshes and the head rule on the real device count
     out["default_mesh"] = dict(qv_jax.make_mesh().shape)
     out["model2_mesh"] = dict(qv_jax.make_mesh(model=2).shape)
@@ -291,6 +293,26 @@ def _worker(workdir: Path) -> None:
     out["errors"] = errors
     np.savez(workdir / "arrays.npz", **arrays)
     (workdir / "results.json").write_text(json.dumps(out))
+
+
+def _identify_heads_on_a_mesh(config: ModelConfig, workdir: Path, out: dict, arrays: dict) -> None:
+    """DuoAttention identification with 2 rows a step, on one device and on a 2x4 mesh (rows on data, each KV head
+    replicated twice on model); both methods."""
+    from qv_jax.duo import identify_heads
+    from qv_jax.runtime import VisionLanguageModel
+    from qv_jax.testing import random_model
+
+    tokenizer = random_model(config, tokenizer_dir=workdir / "duo-tokenizer", seed=3).tokenizer
+    settings = dict(sink=4, recent=12, min_length=128, max_length=128, seed=0)
+    for name, mesh in (("single", None), ("2x4", qv_jax.make_mesh(data=2, model=4))):
+        model = VisionLanguageModel.random(config, seed=3, tokenizer=tokenizer, mesh=mesh)
+        trained = identify_heads(model, steps=2, rows=2, lr=0.05, **settings)
+        arrays[f"duo_gates_{name}"], arrays[f"duo_losses_{name}"] = trained.gates, trained.losses
+        arrays[f"duo_scores_{name}"] = identify_heads(model, method="on-the-fly", **settings).gates
+    try:
+        identify_heads(model, steps=1, rows=3, **settings)
+    except Exception as e:  # the parent checks the type and message
+        out["duo_rows_error"] = f"{type(e).__name__}: {e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,6 +478,16 @@ def test_every_attention_backend_on_a_mesh_gives_the_one_device_results(sharded_
     np.testing.assert_allclose(arrays[f"logits_2x4_{backend}"], arrays["ref_logits"], atol=1e-4)
     for decoding in ("dense", "sparse"):
         np.testing.assert_array_equal(arrays[f"videoqa_{decoding}_2x4_{backend}"], arrays[f"videoqa_{decoding}_1x1"])
+
+
+@pytest.mark.slow
+def test_identify_heads_on_a_mesh_trains_the_one_device_gates(sharded_run):
+    results, arrays = sharded_run
+    assert arrays["duo_gates_2x4"].shape == (2, 2)  # the stored KV heads', not the mesh's replicas
+    np.testing.assert_allclose(arrays["duo_losses_2x4"], arrays["duo_losses_single"], rtol=1e-4)
+    np.testing.assert_allclose(arrays["duo_gates_2x4"], arrays["duo_gates_single"], atol=1e-5)
+    np.testing.assert_allclose(arrays["duo_scores_2x4"], arrays["duo_scores_single"], atol=1e-5)
+    assert results["duo_rows_error"].startswith("InputError") and "2 data shards" in results["duo_rows_error"]
 
 
 def test_head_rule_without_devices():

@@ -10,9 +10,11 @@ import pytest
 from pipeline_helpers import SIDE, VIDEO_OPTIONS, sample_video, tiny_model
 
 import qv_jax
+from qv_jax.attention import SparsityConfig
 from qv_jax.errors import ConfigError, InputError
 from qv_jax.pipeline import prefill
 from qv_jax.pipeline.prefill import TextChunk
+from qv_jax.runtime import VisionLanguageModel
 from qv_jax.streaming import stream as stream_module
 from qv_jax.streaming.step import Bank, rebase
 from qv_jax.streaming.stream import POSITION_RESERVE
@@ -42,7 +44,7 @@ def evict_reference(carriers: list[np.ndarray], capacity: int) -> list[int]:
     return held
 
 
-def test_memory_and_attention_stay_flat_and_eviction_follows_the_rule(qa):
+def test_eviction_follows_the_rule(qa):
     stream = qa.stream(carriers=4, keep_visual=0, fps=2.0)
     carriers, sizes, attended = [], [], []
     frames = random_frames(60)
@@ -58,12 +60,40 @@ def test_memory_and_attention_stay_flat_and_eviction_follows_the_rule(qa):
     assert len(set(sizes[3:])) == 1 and sizes[2] < sizes[3]  # full from the 4th patch on
     held = evict_reference(carriers, 4)
     np.testing.assert_allclose(stream.carrier_times_s, np.array(held) * 2 / 2.0)
-    # the same memory after many more patches
-    for i in range(60, 140, 2):
-        stream.push(random_frames(2, seed=i))
-    assert stream.kv_bytes == sizes[-1] and int(stream.last_step.attended) == prefix + 4 + chunk
     answer = stream.ask("What is happening?", max_new_tokens=4)
     assert 1 <= answer.token_ids.size <= 4 and answer.kv_bytes > stream.kv_bytes
+    assert answer.stream_time_s == 29.5  # the newest frame in the memory
+
+
+@pytest.mark.slow
+def test_memory_and_attention_after_64_patches_equal_those_after_2000(qa):
+    """The issue's check: a 64-carrier bank is full after 64 patches and 1,936 patches later holds the same bytes,
+    and from the first patch that meets a full bank on, each patch attends to the same number of keys (counted by
+    the step, and in the bank's held slots)."""
+    stream = qa.stream(carriers=64, keep_visual=0, fps=1.0)
+    frames = random_frames(4000, side=28)  # one merged visual token per temporal patch: a chunk of 2 tokens
+    prefix, chunk = stream._prefix.size, 1 + 1
+
+    def measure() -> tuple[int, int, int]:
+        held = np.sum(np.asarray(stream._bank.kv.token_index)[:, 0] >= 0, axis=-1)  # per layer
+        assert len(set(held.tolist())) == 1
+        return stream.kv_bytes, int(held[0]), int(stream.last_step.attended)
+
+    stream.push(frames[:126])
+    bytes_63, held_63, attended_63 = measure()
+    stream.push(frames[126:128])
+    bytes_64, held_64, attended_64 = measure()
+    stream.push(frames[128:130])  # patch 65: the bank is full before it
+    attended_65 = measure()[2]
+    assert stream.patches == 65 and (held_63, held_64) == (prefix + 63, prefix + 64) and bytes_63 < bytes_64
+    assert (attended_63, attended_64, attended_65) == (prefix + 62 + chunk, prefix + 63 + chunk, prefix + 64 + chunk)
+    stream.push(frames[130:])
+    assert stream.patches == 2000 and stream.frames_seen == 4000 and stream.rebases == 0
+    assert measure() == (bytes_64, held_64, attended_65)
+    per_token = 2 * qa.model.config.text.num_kv_heads * qa.model.config.text.head_dim * 4
+    assert bytes_64 == (prefix + 64) * per_token * qa.model.config.text.num_layers
+    times = stream.carrier_times_s
+    assert len(times) == 64 and times[-1] == 3998.0 and len(stream._times) <= 4 * 64
 
 
 def test_keep_visual_keeps_the_tokens_the_carrier_attends_to_most(qa):
@@ -152,6 +182,21 @@ def test_fps_sampling_and_bad_input(qa):
     for bad in ({"carriers": 1}, {"keep_visual": -1}, {"carriers": None}, {"fps": 0}):
         with pytest.raises(ConfigError):
             qa.stream(**bad)
+    sparse = VisionLanguageModel.random(
+        qa.model.config, tokenizer=qa.tokenizer, sparsity=SparsityConfig(sink=4, local=8, token_budget=None)
+    )
+    with pytest.raises(ConfigError, match="without sparsity= to stream"):
+        qv_jax.VideoQA(sparse).stream()
+
+
+@pytest.mark.slow
+def test_a_patch_larger_than_the_bank(qa):
+    stream = qa.stream(carriers=2, fps=1.0)  # 2 entries of 1 slot behind the prompt; 36 visual tokens a patch
+    stream.push(random_frames(6, side=168))
+    prefix = stream._prefix.size
+    assert stream.patches == 3 and int(stream.last_step.attended) == prefix + 2 + 36 + 1
+    per_token = 2 * qa.model.config.text.num_kv_heads * qa.model.config.text.head_dim * 4
+    assert stream.kv_bytes == (prefix + 2) * per_token * qa.model.config.text.num_layers
 
 
 def test_a_stream_past_the_position_range_moves_its_bank_back(qa):

@@ -315,6 +315,13 @@ class SparsityConfig:
         """Retrieval heads per layer."""
         return tuple(int(n) for n in (~self.streaming_mask(num_layers, num_kv_heads)).sum(axis=1))
 
+    def fold_replicas(self, kv_repeat: int) -> SparsityConfig:
+        """The config of the stored KV heads when ``kv_repeat`` consecutive running heads replicate each (a mesh
+        layout, ``qv_jax.sharding``)."""
+        if self.streaming_heads is None or kv_repeat == 1:
+            return self
+        return dataclasses.replace(self, streaming_heads=np.array(self.streaming_heads)[:, ::kv_repeat])
+
     def retrieval_first(self) -> SparsityConfig:
         """The same config with each layer's heads listed retrieval first (the layout after :func:`reorder_heads`).
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qv_jax.attention.patterns import HeadPattern
 from qv_jax.attention.sparsity import SparsityConfig
 from qv_jax.cache.dense import CacheShape, KVCache, replace_layer
 from qv_jax.errors import InputError
@@ -38,11 +39,17 @@ class SparseGeometry:
     # consecutive KV heads that are replicas of one stored head (set on a mesh by qv_jax.sharding): they score pages
     # with their whole query group together, so they select what the unreplicated head would
     kv_repeat: int = 1
+    # LongGen's strided layers (every head keeps every token and reads the pages its strided pattern reaches)
+    strided_layers: tuple[bool, ...] = ()
+    strided: HeadPattern | None = None
 
     @classmethod
     def from_config(cls, sparsity: SparsityConfig, kv_repeat: int = 1) -> SparseGeometry:
         backend, kernel = sparsity.resolve_backend()
+        strided = () if sparsity.layers is None else sparsity.strided_layers(len(sparsity.layers))
         return cls(
+            strided_layers=strided,
+            strided=sparsity.strided_pattern(0) if any(strided) else None,
             sink=sparsity.sink,
             local=sparsity.local,
             stream_slots=sparsity.stream_slots,
@@ -53,6 +60,17 @@ class SparseGeometry:
             backend=backend,
             kernel=kernel,
             kv_repeat=kv_repeat,
+        )
+
+    def is_strided(self, layer: int) -> bool:
+        return bool(self.strided_layers) and self.strided_layers[layer]
+
+    def strided_patterns(self, num_kv_heads: int) -> tuple[HeadPattern, ...]:
+        """A strided layer's pattern per running KV head: a stored head's offset, shared by its replicas."""
+        p = self.strided
+        return tuple(
+            HeadPattern.strided(p.local_blocks, p.vert_stride, (h // self.kv_repeat) % p.vert_stride, p.block)
+            for h in range(num_kv_heads)
         )
 
 
@@ -69,8 +87,9 @@ def sparse_kv_bytes(
     """Bytes a :class:`SparseKVCache` of this shape allocates (capacity rounded like :meth:`SparseKVCache.create`).
 
     Per layer with ``r`` retrieval and ``k - r`` streaming heads, in the cache dtype: keys and values of every slot
-    for the retrieval heads, their key min / max per logical page, and the sink + ring slots of the streaming heads;
-    plus int32 bookkeeping shared by the layers (docs/attention.md gives the formula).
+    for the retrieval heads, their key min / max per logical page (none in a LongGen strided layer, which selects
+    no pages), and the sink + ring slots of the streaming heads; plus int32 bookkeeping shared by the layers
+    (docs/attention.md gives the formula).
     """
     item = jnp.dtype(dtype).itemsize
     S = sparsity.padded_capacity(capacity)
@@ -78,10 +97,12 @@ def sparse_kv_bytes(
     logical_pages = S // sparsity.logical_page_size
     stored = sparsity.stored_selection(S)
     total = 0
-    for retrieval in sparsity.retrieval_heads(num_layers, num_kv_heads):
+    retrieval_heads = sparsity.retrieval_heads(num_layers, num_kv_heads)
+    for retrieval, strided in zip(retrieval_heads, sparsity.strided_layers(num_layers), strict=True):
         streaming = num_kv_heads - retrieval
-        per_token = 2 * retrieval * S + 2 * retrieval * logical_pages + 2 * streaming * stream_slots
-        total += batch * head_dim * item * per_token + 4 * batch * retrieval * stored
+        selecting = 0 if strided else retrieval  # heads with key bounds and a page selection
+        per_token = 2 * retrieval * S + 2 * selecting * logical_pages + 2 * streaming * stream_slots
+        total += batch * head_dim * item * per_token + 4 * batch * selecting * stored
     return total + 4 * (batch * S + batch * stream_slots + batch + 2)
 
 
@@ -140,7 +161,9 @@ class SparseKVCache(CacheShape):
         stream_slots = geometry.stream_slots
         stored = sparsity.stored_selection(S)
         pool = [(batch, r, S, head_dim) for r in retrieval]
-        stats = [(batch, r, S // geometry.logical_page_size, head_dim) for r in retrieval]
+        # a strided layer reads the pages its pattern reaches: no key bounds, no selection
+        selecting = [0 if geometry.is_strided(layer) else r for layer, r in enumerate(retrieval)]
+        stats = [(batch, r, S // geometry.logical_page_size, head_dim) for r in selecting]
         stream = [(batch, num_kv_heads - r, stream_slots, head_dim) for r in retrieval]
         return cls(
             k=tuple(jnp.zeros(s, dtype) for s in pool),
@@ -153,7 +176,7 @@ class SparseKVCache(CacheShape):
             stream_slot=jnp.full((batch, stream_slots), -1, jnp.int32),
             num_valid=jnp.zeros((batch,), jnp.int32),
             length=jnp.zeros((), jnp.int32),
-            selected=tuple(jnp.zeros((batch, r, stored), jnp.int32) for r in retrieval),
+            selected=tuple(jnp.zeros((batch, r, stored), jnp.int32) for r in selecting),
             selected_at=jnp.full((), -1, jnp.int32),
             geometry=geometry,
         )
@@ -166,7 +189,8 @@ class SparseKVCache(CacheShape):
 
         The dense cache's KV heads must be in the retrieval-first order of ``sparsity.streaming_heads`` (the model
         that filled it was reordered by :func:`~qv_jax.attention.heads.reorder_heads`). Retrieval heads keep every
-        slot; a streaming head keeps the first ``sink`` visible tokens of each row and the ``local`` latest.
+        slot; a streaming head keeps the first ``sink`` visible tokens of each row and the ``local`` latest; a
+        strided layer keeps every visible token, compacted (slot = rank).
         ``capacity`` (slots, default the dense capacity) must leave room for the tokens still to be decoded.
         Runs eagerly or under ``jit`` (static shapes only).
         """
@@ -197,10 +221,18 @@ class SparseKVCache(CacheShape):
         k, v, k_min, k_max, stream_k, stream_v = [], [], [], [], [], []
         for layer, r in enumerate(retrieval):
             dense_k, dense_v = cache.k[layer], cache.v[layer]
-            pool_k = out.k[layer].at[:, :, :dense_slots].set(dense_k[:, :r])
+            if geometry.is_strided(layer):  # compacted: slot = rank
+                strided = out.write_strided(layer, jnp.where(visible, rank, -1), dense_k, dense_v)
+                pool_k, pool_v = strided.k[layer], strided.v[layer]
+            else:
+                pool_k = out.k[layer].at[:, :, :dense_slots].set(dense_k[:, :r])
+                pool_v = out.v[layer].at[:, :, :dense_slots].set(dense_v[:, :r])
             k.append(pool_k)
-            v.append(out.v[layer].at[:, :, :dense_slots].set(dense_v[:, :r]))
-            lo, hi = _page_min_max(pool_k, seg_BS, geometry.logical_page_size)
+            v.append(pool_v)
+            if geometry.is_strided(layer):
+                lo, hi = out.k_min[layer], out.k_max[layer]
+            else:
+                lo, hi = _page_min_max(pool_k, seg_BS, geometry.logical_page_size)
             k_min.append(lo)
             k_max.append(hi)
             stream_k.append(_scatter_heads(out.stream_k[layer], target, dense_k[:, r:]))
@@ -275,6 +307,16 @@ class SparseKVCache(CacheShape):
             v=replace_layer(self.v, layer, v),
             k_min=replace_layer(self.k_min, layer, k_min),
             k_max=replace_layer(self.k_max, layer, k_max),
+        )
+
+    def write_strided(self, layer: int, rank_BT: Array, k_BKTH: Array, v_BKTH: Array) -> SparseKVCache:
+        """Store a chunk's keys / values of a strided layer at their ranks (``-1``: not kept), from
+        :meth:`with_chunk`: its pool is compacted, slot = rank, so its pages are the pattern's blocks."""
+        target_BT = jnp.where(rank_BT >= 0, rank_BT, self.capacity)
+        return dataclasses.replace(
+            self,
+            k=replace_layer(self.k, layer, _scatter_heads(self.k[layer], target_BT, k_BKTH)),
+            v=replace_layer(self.v, layer, _scatter_heads(self.v[layer], target_BT, v_BKTH)),
         )
 
     def write_streaming(self, layer: int, target_BT: Array, k_BKTH: Array, v_BKTH: Array) -> SparseKVCache:

@@ -20,8 +20,9 @@ def add_parser(subparsers) -> None:
         "identify-heads",
         help="find which KV heads may stream (DuoAttention) and write full_attention_heads.tsv",
         description=(
-            "Train DuoAttention's gates (one per layer and KV head, the model frozen) on synthetic passkey-retrieval "
-            "samples made with the model's tokenizer, or score the heads without training (--method on-the-fly). "
+            "Train DuoAttention's gates (one per layer and KV head, the model frozen) on synthetic retrieval samples "
+            "(text passkeys, needle frames in a generated video) made with the model's tokenizer, or score the heads "
+            "without training (--method on-the-fly). "
             "Writes OUT/full_attention_heads.tsv, which --duo-attention reads, and a heat map beside it."
         ),
     )
@@ -37,6 +38,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--recent", type=int, default=256, help="recent tokens of a streaming head (default: 256)")
     parser.add_argument("--min-length", type=int, default=1024, help="shortest sample in tokens (default: 1024)")
     parser.add_argument("--max-length", type=int, default=32768, help="longest sample in tokens (default: 32768)")
+    parser.add_argument(
+        "--data",
+        choices=("passkey", "video", "both"),
+        default="both",
+        help="synthetic samples: text passkeys, needle frames in a video, or both alternating (default: both)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
     parser.add_argument(
         "--checkpoint-every", type=int, default=50, help="steps between checkpoints in OUT/checkpoints (default: 50)"
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         recent=args.recent,
         min_length=args.min_length,
         max_length=args.max_length,
+        data=args.data,
     )
     check_inputs(model, **settings)
     total = args.steps if args.method == "optimize" else None

@@ -72,6 +72,7 @@ def model_record(args: argparse.Namespace, model) -> dict:
         sparse = {name: getattr(sparsity, name) for name in names}
         sparse["duo_attention"] = None if args.duo_attention is None else str(args.duo_attention)
         sparse["streaming_heads"] = sparsity.streaming_heads
+        sparse["layers"] = sparsity.layers  # a LongGen hybrid's layer kinds (None: all full)
     return {
         "model": None if args.model is None else str(args.model),
         "dtype": str(model.dtype),

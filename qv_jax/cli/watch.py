@@ -14,6 +14,8 @@ from qv_jax.cli.report import add_output_options, print_json
 from qv_jax.errors import InputError
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+# typed instead of a question, these stop watching (as the end of input does)
+QUIT = ("quit", "exit")
 
 
 def parse_duration(text: str) -> float:
@@ -46,7 +48,11 @@ def add_parser(subparsers) -> None:
         metavar="DURATION",
         help="ask every DURATION of stream time, e.g. 30s, 2m (default: only at the end)",
     )
-    parser.add_argument("--interactive", action="store_true", help="read questions from the terminal while watching")
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read questions from the terminal while watching; quit, exit or Ctrl-D stops",
+    )
     parser.add_argument("--carriers", type=int, default=64, help="carriers the memory holds (default 64)")
     parser.add_argument("--keep-visual", type=int, default=0, help="visual tokens kept per patch (default 0)")
     parser.add_argument("--fps", type=float, default=1.0, help="frames taken per second of stream (default 1)")
@@ -80,25 +86,29 @@ def run(args: argparse.Namespace) -> int:
         )
     qa = VideoQA.from_pretrained(args.model, dtype=args.dtype)
     stream = qa.stream(carriers=args.carriers, keep_visual=args.keep_visual, fps=args.fps)
-    asked = {"next": args.ask_every, "time": 0.0}
+    asked = {"next": args.ask_every}
+    printing = threading.Lock()  # typed questions are answered on their own thread: one whole line at a time
 
-    def answer(question: str, t: float) -> None:
+    def answer(question: str) -> None:
+        """Answer and print with the stream time the answer saw up to."""
         reply = stream.ask(question, max_new_tokens=args.max_new_tokens)
-        if args.json:
-            record = {"stream_time_s": t, "question": question, "answer": reply.text}
-            record |= {"token_ids": reply.token_ids.tolist(), "kv_bytes": reply.kv_bytes}
-            print_json({"command": "watch", **record})
-        else:
-            print(f"[{t:8.1f} s] {question} -> {reply.text}", flush=True)
+        t = reply.stream_time_s
+        with printing:
+            if args.json:
+                record = {"stream_time_s": t, "question": question, "answer": reply.text}
+                record |= {"token_ids": reply.token_ids.tolist(), "kv_bytes": reply.kv_bytes}
+                print_json({"command": "watch", **record})
+            else:
+                print(f"[{t:8.1f} s] {question} -> {reply.text}", flush=True)
 
     def on_schedule(t: float) -> None:
-        asked["time"] = t
         if args.ask_every is not None and t >= asked["next"] and stream.patches:
-            answer(args.question, t)
+            answer(args.question)
             asked["next"] += args.ask_every * (1 + int((t - asked["next"]) // args.ask_every))
 
     if args.interactive:
-        threading.Thread(target=_questions, args=(args.source == "-", answer, asked), daemon=True).start()
+        questions = (args.source == "-", answer, source)
+        threading.Thread(target=_questions, args=questions, name="qv-jax-watch-questions", daemon=True).start()
     try:
         report = stream.feed(source, after_frame=on_schedule)
     finally:
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if stream.patches:
-        answer(args.question, asked["time"])
+        answer(args.question)
     print(f"{report.message}; real-time factor {report.realtime_factor:.2f}", file=sys.stderr)
     if args.json:
         summary = {"frames_seen": stream.frames_seen, "dropped": source.dropped, "patches": stream.patches}
@@ -118,12 +128,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _questions(from_tty: bool, answer, asked: dict) -> None:
-    """Answer each line typed at the terminal (``/dev/tty`` when standard input carries the video)."""
+def _questions(from_tty: bool, answer, source) -> None:
+    """Answer each line typed at the terminal (``/dev/tty`` when standard input carries the video); ``quit``,
+    ``exit`` or the end of input (Ctrl-D) stops watching, and the run ends with its last answer and summary."""
     lines = open("/dev/tty") if from_tty else sys.stdin
+    reason = "watching stopped: the questions ended"
     for line in lines:
-        if line.strip():
+        question = line.strip()
+        if question.lower() in QUIT:
+            reason = f"watching stopped ({question})"
+            break
+        if question:
             try:
-                answer(line.strip(), asked["time"])
+                answer(question)
             except InputError as e:
                 print(f"qv-jax watch: {e}", file=sys.stderr)
+    source.close(reason)

@@ -23,12 +23,6 @@ Array = jax.Array
 TRAIN_ATTENTION = AttentionConfig(Backend.CHUNKED)
 
 
-def _embed(model, ids_BT: Array) -> tuple[Array, Rope]:
-    """Text-only inputs: embeddings and the rotary tables of positions 0..T-1 (M-RoPE's three axes equal)."""
-    positions_3BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1], dtype=jnp.int32), (3, *ids_BT.shape))
-    return model.text.embed_tokens(ids_BT), model.text.rope(positions_3BT)
-
-
 def _gated_layer(layer_def, layer_state, x_BTD, cos_BTH, sin_BTH, gates_K, *, pattern: HeadPattern):
     layer = nnx.merge(layer_def, layer_state)
     q_BNTH, k_BKTH, v_BKTH = layer.project(x_BTD, Rope(cos_BTH, sin_BTH))
@@ -44,16 +38,18 @@ def _gated_layer(layer_def, layer_state, x_BTD, cos_BTH, sin_BTH, gates_K, *, pa
 def hidden_states(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    ids_BT: Array,
+    x_BTD: Array,
+    positions_3BT: Array,
     gates_LK: Array | None = None,
     *,
     sink: int,
     recent: int,
     remat: bool = True,
 ) -> Array:
-    """Final post-norm hidden states ``[B, T, D]`` of a text prompt; ``gates_LK=None`` is the plain model."""
+    """Final post-norm hidden states ``[B, T, D]`` of input embeddings ``x_BTD`` (text and visual tokens, from
+    ``qv_jax.duo.train.sample_inputs``) at M-RoPE ``positions_3BT``; ``gates_LK=None`` is the plain model."""
     model = nnx.merge(graphdef, state)
-    x_BTD, rope = _embed(model, ids_BT)
+    rope = model.text.rope(positions_3BT)
     pattern = HeadPattern.streaming(sink, recent)
     for i, layer in enumerate(model.text.layers):
         layer_def, layer_state = nnx.split(layer)
@@ -68,7 +64,8 @@ def distill_loss(
     gates_LK: Array,
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    ids_BT: Array,
+    x_BTD: Array,
+    positions_3BT: Array,
     answer_BT: Array,
     *,
     sink: int,
@@ -79,8 +76,9 @@ def distill_loss(
     """``(loss, distance)``: the mean squared distance of the gated model's hidden states from the plain model's at
     the answer positions (``answer_BT`` 1 there), plus ``reg · mean|α|``. ``remat=False`` keeps every layer's
     activations for the backward pass instead of recomputing them (more memory)."""
-    teacher_BTD = jax.lax.stop_gradient(hidden_states(graphdef, state, ids_BT, sink=sink, recent=recent, remat=False))
-    student_BTD = hidden_states(graphdef, state, ids_BT, gates_LK, sink=sink, recent=recent, remat=remat)
+    inputs = (graphdef, state, x_BTD, positions_3BT)
+    teacher_BTD = jax.lax.stop_gradient(hidden_states(*inputs, sink=sink, recent=recent, remat=False))
+    student_BTD = hidden_states(*inputs, gates_LK, sink=sink, recent=recent, remat=remat)
     squared_BT = jnp.sum(jnp.square((student_BTD - teacher_BTD).astype(jnp.float32)), axis=-1)
     weight_BT = answer_BT.astype(jnp.float32)
     distance = jnp.sum(squared_BT * weight_BT) / (jnp.sum(weight_BT) * student_BTD.shape[-1])
@@ -88,9 +86,10 @@ def distill_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sink", "recent"))
-def pattern_distance(graphdef, state, ids_BT, answer_BT, gates_LK, *, sink: int, recent: int) -> Array:
+def pattern_distance(graphdef, state, x_BTD, positions_3BT, answer_BT, gates_LK, *, sink: int, recent: int) -> Array:
     """The hidden-state distance of a (0 / 1 or soft) gate pattern, without the regulariser."""
-    return distill_loss(gates_LK, graphdef, state, ids_BT, answer_BT, sink=sink, recent=recent, reg=0.0)[1]
+    inputs = (graphdef, state, x_BTD, positions_3BT, answer_BT)
+    return distill_loss(gates_LK, *inputs, sink=sink, recent=recent, reg=0.0)[1]
 
 
 def _scored_layer(layer_def, layer_state, x_BTD, cos_BTH, sin_BTH, answer_BT, *, pattern: HeadPattern):
@@ -109,11 +108,11 @@ def _scored_layer(layer_def, layer_state, x_BTD, cos_BTH, sin_BTH, answer_BT, *,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sink", "recent"))
-def outside_mass(graphdef, state, ids_BT, answer_BT, *, sink: int, recent: int) -> Array:
+def outside_mass(graphdef, state, x_BTD, positions_3BT, answer_BT, *, sink: int, recent: int) -> Array:
     """``[layers, kv_heads]``: the attention mass the answer positions' queries put outside sink + recent, averaged
     over each group's query heads (the training-free score of DuoAttention on the fly)."""
     model = nnx.merge(graphdef, state)
-    x_BTD, rope = _embed(model, ids_BT)
+    rope = model.text.rope(positions_3BT)
     pattern = HeadPattern.streaming(sink, recent)
     scores = []
     for layer in model.text.layers:

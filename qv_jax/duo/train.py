@@ -1,6 +1,6 @@
 """Identify retrieval heads: DuoAttention's gate optimisation, or the training-free on-the-fly score.
 
-:func:`identify_heads` trains one gate per (layer, KV head) with AdamW on synthetic passkey samples
+:func:`identify_heads` trains one gate per (layer, KV head) with AdamW on synthetic passkey and / or video samples
 (``qv_jax.duo.data``), the model frozen, checkpointing the gates and optimizer state with orbax so that a run can
 resume; ``method="on-the-fly"`` scores the heads by their attention mass outside sink + recent instead. See
 docs/duo.md.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qv_jax.duo.data import sample_for_step, sample_lengths
+from qv_jax.duo.data import DATA_KINDS, Sample, sample_for_step, sample_lengths
 from qv_jax.duo.gated import distill_loss, outside_mass, pattern_distance
 from qv_jax.duo.gates import HeadGates
 from qv_jax.errors import ConfigError, InputError
+from qv_jax.runtime import encode
 from qv_jax.training import checkpoint
 
 METHODS = ("optimize", "on-the-fly")
@@ -48,33 +49,75 @@ def optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=8)
-def make_step(graphdef, *, lr: float, steps: int, sink: int, recent: int, reg: float, remat: bool = True):
-    """The jitted training step ``(gates, opt_state, state, ids, answer) -> (gates, opt_state, loss)``; one per
-    setting, so that a resumed run in the same process reuses its compilations. ``remat=False``: see
-    :func:`~qv_jax.duo.gated.distill_loss`."""
+def make_step(
+    graphdef, *, lr: float, steps: int, sink: int, recent: int, reg: float, remat: bool = True, kv_repeat: int = 1
+):
+    """The jitted training step ``(gates, opt_state, state, x, positions, answer) -> (gates, opt_state, loss)``
+    (inputs from :func:`sample_inputs`); one per setting, so that a resumed run in the same process reuses its
+    compilations. The gates are the stored KV heads'; on a mesh that replicates each head ``kv_repeat`` times the
+    replicas share their head's gate. ``remat=False``: see :func:`~qv_jax.duo.gated.distill_loss`."""
     transform = optimizer(lr, steps)
 
-    def step(gates_LK, opt_state, state, ids_BT, answer_BT):
-        (loss, _), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-            gates_LK, graphdef, state, ids_BT, answer_BT, sink=sink, recent=recent, reg=reg, remat=remat
-        )
+    def loss(gates_LK, state, x_BTD, positions_3BT, answer_BT):
+        gates = jnp.repeat(gates_LK, kv_repeat, axis=1)
+        inputs = (graphdef, state, x_BTD, positions_3BT, answer_BT)
+        return distill_loss(gates, *inputs, sink=sink, recent=recent, reg=reg, remat=remat)
+
+    def step(gates_LK, opt_state, state, x_BTD, positions_3BT, answer_BT):
+        (value, _), grads = jax.value_and_grad(loss, has_aux=True)(gates_LK, state, x_BTD, positions_3BT, answer_BT)
         updates, opt_state = transform.update(grads, opt_state, gates_LK)
-        return jnp.clip(optax.apply_updates(gates_LK, updates), 0.0, 1.0), opt_state, loss
+        return jnp.clip(optax.apply_updates(gates_LK, updates), 0.0, 1.0), opt_state, value
 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def check_inputs(model, *, method: str, steps: int, sink: int, recent: int, min_length: int, max_length: int):
+def sample_inputs(model, samples: Sample | Sequence[Sample]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x [B, T, D], positions [3, B, T], answer [B, T])`` of one or more samples of one length for ``model``:
+    their token embeddings, a video sample's frames encoded by the (frozen) vision tower into its
+    ``<|video_pad|>`` slots; on a mesh, rows on its ``"data"`` axis."""
+    samples = [samples] if isinstance(samples, Sample) else list(samples)
+    rows = []
+    for sample in samples:
+        video = None if sample.frames is None else model.encode_video(sample.frames)
+        with model.mesh_context():
+            rows.append(encode.embed(model.graphdef, model.state, jnp.asarray(sample.ids[None]), None, video))
+    positions = np.stack([s.positions for s in samples], axis=1)
+    answer = np.stack([s.answer for s in samples])
+    if model.plan is None:
+        return jnp.concatenate(rows), jnp.asarray(positions), jnp.asarray(answer)
+    put = model.plan.put_batch
+    return put(np.concatenate([np.asarray(x) for x in rows]), 0), put(positions, 1), put(answer, 0)
+
+
+def _data_shards(model) -> int:
+    return 1 if model.plan is None else model.plan.mesh.shape.get("data", 1)
+
+
+def check_inputs(
+    model,
+    *,
+    method: str,
+    steps: int,
+    sink: int,
+    recent: int,
+    min_length: int,
+    max_length: int,
+    data: str = "both",
+    rows: int | None = None,
+):
     """Typed errors for what would fail later (before any sample is made or any step compiled)."""
+    shards = _data_shards(model)
+    if rows is not None and (rows < 1 or rows % shards):
+        raise InputError(f"rows ({rows}) must be a positive multiple of the mesh's {shards} data shards")
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if data not in DATA_KINDS:
+        raise InputError(f"data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
     if model.tokenizer is None:
         where = f"{model.source}: " if model.source else ""
         raise ConfigError(f"{where}the model has no tokenizer (tokenizer.json); its synthetic samples need one")
     if model.sparsity is not None:
         raise ConfigError("identify heads on a model loaded without sparsity (its heads are reordered)")
-    if model.plan is not None:
-        raise ConfigError("identifying heads on a mesh is not supported yet: load the model on one device")
     if steps < 1 and method == "optimize":
         raise InputError(f"steps must be >= 1, got {steps}")
     if sink < 0 or recent < 1:
@@ -97,6 +140,8 @@ def identify_heads(
     recent: int = 256,
     min_length: int = 1024,
     max_length: int = 32768,
+    data: str = "both",
+    rows: int | None = None,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -106,18 +151,31 @@ def identify_heads(
     """Gates ``[layers, kv_heads]`` of a :class:`~qv_jax.runtime.VisionLanguageModel` (text decoder, frozen).
 
     ``method="optimize"``: ``steps`` AdamW steps of DuoAttention's distillation loss, one synthetic sample of
-    ``min_length..max_length`` tokens each, a function of ``(seed, step)``; with ``checkpoint_dir`` the gates and
+    ``min_length..max_length`` tokens each (``data``: ``"passkey"`` text, ``"video"`` needle frames, or ``"both"``
+    alternating), a function of ``(seed, step)``; with ``checkpoint_dir`` the gates and
     optimizer state are saved every ``checkpoint_every`` steps and, with ``resume``, the run continues from the
     newest one there. ``method="on-the-fly"``: no training, the heads' attention mass outside sink + recent on a
     few samples. ``progress(step, loss)`` is called after every step.
+
+    ``rows``: samples per step (default: one per ``"data"`` shard of the model's mesh, else one). On a mesh
+    (``load_model(..., mesh=)``) the model is split over ``"model"`` and a step's rows over ``"data"``; the gates
+    are the stored KV heads'.
     """
     check_inputs(
-        model, method=method, steps=steps, sink=sink, recent=recent, min_length=min_length, max_length=max_length
+        model,
+        method=method,
+        steps=steps,
+        sink=sink,
+        recent=recent,
+        min_length=min_length,
+        max_length=max_length,
+        data=data,
+        rows=rows,
     )
     lengths = sample_lengths(min_length, max_length)
     if method == "on-the-fly":
-        return _on_the_fly(model, lengths, seed=seed, sink=sink, recent=recent, progress=progress)
-    t = model.config.text
+        return _on_the_fly(model, lengths, data, seed=seed, sink=sink, recent=recent, progress=progress)
+    t = model.checkpoint_config.text
     gates = jnp.ones((t.num_layers, t.num_kv_heads), jnp.float32)
     opt_state = optimizer(lr, steps).init(gates)
     losses = np.full(steps, np.nan, np.float32)
@@ -126,10 +184,12 @@ def identify_heads(
         found = restore(checkpoint_dir, gates, opt_state, losses)
         if found is not None:
             start, gates, opt_state, losses = found
-    step = make_step(model.graphdef, lr=lr, steps=steps, sink=sink, recent=recent, reg=reg)
+    step = make_step(model.graphdef, lr=lr, steps=steps, sink=sink, recent=recent, reg=reg, kv_repeat=model.kv_repeat)
+    rows = rows or _data_shards(model)
     for index in range(start, steps):
-        sample = sample_for_step(model.tokenizer, lengths, seed, index)
-        gates, opt_state, loss = step(gates, opt_state, model.state, sample.ids[None], sample.answer[None])
+        inputs = sample_inputs(model, [sample_for_step(model, lengths, seed, index, data, row) for row in range(rows)])
+        with model.mesh_context():
+            gates, opt_state, loss = step(gates, opt_state, model.state, *inputs)
         losses[index] = float(loss)
         done = index + 1
         if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps):
@@ -139,13 +199,14 @@ def identify_heads(
     return HeadGates(np.asarray(gates), losses, method)
 
 
-def _on_the_fly(model, lengths, *, seed: int, sink: int, recent: int, progress) -> HeadGates:
+def _on_the_fly(model, lengths, data: str, *, seed: int, sink: int, recent: int, progress) -> HeadGates:
     total = None
     for index in range(ON_THE_FLY_SAMPLES):
-        sample = sample_for_step(model.tokenizer, lengths, seed, index)
-        score = outside_mass(
-            model.graphdef, model.state, sample.ids[None], sample.answer[None], sink=sink, recent=recent
-        )
+        inputs = sample_inputs(model, sample_for_step(model, lengths, seed, index, data))
+        with model.mesh_context():
+            score = outside_mass(model.graphdef, model.state, *inputs, sink=sink, recent=recent)
+        # a mesh's replicas of a stored head each hold an equal share of its query heads: their mean is its score
+        score = score.reshape(score.shape[0], -1, model.kv_repeat).mean(axis=-1)
         total = score if total is None else total + score
         if progress is not None:
             progress(index + 1, float("nan"))
@@ -155,11 +216,13 @@ def _on_the_fly(model, lengths, *, seed: int, sink: int, recent: int, progress) 
 def streaming_distance(model, streaming: np.ndarray, samples, *, sink: int, recent: int) -> float:
     """Mean hidden-state distance over ``samples`` (:class:`~qv_jax.duo.data.Sample`) of the model streaming the
     heads of ``streaming`` ``[layers, kv_heads]`` (True = streaming), against the plain model."""
-    gates = jnp.asarray(~np.asarray(streaming, bool), jnp.float32)
+    gates = jnp.repeat(jnp.asarray(~np.asarray(streaming, bool), jnp.float32), model.kv_repeat, axis=1)
     total = 0.0
-    for s in samples:
-        total += float(pattern_distance(model.graphdef, model.state, s.ids[None], s.answer[None], gates, sink=sink,
-                                        recent=recent))  # fmt: skip
+    for sample in samples:
+        x_BTD, positions_3BT, answer_BT = sample_inputs(model, sample)
+        inputs = (model.graphdef, model.state, x_BTD, positions_3BT, answer_BT, gates)
+        with model.mesh_context():
+            total += float(pattern_distance(*inputs, sink=sink, recent=recent))
     return total / len(samples)
 
 

@@ -2,9 +2,11 @@
 
 The model's heads are in retrieval-first order, so in each layer the first ``G`` query heads of every retrieval
 KV head come first. Prefill: retrieval heads attend densely and fill the pages; streaming heads attend to their
-sink and a window of the latest tokens only. Decode: retrieval heads select pages and attend over them, streaming
-heads over their sink + ring buffer, both with the paged decode kernel. Details: docs/attention.md, "Sparse
-decoding". The jitted steps mirror ``qv_jax.runtime.dense``.
+sink and a window of the latest tokens only; a LongGen strided layer's heads fill pages and attend under their
+strided pattern. Decode: retrieval heads select pages and attend over them, streaming heads over their sink + ring
+buffer, strided heads over the pages their pattern reaches, all with the paged decode kernel. Details:
+docs/attention.md, "Sparse decoding" and "LongGen hybrid models". The jitted steps mirror
+``qv_jax.runtime.dense``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class SparsePrefillAttention:
         G = q_BNTH.shape[1] // k_BKTH.shape[1]
         split = retrieval * G  # query heads of the retrieval KV heads come first
         outs = []
-        if retrieval:
+        if retrieval and cache.geometry.is_strided(layer):
+            cache = cache.write_strided(layer, self._rank, k_BKTH, v_BKTH)
+            outs.append(self._strided(cache, layer, q_BNTH, k_BKTH, v_BKTH))
+        elif retrieval:
             k_new, v_new = k_BKTH[:, :retrieval], v_BKTH[:, :retrieval]
             cache = cache.write_retrieval(layer, self.start, k_new, v_new)
             out, _ = calls.append_attention(
@@ -77,6 +82,43 @@ class SparsePrefillAttention:
             outs.append(self._streaming(cache, layer, q_BNTH[:, split:], window))
         self._cache = cache
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+    def _strided(self, cache: SparseKVCache, layer: int, q_BNTH: Array, k_BKTH: Array, v_BKTH: Array) -> Array:
+        """A strided layer's chunk over every earlier token and itself under its pattern, whose positions are the
+        tokens' ranks (the slots of its compacted pool). When the chunk's ranks are its own positions (the first
+        chunk, padded at its end only): the block-sparse kernel over the chunk alone. Otherwise the chunk's ranks
+        are traced and the kernels' block tables static: the masked reference over the pool."""
+        geometry = cache.geometry
+        patterns = geometry.strided_patterns(k_BKTH.shape[1])
+        T = q_BNTH.shape[2]
+        rank_BT = self._rank
+        first = jnp.all((self._prior_valid == 0)[:, None] & ((rank_BT < 0) | (rank_BT == jnp.arange(T))))
+
+        def alone():
+            return sparse_attention(
+                q_BNTH,
+                k_BKTH,
+                v_BKTH,
+                patterns,
+                segment_ids=self.q_segment_ids,
+                backend=geometry.backend,
+                kernel=geometry.kernel,
+            )
+
+        def behind():
+            k_pos_S = jnp.arange(cache.capacity)
+            q_pos_BT1 = jnp.maximum(rank_BT, 0)[:, :, None]
+            reach_BTKS = jnp.stack([p.allows(q_pos_BT1, k_pos_S, causal=True, xp=jnp) for p in patterns], 2)
+            return dot_product_attention(
+                q_BNTH,
+                cache.k[layer],
+                cache.v[layer],
+                causal=False,
+                kv_segment_ids=jnp.where(k_pos_S < cache.num_valid[:, None], 0, -1),
+                mask=reach_BTKS.transpose(0, 2, 1, 3),
+            )
+
+        return jax.lax.cond(first, alone, behind)
 
     def _window(self, cache: SparseKVCache, layer: int, k_BKTH: Array, v_BKTH: Array):
         """Keys / values / segment ids of the recent window: the ring's last ``local - 1`` tokens, then the chunk."""
@@ -133,7 +175,7 @@ class SparseDecodeAttention:
     def __init__(self, cache: SparseKVCache, segment_ids_B1: Array, attention: AttentionConfig):
         del attention  # the pools' paged kernels are the sparse geometry's choice
         self.start = cache.length
-        self._cache, self._target, _ = cache.with_chunk(self.start, segment_ids_B1)
+        self._cache, self._target, self._rank = cache.with_chunk(self.start, segment_ids_B1)
         geometry = cache.geometry
         self._length = self.start + 1
         B, S = self._cache.segment_ids.shape
@@ -168,16 +210,23 @@ class SparseDecodeAttention:
         page_size = geometry.page_size
         outs = []
         if retrieval:
-            cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :retrieval], v_BKTH[:, :retrieval])
-            indices, counts = self._pages(cache, layer, q_BKGH[:, :retrieval])
-            if geometry.token_budget is not None:
-                cache = cache.with_selection(layer, indices[..., :-1])
+            if geometry.is_strided(layer):
+                cache = cache.write_strided(layer, self._rank, k_BKTH, v_BKTH)
+            else:
+                cache = cache.write_retrieval(layer, self.start, k_BKTH[:, :retrieval], v_BKTH[:, :retrieval])
             pages = cache.capacity // page_size
+            token_valid = self._token_valid
+            if geometry.is_strided(layer):
+                indices, counts, token_valid = self._strided_pages(cache, retrieval)
+            else:
+                indices, counts = self._pages(cache, layer, q_BKGH[:, :retrieval])
+            if geometry.token_budget is not None and not geometry.is_strided(layer):
+                cache = cache.with_selection(layer, indices[..., :-1])
             out, _ = paged_decode_attention(
                 q_BKGH[:, :retrieval],
                 cache.k[layer].reshape(B, retrieval, pages, page_size, H),
                 cache.v[layer].reshape(B, retrieval, pages, page_size, H),
-                self._token_valid,
+                token_valid,
                 indices,
                 counts,
                 backend=geometry.backend,
@@ -201,6 +250,22 @@ class SparseDecodeAttention:
         self._cache = cache
         out_BKGH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
         return out_BKGH.reshape(B, N, 1, H)
+
+    def _strided_pages(self, cache: SparseKVCache, K: int) -> tuple[Array, Array, Array]:
+        """A strided layer's pages at this step, those its heads reach listed first: ``(indices [B, K, pages], counts
+        [B, K], token_valid [B, pages, page_size])`` of its compacted pool (a page lies in one block: ``block`` is a
+        multiple of ``page_size``)."""
+        geometry = cache.geometry
+        B, S = cache.segment_ids.shape
+        pages = S // geometry.page_size
+        first_slot_11P = (jnp.arange(pages) * geometry.page_size)[None, None, :]
+        q_pos_B11 = (cache.num_valid - 1)[:, None, None]
+        patterns = geometry.strided_patterns(K)
+        reach_BKP = jnp.concatenate([p.allows(q_pos_B11, first_slot_11P, causal=True, xp=jnp) for p in patterns], 1)
+        order_BKP = jnp.argsort(~reach_BKP, axis=-1, stable=True).astype(jnp.int32)
+        valid_BS = jnp.arange(S) < cache.num_valid[:, None]
+        token_valid = valid_BS.reshape(B, pages, geometry.page_size)
+        return order_BKP, jnp.sum(reach_BKP, axis=-1).astype(jnp.int32), token_valid
 
     def _pages(self, cache: SparseKVCache, layer: int, q_BKGH: Array) -> tuple[Array, Array]:
         """The page list ``(indices [B, K, listed], counts [B, K])`` of this layer's retrieval heads at this step."""

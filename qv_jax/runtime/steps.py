@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qv_jax.attention.patterns import HeadPattern
 from qv_jax.model.qwen2_5_vl import ChunkAttention, KVHandler, QwenVL
 from qv_jax.runtime.sampling import SamplingParams, sampling_loop
 
@@ -24,13 +25,20 @@ Array = jax.Array
 Cache = TypeVar("Cache")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer_patterns"))
 def forward(
-    graphdef: nnx.GraphDef, state: nnx.State, x_BTD: Array, positions_3BT: Array, segment_ids_BT: Array
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    x_BTD: Array,
+    positions_3BT: Array,
+    segment_ids_BT: Array,
+    layer_patterns: tuple[tuple[HeadPattern, ...], ...] | None = None,
 ) -> Array:
-    """Float32 logits ``[B, T, V]`` of a whole prompt, no cache (``segment_ids`` negative on padding)."""
+    """Float32 logits ``[B, T, V]`` of a whole prompt, no cache (``segment_ids`` negative on padding), each layer
+    attending with its ``layer_patterns`` (``None``: densely)."""
     model = nnx.merge(graphdef, state)
-    return model.text.logits(model.text(x_BTD, positions_3BT, ChunkAttention(segment_ids_BT, model.attention)))
+    handler = ChunkAttention(segment_ids_BT, model.attention, layer_patterns)
+    return model.text.logits(model.text(x_BTD, positions_3BT, handler))
 
 
 def prefill_chunk(

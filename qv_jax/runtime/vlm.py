@@ -71,7 +71,7 @@ class VisionLanguageModel:
     With ``sparsity`` (a :class:`~qv_jax.attention.SparsityConfig`) the attention weights are reordered once,
     retrieval heads first in every layer (the model computes the same function), and ``generate`` prefills and
     decodes with streaming heads and page selection (``qv_jax.runtime.sparse``); :attr:`sparsity` is the config in
-    that head order. ``forward`` stays the dense model.
+    that head order. ``forward`` stays the dense model but for a LongGen hybrid's layer patterns.
     """
 
     def __init__(
@@ -189,16 +189,9 @@ class VisionLanguageModel:
         if tokenizer_dir is None and self.source is not None:
             tokenizer_dir = self.source
         state = self.state if self.plan is None else self.plan.checkpoint_state(self.state)
-        options = {"tokenizer_dir": tokenizer_dir, "overwrite": overwrite, "sparsity": self.checkpoint_sparsity}
+        sparsity = None if self.sparsity is None else self.sparsity.fold_replicas(self.kv_repeat)
+        options = {"tokenizer_dir": tokenizer_dir, "overwrite": overwrite, "sparsity": sparsity}
         return save_checkpoint(out_dir, self.checkpoint_config, state, **options)
-
-    @property
-    def checkpoint_sparsity(self) -> SparsityConfig | None:
-        """:attr:`sparsity` for the stored KV heads (a mesh's replicas folded): the saved state's head order."""
-        sparsity, repeat = self.sparsity, self.kv_repeat
-        if sparsity is None or sparsity.streaming_heads is None or repeat == 1:
-            return sparsity
-        return dataclasses.replace(sparsity, streaming_heads=np.array(sparsity.streaming_heads)[:, ::repeat])
 
     # ---- pieces -----------------------------------------------------------------------------------------------
 
@@ -406,7 +399,8 @@ class VisionLanguageModel:
         second_per_grid_ts=None,
         position_ids=None,
     ) -> np.ndarray:
-        """Float32 logits ``[B, T, V]`` of a prompt batch (one jitted forward, no cache).
+        """Float32 logits ``[B, T, V]`` of a prompt batch (one jitted forward, no cache); a LongGen hybrid attends
+        with its layer patterns (as its prefill does on rows without padding), any other model densely.
 
         ``position_ids [3, B, T]`` overrides the computed positions. Logits at padded positions are meaningless.
         """
@@ -420,8 +414,13 @@ class VisionLanguageModel:
             second_per_grid_ts,
             position_ids,
         )
+        t, sparsity = self.config.text, self.sparsity
+        hybrid = sparsity is not None and sparsity.is_hybrid
+        patterns = sparsity.layer_patterns(t.num_layers, t.num_kv_heads, self.kv_repeat) if hybrid else None
         with self.mesh_context():
-            logits = forward(self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids))
+            logits = forward(
+                self.graphdef, self.state, x, self._batch(positions, 1), self._batch(segment_ids), patterns
+            )
         return to_host(logits)
 
     def generate(

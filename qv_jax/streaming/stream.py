@@ -104,6 +104,13 @@ class VideoStream:
     def __init__(self, model, config: StreamConfig, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         if model.tokenizer is None:
             raise ConfigError(f"model {model.source or ''} has no tokenizer; a stream needs tokenizer.json")
+        if model.sparsity is not None:
+            # a sparse answer would read the whole bounded bank anyway, and the bank's slots are not in stream
+            # order, which a streaming head's recent-token window assumes (docs/streaming.md, "Answers")
+            raise ConfigError(
+                "a stream answers with dense attention over its bank of at most prefix + carriers * (keep_visual "
+                "+ 1) tokens, in slots that are not in stream order: load the model without sparsity= to stream"
+            )
         self.model = model
         self.config = config
         self._lock = threading.Lock()
@@ -119,6 +126,7 @@ class VideoStream:
         self._patches = 0
         self._text_start = self._prefix.size
         self._times: dict[int, float] = {}
+        self._seen_s = 0.0  # stream time of the newest frame in the memory
         self.frames_seen = 0
         self.frames_skipped = 0
         self._shift = 0  # temporal positions the bank was moved back by (rebases)
@@ -200,7 +208,7 @@ class VideoStream:
 
     def _run_patch(self) -> None:
         frames = np.stack([f for f, _ in self._pending])
-        start_s = self._pending[0][1]
+        start_s, end_s = self._pending[0][1], self._pending[-1][1]
         self._pending = []
         with self._lock:
             if self._layout is None:
@@ -237,6 +245,7 @@ class VideoStream:
             jax.block_until_ready(self._bank.count)
             self.step_seconds.append(time.perf_counter() - began)
             self._times[self._patches] = start_s
+            self._seen_s = end_s
             self._patches += 1
             self._text_start = text_start
             self._forget_times()
@@ -270,10 +279,13 @@ class VideoStream:
         m = self.model
         t = m.config.text
         prefix = self._prefix.size
+        # at least one chunk of slots: a chunk attends to the bank through a call that takes no more queries than
+        # keys (the slots past the entries stay empty, unseen and uncounted)
+        chunk = self._layout.visual + (self.config.carriers is not None)
         kv = m.make_cache(
             LayeredKV.create,
             num_layers=t.num_layers,
-            capacity=prefix + entries * unit,
+            capacity=max(prefix + entries * unit, chunk),
             num_kv_heads=t.num_kv_heads,
             head_dim=t.head_dim,
             dtype=m.dtype,
@@ -359,7 +371,8 @@ class VideoStream:
         top_p: float = 1.0,
         seed: int = 0,
     ):
-        """Answer ``question`` about what the stream has shown so far (an :class:`~qv_jax.videoqa.Answer`).
+        """Answer ``question`` about what the stream has shown so far (an :class:`~qv_jax.videoqa.Answer` whose
+        ``stream_time_s`` is the time of the newest frame in the memory it was answered from).
 
         Safe to call from another thread while frames are pushed: the memory is copied under the stream's lock
         and the answer decodes over the copy. Frames waiting for their patch's second frame are not yet seen.
@@ -381,6 +394,7 @@ class VideoStream:
                 slots = int(jax.device_get(kv.lengths).max()) + length + max_new_tokens
                 cache = kv.padded(round_up(max(slots, kv.capacity), CAPACITY_BUCKET))
                 text_start, index = self._text_start, self._token_index(self._patches)
+                seen_s = self._seen_s
             chunk = TextChunk(
                 ids=np.pad(suffix, (0, length - suffix.size)),
                 positions=text_position_block(length, text_start),
@@ -389,7 +403,7 @@ class VideoStream:
             )
             where = (text_start + suffix.size, index + suffix.size)
             token_ids, kv_bytes = prefill.answer(m, cache, chunk, where, decode)
-        return Answer(m.tokenizer.decode(token_ids), token_ids, timeline.timings(), kv_bytes)
+        return Answer(m.tokenizer.decode(token_ids), token_ids, timeline.timings(), kv_bytes, stream_time_s=seen_s)
 
 
 def _grown(bank: Bank, prefix: int, unit: int) -> Bank:

@@ -63,9 +63,10 @@ class LiveSource:
         self._next_slot = 0
 
     def _run(self) -> None:
-        outcome = ("end", f"{self.name}: the stream ended")
+        last = None
         try:
             for frame, t in self._produce():
+                last = t
                 if self._stop.is_set():
                     outcome = ("closed", f"{self.name}: closed")
                     break
@@ -82,6 +83,11 @@ class LiveSource:
                     self._frames.append((frame, t))
                     self.taken += 1
                     self._ready.notify()
+            else:
+                # a live stream cut off mid-way reads as its end (neither MPEG-TS nor Matroska marks the end of a
+                # live stream): how much came says whether that was early
+                seen = "no frame" if last is None else f"{self.decoded} frame{'s' * (self.decoded != 1)}, {last:.1f} s"
+                outcome = ("end", f"{self.name}: the stream ended after {seen}")
         except Exception as e:  # a damaged or cut stream: reported to the consumer, who keeps what it saw
             outcome = ("broken", f"{self.name}: the stream broke ({type(e).__name__}: {e})")
         with self._ready:
@@ -94,7 +100,11 @@ class LiveSource:
             self._thread.start()
         while True:
             with self._ready:
-                waited = self._ready.wait_for(lambda: self._frames or self._finished, timeout=self._stall)
+                waited = self._ready.wait_for(
+                    lambda: self._frames or self._finished or self._stop.is_set(), timeout=self._stall
+                )
+                if self._stop.is_set():  # closed (from another thread): frames still waiting are left
+                    return
                 if self._frames:
                     item = self._frames.popleft()
                 elif not waited:
@@ -109,11 +119,14 @@ class LiveSource:
         self.ended, self.message = how, message
         self._stop.set()
 
-    def close(self) -> None:
-        """Stop taking frames (a producer blocked in a read is left to its daemon thread)."""
-        self._stop.set()
-        if self.ended is None:
-            self.ended, self.message = "closed", f"{self.name}: closed"
+    def close(self, reason: str = "closed") -> None:
+        """Stop taking frames, from any thread: iteration ends at once (a producer blocked in a read is left to its
+        daemon thread). ``reason`` goes into :attr:`message` unless the stream had already ended."""
+        with self._ready:
+            if self.ended is None:
+                self.ended, self.message = "closed", f"{self.name}: {reason}"
+            self._stop.set()
+            self._ready.notify_all()
 
 
 def _resizer(size: tuple[int, int] | None, max_pixels: int):
