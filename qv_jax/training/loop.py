@@ -200,7 +200,7 @@ def finetune(
     text_def, treedef, params = split_text(model)
     with model.mesh_context():
         opt_state = make_init(config)(params)
-    sparse = model.checkpoint_sparsity
+    sparse = None if model.sparsity is None else model.sparsity.fold_replicas(model.kv_repeat)
     architecture = {
         "config": model.checkpoint_config.to_dict(),
         "sparsity": None if sparse is None else sparse.to_dict(),
