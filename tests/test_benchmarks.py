@@ -49,6 +49,16 @@ def _check_identify(record: dict) -> None:
     assert all(0 < row["hours_at_50%"] < row["hours_at_30%"] for row in estimate)
 
 
+def _check_longgen(record: dict) -> None:
+    assert [(row["tokens"], row["model"]) for row in record["rows"]] == [(256, "dense"), (256, "hybrid")]
+    hybrid = record["rows"][1]
+    assert hybrid["prefill_ratio"] > 0 and hybrid["train_step_ratio"] > 0
+    assert sorted(record["layers"]) == ["full", "streaming"]
+    kv = [(row["geometry"], row["tokens"]) for row in record["kv"]]
+    assert kv == [(geometry, n) for geometry in ("tiny", "7b") for n in (32768, 131072)]
+    assert all(0.5 < row["saving"] < 0.75 for row in record["kv"] if row["geometry"] == "7b")
+
+
 def _check_model(record: dict) -> None:
     assert record["same_greedy_tokens"] is True
     assert {row["stage"] for row in record["rows"]} >= {"vision", "prefill", "decode"}
@@ -105,6 +115,7 @@ CASES = {
         "--preset tiny --lengths 128 --sink 4 --recent 12 --steps 2 --repeats 1".split(),
         _check_identify,
     ),
+    "longgen": ("--preset tiny --lengths 256 --local 64 --repeats 1".split(), _check_longgen),
     "model": (["--size", "small", "--prompt-len", "32", "--new-tokens", "2", "--repeats", "1"], _check_model),
     "packing": (
         "--preset tiny --prompts 8 --max-len 100 --questions 3 --memories 4x2 8x3 --repeats 1".split(),

@@ -44,6 +44,10 @@ OPTIONS = {
     "identify-heads": {"--model", "--out", "--method", "--steps", "--lr", "--reg", "--sink", "--recent", "--min-length"}
     | {"--max-length", "--data", "--seed", "--checkpoint-every", "--resume", "--overwrite", "--dtype"}
     | OUTPUT,
+    "finetune": {"--model", "--data", "--out", "--seq-len", "--batch-tokens", "--steps", "--lr", "--warmup"}
+    | {"--weight-decay", "--clip", "--separator", "--seed", "--checkpoint-every", "--resume", "--dtype", "--mesh"}
+    | {"--sparsity", "--full-layers", "--sparse", "--sink", "--local"}
+    | OUTPUT,
     "info": {"--model", "--mesh", "--dtype", "--json"},
     "doctor": {"--clean"},
     "watch": {"--model", "--dtype", "--question", "--ask-every", "--interactive", "--carriers", "--keep-visual"}

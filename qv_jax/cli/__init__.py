@@ -18,7 +18,18 @@ import traceback
 from qv_jax.errors import QVError
 
 # Subcommands, in the order ``qv-jax --help`` lists them; each is the module of its name with ``_`` for ``-``.
-COMMANDS: tuple[str, ...] = ("demo", "ask", "encode", "watch", "decode", "convert", "identify-heads", "info", "doctor")
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "ask",
+    "encode",
+    "watch",
+    "decode",
+    "convert",
+    "identify-heads",
+    "finetune",
+    "info",
+    "doctor",
+)
 # Signals that end a run the way Ctrl-C does: unwinding, so shared memory, workers and partial outputs go.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 

@@ -159,19 +159,23 @@ def sparsity_config(args: argparse.Namespace):
 def model_options(args: argparse.Namespace) -> dict:
     """``mesh``, ``sparsity`` and ``attention`` keywords of ``VideoQA.from_pretrained`` /
     ``VisionLanguageModel.random``."""
-    mesh = None
-    if args.mesh is not None:
-        import jax
-
-        from qv_jax.sharding import make_mesh
-
-        data, model = args.mesh
-        devices = jax.devices()
-        if data * model > len(devices):
-            raise InputError(f"--mesh {data}x{model} needs {data * model} devices, {len(devices)} visible")
-        mesh = make_mesh(data=data, model=model, devices=devices[: data * model])
     attention = AttentionConfig(args.attention, args.attention_kernel)
-    return {"mesh": mesh, "sparsity": sparsity_config(args), "attention": attention}
+    return {"mesh": mesh_option(args.mesh), "sparsity": sparsity_config(args), "attention": attention}
+
+
+def mesh_option(sizes: tuple[int, int] | None):
+    """The mesh ``--mesh DATAxMODEL`` asks for (``None``: one device)."""
+    if sizes is None:
+        return None
+    import jax
+
+    from qv_jax.sharding import make_mesh
+
+    data, model = sizes
+    devices = jax.devices()
+    if data * model > len(devices):
+        raise InputError(f"--mesh {data}x{model} needs {data * model} devices, {len(devices)} visible")
+    return make_mesh(data=data, model=model, devices=devices[: data * model])
 
 
 def add_generation_options(parser: argparse.ArgumentParser, *, max_new_tokens: int = 128) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,14 +21,14 @@ import optax
 from qv_jax.duo.data import DATA_KINDS, Sample, sample_for_step, sample_lengths
 from qv_jax.duo.gated import distill_loss, outside_mass, pattern_distance
 from qv_jax.duo.gates import HeadGates
-from qv_jax.errors import CheckpointError, ConfigError, InputError
+from qv_jax.errors import ConfigError, InputError
 from qv_jax.runtime import encode
+from qv_jax.training import checkpoint
 
 METHODS = ("optimize", "on-the-fly")
 # DuoAttention's schedule for its 2000 steps: 400 steps of warm-up from 0.1x, flat, 400 of decay to 0.1x
 REFERENCE_STEPS, RAMP_STEPS, RAMP_FLOOR = 2000, 400, 0.1
 ON_THE_FLY_SAMPLES = 4
-STEP_PREFIX = "step_"
 
 
 def learning_rate(lr: float, steps: int) -> optax.Schedule:
@@ -227,48 +226,16 @@ def streaming_distance(model, streaming: np.ndarray, samples, *, sink: int, rece
     return total / len(samples)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------------
-
-
-def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in directory.glob(f"{STEP_PREFIX}*"):
-        number = path.name[len(STEP_PREFIX) :]
-        if number.isdigit() and path.is_dir():
-            found.append((int(number), path))
-    return sorted(found)
-
-
 def save(directory: str | os.PathLike, step: int, gates, opt_state, losses: np.ndarray) -> Path:
-    """An orbax checkpoint of the run after ``step`` steps; older ones of this run are removed once it is whole."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{STEP_PREFIX}{step}"
-    checkpointer = ocp.StandardCheckpointer()
-    # orbax writes into a temporary directory and renames it when finished
-    checkpointer.save(target, {"gates": gates, "opt_state": opt_state, "losses": jnp.asarray(losses)}, force=True)
-    checkpointer.wait_until_finished()
-    for number, path in _checkpoints(directory):
-        if number != step:
-            shutil.rmtree(path, ignore_errors=True)
-    return target
+    """An orbax checkpoint of the run after ``step`` steps (:func:`qv_jax.training.checkpoint.save`)."""
+    return checkpoint.save(directory, step, {"gates": gates, "opt_state": opt_state, "losses": jnp.asarray(losses)})
 
 
 def restore(directory: str | os.PathLike, gates, opt_state, losses: np.ndarray):
     """``(step, gates, opt_state, losses)`` of the newest checkpoint in ``directory``, or ``None`` if it has none;
     :class:`CheckpointError` if it does not fit this run (another model or number of steps)."""
-    import orbax.checkpoint as ocp
-
-    found = _checkpoints(Path(directory).absolute()) if Path(directory).is_dir() else []
-    if not found:
+    found = checkpoint.restore(directory, {"gates": gates, "opt_state": opt_state, "losses": jnp.asarray(losses)})
+    if found is None:
         return None
-    step, path = found[-1]
-    like = {"gates": gates, "opt_state": opt_state, "losses": jnp.asarray(losses)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-    try:
-        restored = ocp.StandardCheckpointer().restore(path, abstract)
-    except Exception as e:  # orbax raises untyped errors for a tree or shapes that do not match
-        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: {e})") from e
+    step, restored = found
     return step, restored["gates"], restored["opt_state"], np.array(restored["losses"])
