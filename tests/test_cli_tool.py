@@ -42,7 +42,7 @@ OPTIONS = {
     | OUTPUT,
     "convert": {"--dtype", "--overwrite"} | OUTPUT,
     "identify-heads": {"--model", "--out", "--method", "--steps", "--lr", "--reg", "--sink", "--recent", "--min-length"}
-    | {"--max-length", "--data", "--seed", "--checkpoint-every", "--resume", "--overwrite", "--dtype"}
+    | {"--max-length", "--data", "--seed", "--checkpoint-every", "--resume", "--overwrite", "--dtype", "--mesh"}
     | OUTPUT,
     "finetune": {"--model", "--data", "--out", "--seq-len", "--batch-tokens", "--steps", "--lr", "--warmup"}
     | {"--weight-decay", "--clip", "--separator", "--seed", "--checkpoint-every", "--resume", "--dtype", "--mesh"}

@@ -232,6 +232,8 @@ def test_cli_identify_heads(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main([*base[: -len(lengths)], "--sink", "64", "--recent", "64", "--min-length", "100", "--overwrite"]) == 2
     assert "must exceed sink + recent" in capsys.readouterr().err
+    assert main([*base, "--overwrite", "--mesh", "2x2"]) == 2  # a mesh that does not fit: before any step
+    assert "needs 4 devices" in capsys.readouterr().err
     (model / "tokenizer.json").unlink()
     assert main([*base, "--overwrite"]) == 2
     assert "no tokenizer" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from qv_jax.cli.options import DTYPES
+from qv_jax.cli.options import add_placement_options
 from qv_jax.cli.report import add_output_options, print_json, say
 
 CHECKPOINTS = "checkpoints"
@@ -50,7 +50,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/full_attention_heads.tsv")
-    parser.add_argument("--dtype", choices=DTYPES, help="model dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    add_placement_options(
+        parser,
+        dtype="model dtype",
+        mesh="run on a (data, model) mesh of the first DATA*MODEL devices: a sample per data shard each step, heads "
+        "split over model",
+    )
     add_output_options(parser)
     parser.set_defaults(func=run)
 
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from qv_jax.attention.heads import TSV_NAME
+    from qv_jax.cli.options import mesh_option
     from qv_jax.duo.train import check_inputs, identify_heads
     from qv_jax.errors import InputError
     from qv_jax.marker import check_output
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     tsv = check_output(args.out / TSV_NAME, overwrite=args.overwrite or args.resume, directory=False)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     start = time.perf_counter()
-    model = load_model(args.model, dtype)
+    model = load_model(args.model, dtype, mesh=mesh_option(args.mesh))
     settings = dict(
         method=args.method,
         steps=args.steps,
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                 "gates": gates.gates.tolist(),
                 "losses": losses.tolist(),
                 "timings": {"wall_s": seconds},
-                "settings": settings | {"lr": args.lr, "reg": args.reg, "seed": args.seed, "resume": args.resume},
+                "settings": settings
+                | {"lr": args.lr, "reg": args.reg, "seed": args.seed, "resume": args.resume, "mesh": args.mesh},
             }
         )
         return 0
