@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import format_table, time_call, write_json
-from benchmarks.e2e import random_model
+from benchmarks.e2e import PRESETS, random_model
 from qv_jax.attention.heads import load_duo_attention_heads
 from qv_jax.duo import identify_heads
 from qv_jax.duo.data import passkey_sample, sample_lengths
@@ -138,7 +138,9 @@ def estimate_full_run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=("tiny", "bench"), default="bench", help="random model (default bench)")
+    parser.add_argument("--preset", choices=PRESETS, default="bench", help="random model (default bench)")
+    parser.add_argument("--dtype", default="float32", help="model dtype (default float32; bfloat16 for 7b)")
+    parser.add_argument("--no-compare", action="store_true", help="time the lengths only, no method comparison")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="sample lengths to time")
     parser.add_argument("--sink", type=int, default=128)
     parser.add_argument("--recent", type=int, default=256)
@@ -147,17 +149,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/identify.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        model = random_model(args.preset, "float32", Path(scratch))
+        model = random_model(args.preset, args.dtype, Path(scratch))
         rows = [
             time_length(model, n, sink=args.sink, recent=args.recent, steps=args.steps, repeats=args.repeats)
             for n in args.lengths
         ]
-        methods = compare_methods(
+        methods = [] if args.no_compare else compare_methods(
             model, Path(scratch), length=min(args.lengths), steps=args.steps, sink=args.sink, recent=args.recent
-        )
+        )  # fmt: skip
     columns = ["tokens", "forward_ms", "on_the_fly_ms", "step_ms", "steps_per_s", "step_per_forward"]
     print(format_table(rows, [*columns, "temp_mib_remat", "temp_mib_no_remat"]))
-    print(format_table(methods, ["pattern", "streaming", "distance"]))
+    if methods:
+        print(format_table(methods, ["pattern", "streaming", "distance"]))
     estimate = estimate_full_run()
     measured = ", ".join(f"{row['step_per_forward']:.1f}x at {row['tokens']}" for row in rows)
     print(f"Qwen2.5-VL-7B, 2000 steps of 1K-32K tokens, a step = {STEP_FORWARDS:.0f} forwards (measured here on this")
