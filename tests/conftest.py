@@ -6,7 +6,8 @@ Much of the suite's time is XLA compiling the same tiny-model steps again in eve
 CLI, docs, notebook and mesh tests run in subprocesses). The cache directory is made once, by the first process
 that loads this file, and handed to every later one through the environment (``JAX_COMPILATION_CACHE_DIR``, which
 jax reads when it is imported); that process removes it at the end. A cache directory the caller set already is
-used as it is and kept.
+used as it is and kept. The same goes for pytest-xdist's workers (pyproject.toml runs two): the controlling
+process loads this file first, and the workers it starts inherit its environment, so all of them share one cache.
 """
 
 import gc
@@ -27,6 +28,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 import jax  # after the environment above, which jax reads when imported
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The test files that take a minute or more (a subprocess on 8 host devices, the docs runner, the benchmarks on a
+# tiny preset, the notebooks, the mesh pipeline), longest first: the two workers take whole files in collection
+# order, and one of these started last would run alone while the other worker has nothing left.
+LONGEST_FIRST = ("test_sharding.py", "test_benchmarks.py", "test_docs.py", "test_notebooks.py", "test_videoqa_mesh.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True, scope="module")

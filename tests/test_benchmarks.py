@@ -122,7 +122,7 @@ CASES = {
         _check_packing,
     ),
     "sharding": (
-        ["--size", "small", "--batch", "2", "--prompt-len", "32", "--new-tokens", "2", "--capacity", "64"],
+        "--size small --batch 2 --prompt-len 32 --new-tokens 2 --capacity 64 --video-grid 8 4 4 --repeats 1".split(),
         _check_sharding,
     ),
     "sparse_decode": (["--contexts", "512", "--layers", "2", "--steps", "2", "--repeats", "1"], _check_sparse_decode),
