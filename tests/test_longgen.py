@@ -116,6 +116,21 @@ def test_save_and_load_keep_the_architecture(tmp_path):
     # an explicit sparsity= wins over the saved one
     assert load_model(tmp_path / "hybrid", tokenizer=False, sparsity=SparsityConfig()).sparsity.layers is None
 
+    # the command line's sparse options change a saved hybrid's settings and keep its layers
+    from argparse import Namespace
+
+    from qv_jax.cli.options import sparsity_config
+
+    flags = dict(model=tmp_path / "hybrid", duo_attention=None, streaming_fraction=None, sink=None, local=16)
+    got = sparsity_config(Namespace(**flags, token_budget=256, page_size=None, logical_page_size=None))
+    assert got.layers == sparsity.layers and (got.token_budget, got.local, got.sink) == (256, 16, 4)
+    # its full layers stream DuoAttention heads already (its weights are in their order): no other pattern
+    with pytest.raises(ConfigError, match="already"):
+        got.with_duo_heads([[True, True], [False, True], [True, True]])
+    plain = SparsityConfig.longgen(3, sink=4, local=8)
+    added = plain.with_duo_heads([[True, True], [False, True], [True, True]])
+    assert added.streaming_heads == ((False, False), (False, True), (False, False))  # in the full layer only
+
     config_json = tmp_path / "hybrid" / "config.json"
     data = json.loads(config_json.read_text())
     data["qv_jax_sparsity"]["layers"] = ["full", "nope", "full"]

@@ -315,6 +315,22 @@ class SparsityConfig:
         """Retrieval heads per layer."""
         return tuple(int(n) for n in (~self.streaming_mask(num_layers, num_kv_heads)).sum(axis=1))
 
+    def with_duo_heads(self, mask) -> SparsityConfig:
+        """This config with DuoAttention streaming heads ``mask [layers, kv_heads]`` in its full layers (a hybrid's
+        streaming layers stream every head already and its strided layers have none).
+
+        :class:`ConfigError` if some full layer streams heads already: a model saved so has its weights in that
+        head order, which another pattern's heads do not name.
+        """
+        mask = np.array(_mask_tuple(mask))
+        full = np.array(self.layer_kinds(len(mask))) == FULL
+        if self.streaming_heads is not None and np.array(self.streaming_heads)[full].any():
+            raise ConfigError(
+                "the model's saved sparsity config streams DuoAttention heads in its full layers already (its weights "
+                "are in that head order); another pattern cannot replace them"
+            )
+        return dataclasses.replace(self, streaming_heads=mask & full[:, None])
+
     def fold_replicas(self, kv_repeat: int) -> SparsityConfig:
         """The config of the stored KV heads when ``kv_repeat`` consecutive running heads replicate each (a mesh
         layout, ``qv_jax.sharding``)."""

@@ -4,6 +4,7 @@ options, and the settings they make. See docs/guide.md (Command line)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from qv_jax.attention.backends import AttentionConfig, Backend, Kernel
@@ -133,8 +134,12 @@ SPARSE_LAYOUT = ("sink", "local", "page_size", "logical_page_size")
 
 
 def sparsity_config(args: argparse.Namespace):
-    """The :class:`~qv_jax.attention.SparsityConfig` the options ask for, or ``None`` for dense decoding."""
+    """The :class:`~qv_jax.attention.SparsityConfig` the options ask for, or ``None`` for dense decoding (or the
+    model's saved one). A model saved with a sparsity config (a LongGen hybrid, DuoAttention heads) keeps it: the
+    options change its settings, and add DuoAttention heads in the full layers of one that has none."""
     from qv_jax.attention import SparsityConfig
+    from qv_jax.attention.heads import load_duo_attention_heads
+    from qv_jax.model.checkpoint import read_sparsity
 
     # encode has no answer-time options: they read as not given
     layout = {name: getattr(args, name) for name in SPARSE_LAYOUT if getattr(args, name, None) is not None}
@@ -150,10 +155,15 @@ def sparsity_config(args: argparse.Namespace):
         if budget < 0:
             raise InputError(f"--token-budget must be >= 0, got {budget}")
         layout["token_budget"] = budget or None
+    model_dir = getattr(args, "model", None)
+    saved = None if model_dir is None else read_sparsity(model_dir)
+    base = None if saved is None else dataclasses.replace(saved, **layout)
     if args.duo_attention is None:
-        return SparsityConfig(**layout)
+        return SparsityConfig(**layout) if base is None else base
     fraction = 0.5 if args.streaming_fraction is None else args.streaming_fraction
-    return SparsityConfig.from_duo_attention(args.duo_attention, sparsity=fraction, **layout)
+    if base is None:
+        return SparsityConfig.from_duo_attention(args.duo_attention, sparsity=fraction, **layout)
+    return base.with_duo_heads(load_duo_attention_heads(args.duo_attention, sparsity=fraction))
 
 
 def model_options(args: argparse.Namespace) -> dict:
