@@ -57,8 +57,6 @@ def test_decoding_and_transfers_run_ahead_of_a_slow_device():
         assert events[("decode", g)].end < events[("vision", 0)].end, g
     for g in range(1, 6):
         assert events[("transfer", g)].start < events[("vision", g - 1)].end, g
-    timings = timeline.timings()
-    assert timings.wall_s < timings.stages["decode"] + timings.stages["vision"]
 
 
 def test_stream_errors_reach_the_caller_and_stop_the_threads():
